@@ -1,0 +1,34 @@
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ASSETS ?= ../shared/assets
+export DIYGPT_TOKENIZER_DIR ?= $(abspath $(ASSETS)/gpt2)
+
+.PHONY: setup demo test lint clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/diygpt train --data $(ASSETS)/the-verdict.txt --preset book-124m \
+	  --n-layers 4 --epochs 3 --batch-size 2 --lr 0.0004 --weight-decay 0.1 \
+	  --eval-freq 5 --eval-iter 2 --seed 123 --sample-prompt "Every effort moves you" \
+	  --out runs/demo
+	$(VENV)/bin/diygpt generate --checkpoint runs/demo --prompt "Every effort moves you" \
+	  --max-new-tokens 40 --temperature 1.0 --top-k 25 --seed 123
+
+test: setup
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench scripts
+
+clean:
+	rm -rf $(VENV) runs build dist src/*.egg-info

@@ -1,0 +1,33 @@
+"""diygpt: GPT-2 from scratch, as in chapter 5 of *Build a Large Language Model (From Scratch)*."""
+
+from diygpt.config import PRESETS, GPTConfig, get_preset
+from diygpt.data import GPTDatasetV1, create_dataloader_v1, read_text, split_text
+from diygpt.errors import DiygptError
+from diygpt.generation import generate, generate_text_simple, stream_generate
+from diygpt.losses import calc_loss_batch, calc_loss_loader, perplexity
+from diygpt.model import GPTModel, KVCache
+from diygpt.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "DiygptError",
+    "GPTConfig",
+    "GPTDatasetV1",
+    "GPTModel",
+    "KVCache",
+    "calc_loss_batch",
+    "calc_loss_loader",
+    "create_dataloader_v1",
+    "generate",
+    "generate_text_simple",
+    "get_preset",
+    "get_tokenizer",
+    "perplexity",
+    "read_text",
+    "split_text",
+    "stream_generate",
+    "text_to_token_ids",
+    "token_ids_to_text",
+]

@@ -1,0 +1,128 @@
+"""Model configuration: a self-validating dataclass with the book's names and named presets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Mapping
+
+from diygpt.errors import ConfigError
+
+ATTENTION_IMPLS = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Hyperparameters of a GPT-2 style model, using the book's key names.
+
+    ``attn_impl`` picks the attention kernel: ``eager`` is the book's math step for step
+    (bit-exact with the book's code); ``sdpa`` calls PyTorch's fused
+    ``scaled_dot_product_attention`` and is the default because it is faster.
+    """
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    drop_rate: float = 0.1
+    qkv_bias: bool = False
+    attn_impl: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.emb_dim % self.n_heads != 0:
+            raise ConfigError(
+                f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
+            )
+        rate = self.drop_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+            raise ConfigError(f"drop_rate must be a number with 0 <= drop_rate < 1, got {rate!r}")
+        if not isinstance(self.qkv_bias, bool):
+            raise ConfigError(f"qkv_bias must be true or false, got {self.qkv_bias!r}")
+        if self.attn_impl not in ATTENTION_IMPLS:
+            raise ConfigError(
+                f"attn_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attn_impl!r}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> GPTConfig:
+        """Build from the book's dict (``GPT_CONFIG_124M``) or from :meth:`to_dict` output."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"a config must be a mapping, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def with_updates(self, **changes: Any) -> GPTConfig:
+        """A copy with some fields changed, validated again."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _gpt2(emb_dim: int, n_layers: int, n_heads: int) -> GPTConfig:
+    return GPTConfig(
+        vocab_size=50257,
+        context_length=1024,
+        emb_dim=emb_dim,
+        n_heads=n_heads,
+        n_layers=n_layers,
+        drop_rate=0.0,
+        qkv_bias=True,
+    )
+
+
+PRESETS: dict[str, GPTConfig] = {
+    # The seed's GPT_CONFIG_124M: GPT-2 small shape, trained from scratch at context 256.
+    "book-124m": GPTConfig(
+        vocab_size=50257,
+        context_length=256,
+        emb_dim=768,
+        n_heads=12,
+        n_layers=12,
+        drop_rate=0.1,
+        qkv_bias=False,
+    ),
+    "gpt2-small": _gpt2(768, 12, 12),
+    "gpt2-medium": _gpt2(1024, 24, 16),
+    "gpt2-large": _gpt2(1280, 36, 20),
+    "gpt2-xl": _gpt2(1600, 48, 25),
+    # Small enough that tests and quick runs train in seconds on two CPU cores.
+    "tiny": GPTConfig(
+        vocab_size=50257,
+        context_length=64,
+        emb_dim=64,
+        n_heads=4,
+        n_layers=2,
+        drop_rate=0.0,
+        qkv_bias=False,
+    ),
+}
+
+
+def get_preset(name: str) -> GPTConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}"
+        ) from None
+
+
+def as_config(cfg: GPTConfig | Mapping[str, Any] | str) -> GPTConfig:
+    """Accept a GPTConfig, the book's dict, or a preset name."""
+    if isinstance(cfg, GPTConfig):
+        return cfg
+    if isinstance(cfg, str):
+        return get_preset(cfg)
+    return GPTConfig.from_dict(cfg)

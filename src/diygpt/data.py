@@ -1,0 +1,158 @@
+"""Text files -> token ids -> sliding windows (the book's chapter 2) -> batches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from diygpt.errors import DataError
+from diygpt.tokenizer import ENDOFTEXT, get_tokenizer
+
+PathLike = str | os.PathLike
+
+
+def _expand(paths: PathLike | Sequence[PathLike]) -> list[Path]:
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.rglob("*.txt"))
+            if not found:
+                raise DataError(f"folder {p} contains no .txt files")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"data file {p} does not exist")
+    if not files:
+        raise DataError("no data files given")
+    return files
+
+
+def _read_one(path: Path) -> str:
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise DataError(f"{path} looks like a binary file (it contains NUL bytes), not text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path} is not valid UTF-8 (byte {exc.start}); convert it, e.g. "
+            f"`iconv -f latin1 -t utf-8 {path.name}`"
+        ) from None
+
+
+def read_text(paths: PathLike | Sequence[PathLike]) -> str:
+    """Read a file, several files, or a folder of .txt files (sorted) as one string.
+
+    Several documents are joined with ``<|endoftext|>`` so the model sees where each ends.
+    """
+    texts = []
+    for path in _expand(paths):
+        text = _read_one(path)
+        if not text.strip():
+            raise DataError(f"data file {path} is empty")
+        texts.append(text)
+    return ENDOFTEXT.join(texts)
+
+
+def split_text(text: str, train_ratio: float = 0.9) -> tuple[str, str]:
+    """Split characters at ``int(train_ratio * len(text))``, as the book does."""
+    if not 0.0 < train_ratio <= 1.0:
+        raise DataError(f"train ratio must be in (0, 1], got {train_ratio}")
+    split_idx = int(train_ratio * len(text))
+    return text[:split_idx], text[split_idx:]
+
+
+def num_windows(num_tokens: int, max_length: int, stride: int) -> int:
+    """How many (input, target) windows the book's loop ``range(0, n - max_length, stride)`` makes."""
+    return len(range(0, num_tokens - max_length, stride))
+
+
+class GPTDatasetV1(Dataset):
+    """The book's sliding windows, stored as one token array rather than a tensor per window.
+
+    Window i is ``tokens[i*stride : i*stride + max_length]`` and its target is the same
+    slice shifted by one, so memory grows with the number of tokens only.
+    """
+
+    def __init__(
+        self,
+        txt: str | None,
+        tokenizer,
+        max_length: int,
+        stride: int,
+        token_ids: torch.Tensor | Sequence[int] | None = None,
+    ) -> None:
+        if max_length <= 0 or stride <= 0:
+            raise DataError(f"max_length and stride must be positive, got {max_length} and {stride}")
+        if token_ids is None:
+            token_ids = tokenizer.encode(txt, allowed_special={ENDOFTEXT})
+        ids = torch.as_tensor(token_ids)
+        # int32 halves the memory of int64 and holds any GPT-2 id; batches are widened to int64.
+        self.tokens = ids.to(torch.int32) if ids.dtype != torch.int32 else ids
+        self.max_length = max_length
+        self.stride = stride
+        self.n_windows = num_windows(len(self.tokens), max_length, stride)
+
+    def __len__(self) -> int:
+        return self.n_windows
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= idx < self.n_windows:
+            raise IndexError(idx)
+        start = idx * self.stride
+        chunk = self.tokens[start : start + self.max_length + 1].long()
+        return chunk[:-1], chunk[1:]
+
+
+def create_dataloader_v1(
+    txt: str,
+    batch_size: int = 4,
+    max_length: int = 256,
+    stride: int = 128,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    num_workers: int = 0,
+    tokenizer=None,
+    generator: torch.Generator | None = None,
+) -> DataLoader:
+    """The book's loader: same windows, same batches, same order for the same seed."""
+    tokenizer = get_tokenizer() if tokenizer is None else tokenizer
+    dataset = GPTDatasetV1(txt, tokenizer, max_length, stride)
+    return make_loader(dataset, batch_size, shuffle, drop_last, num_workers, generator)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    drop_last: bool,
+    num_workers: int = 0,
+    generator: torch.Generator | None = None,
+) -> DataLoader:
+    if batch_size <= 0:
+        raise DataError(f"batch size must be positive, got {batch_size}")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        generator=generator,
+    )
+
+
+def check_enough_tokens(num_tokens: int, max_length: int, what: str) -> None:
+    """Raise a clear error when text is too short for a single window."""
+    if num_tokens <= max_length:
+        raise DataError(
+            f"{what} has {num_tokens} tokens but needs at least {max_length + 1} for one window "
+            f"of context length {max_length}; use more text, a larger train ratio, or a smaller "
+            "--context-length"
+        )

@@ -1,0 +1,162 @@
+"""Text generation: small pure sampling functions, then a streaming loop with a KV cache.
+
+``generate`` keeps the book's semantics and its use of the random generator (one
+``torch.multinomial`` draw over the full vocabulary per step), so a seed gives the book's
+tokens. The cached path feeds only the new token per step; when the text outgrows the
+context window the positions shift, so it re-reads the cropped window exactly as the
+uncached path does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from diygpt.errors import GenerationError
+from diygpt.model import KVCache
+
+
+def check_sampling_args(
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    max_new_tokens: int = 0,
+) -> None:
+    """Raise GenerationError with one clear line for invalid sampling parameters."""
+    if temperature is None or not math.isfinite(temperature) or temperature < 0:
+        raise GenerationError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k <= 0):
+        raise GenerationError(f"top_k must be a positive integer, got {top_k}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+    if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
+
+
+def apply_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the k largest logits per row (B, V); set the rest to -inf (the book's rule)."""
+    top_k = min(int(top_k), logits.shape[-1])
+    top_logits, _ = torch.topk(logits, top_k)
+    min_val = top_logits[:, -1:]  # (B, 1)
+    return torch.where(logits < min_val, torch.tensor(float("-inf"), device=logits.device), logits)
+
+
+def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of tokens whose probability reaches top_p."""
+    sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # Drop a token when the tokens ranked above it already cover top_p; the first always stays.
+    drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+    drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Last-position logits (B, V) -> next token ids (B, 1)."""
+    if top_k is not None:
+        logits = apply_top_k(logits, top_k)
+    if temperature > 0.0:
+        logits = logits / temperature
+        if top_p is not None and top_p < 1.0:
+            logits = apply_top_p(logits, top_p)
+        probs = torch.softmax(logits, dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=generator)
+    return torch.argmax(logits, dim=-1, keepdim=True)
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+@torch.no_grad()
+def stream_generate(
+    model: nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    context_size: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token ids (B, 1) one step at a time.
+
+    Stops after ``max_new_tokens`` or once every row has produced ``eos_id`` (the end
+    token itself is not yielded when all rows end together; rows that finished earlier
+    are padded with it).
+    """
+    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+    if idx.dim() != 2 or idx.shape[1] == 0:
+        raise GenerationError("the prompt is empty: give at least one token")
+    context_size = min(int(context_size), model.context_length)
+    device, dtype = _model_device_dtype(model)
+    idx = idx.to(device)
+    cache: KVCache | None = None
+    finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        if not use_cache:
+            logits = model(idx[:, -context_size:])
+        elif cache is None or idx.shape[1] > context_size:
+            # First step, or the window slid: positions changed, so re-read the window.
+            cache = KVCache(model.cfg, idx.shape[0], context_size, device, dtype)
+            logits = model(idx[:, -context_size:], cache=cache, last_only=True)
+        else:
+            logits = model(idx[:, -1:], cache=cache, last_only=True)
+        idx_next = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+        if eos_id is not None:
+            hit = idx_next == eos_id
+            if bool((finished | hit).all()):
+                return
+            idx_next = idx_next.masked_fill(finished, eos_id)
+            finished |= hit
+        idx = torch.cat((idx, idx_next), dim=1)
+        yield idx_next
+
+
+def generate(
+    model: nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    context_size: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_id: int | None = None,
+    top_p: float | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The book's ``generate``: returns the prompt (B, T) followed by the new tokens."""
+    device, _ = _model_device_dtype(model)
+    out = [idx.to(device)]
+    for idx_next in stream_generate(
+        model, idx, max_new_tokens, context_size, temperature, top_k, top_p, eos_id,
+        use_cache, generator,
+    ):
+        out.append(idx_next)
+    return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def generate_text_simple(
+    model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int
+) -> torch.Tensor:
+    """The book's chapter-4 greedy loop, unchanged: no cache, the whole window every step."""
+    for _ in range(max_new_tokens):
+        idx_cond = idx[:, -context_size:]
+        logits = model(idx_cond)[:, -1, :]  # (B, V)
+        probas = torch.softmax(logits, dim=-1)
+        idx_next = torch.argmax(probas, dim=-1, keepdim=True)  # (B, 1)
+        idx = torch.cat((idx, idx_next), dim=1)
+    return idx

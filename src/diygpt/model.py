@@ -1,0 +1,247 @@
+"""The GPT-2 model of the book's chapter 4, readable top to bottom.
+
+Parameter names and construction order are the book's (``tok_emb``, ``pos_emb``,
+``trf_blocks.{i}.att.W_query`` ...), so a book ``model.pth`` loads without a key map and a
+seeded model starts from the same weights as the book's. Shapes: B batch, T tokens,
+C = emb_dim, H heads, D = C // H.
+
+The model knows nothing of distribution, compilation or checkpoint files: those wrap it
+from outside. The only extra is an optional preallocated KV cache for fast generation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diygpt.config import GPTConfig, as_config
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, filled as generation proceeds.
+
+    ``pos`` is the number of positions already written; the model advances it.
+    """
+
+    def __init__(
+        self,
+        cfg: GPTConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        max_len = cfg.context_length if max_len is None else min(max_len, cfg.context_length)
+        shape = (batch_size, cfg.n_heads, max_len, cfg.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.max_len = max_len
+        self.pos = 0
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def update(
+        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, T, D) at [start, start+T) and return all keys/values so far."""
+        end = start + k.shape[2]
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        context_length: int,
+        dropout: float,
+        num_heads: int,
+        qkv_bias: bool = False,
+        attn_impl: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        assert d_out % num_heads == 0, "d_out must be divisible by num_heads"
+        self.d_out = d_out
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.context_length = context_length
+        self.attn_impl = attn_impl
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)
+        # The book registers its causal mask as a persistent buffer; we build it on the fly
+        # (no context_length^2 memory per layer), so drop it from incoming book state dicts.
+        self.register_load_state_dict_pre_hook(_drop_book_mask)
+
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        b, t, _ = x.shape  # (B, T, C)
+        # (B, T, C) -> (B, H, T, D)
+        queries = self.W_query(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        keys = self.W_key(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        values = self.W_value(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            keys, values = cache.update(layer, start, keys, values)  # (B, H, start+T, D)
+
+        if self.attn_impl == "eager":
+            context = self._eager(queries, keys, values, start)
+        else:
+            context = self._sdpa(queries, keys, values, start)
+        context = context.transpose(1, 2).contiguous().view(b, t, self.d_out)  # (B, T, C)
+        return self.out_proj(context)
+
+    def _eager(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        """The book's attention, op for op, so results and dropout draws match it exactly."""
+        t_q, t_k = q.shape[2], k.shape[2]
+        attn_scores = q @ k.transpose(2, 3)  # (B, H, T, start+T)
+        mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).triu(start + 1)
+        attn_scores.masked_fill_(mask, -torch.inf)
+        attn_weights = torch.softmax(attn_scores / k.shape[-1] ** 0.5, dim=-1)
+        attn_weights = self.dropout(attn_weights)
+        return attn_weights @ v  # (B, H, T, D)
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        t_q, t_k = q.shape[2], k.shape[2]
+        dropout_p = self.dropout.p if self.training else 0.0
+        if start == 0:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        if t_q == 1:  # one new token attends to everything cached
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(start)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+
+
+def _drop_book_mask(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    state_dict.pop(prefix + "mask", None)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, emb_dim: int) -> None:
+        super().__init__()
+        self.eps = 1e-5
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=-1, keepdim=True)
+        var = x.var(dim=-1, keepdim=True, unbiased=False)
+        norm_x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.scale * norm_x + self.shift
+
+
+# sqrt(2/pi) rounded as the book computes it (a float32 sqrt), so activations match bit for bit.
+_SQRT_2_OVER_PI = float(torch.sqrt(torch.tensor(2.0 / math.pi)))
+
+
+class GELU(nn.Module):
+    """GELU with the tanh approximation, as GPT-2 was trained."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3))))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),  # (B, T, C) -> (B, T, 4C)
+            GELU(),
+            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),  # (B, T, 4C) -> (B, T, C)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.att = MultiHeadAttention(
+            d_in=cfg.emb_dim,
+            d_out=cfg.emb_dim,
+            context_length=cfg.context_length,
+            num_heads=cfg.n_heads,
+            dropout=cfg.drop_rate,
+            qkv_bias=cfg.qkv_bias,
+            attn_impl=cfg.attn_impl,
+        )
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg.emb_dim)
+        self.norm2 = LayerNorm(cfg.emb_dim)
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        # Pre-LayerNorm residual blocks: x + drop(att(norm1(x))), then x + drop(ff(norm2(x))).
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache, layer))
+        x = x + self.drop_shortcut(self.ff(self.norm2(x)))
+        return x
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg: GPTConfig | Mapping[str, Any] | str) -> None:
+        super().__init__()
+        cfg = as_config(cfg)
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.final_norm = LayerNorm(cfg.emb_dim)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+
+    @property
+    def context_length(self) -> int:
+        return self.pos_emb.weight.shape[0]
+
+    def forward(
+        self, in_idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with ``last_only``.
+
+        With a cache, ``in_idx`` holds only the new tokens, placed at ``cache.pos``.
+        """
+        _, t = in_idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + t > self.context_length:
+            raise ValueError(
+                f"sequence of {start + t} tokens exceeds the context length {self.context_length}"
+            )
+        positions = torch.arange(start, start + t, device=in_idx.device)
+        x = self.tok_emb(in_idx) + self.pos_emb(positions)  # (B, T, C)
+        x = self.drop_emb(x)
+        for i, block in enumerate(self.trf_blocks):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.pos = start + t
+        if last_only:
+            x = x[:, -1:, :]
+        x = self.final_norm(x)
+        return self.out_head(x)  # (B, T, vocab)
+
+    def set_attn_impl(self, attn_impl: str) -> None:
+        """Switch attention kernels in place; weights are unaffected."""
+        self.cfg = self.cfg.with_updates(attn_impl=attn_impl)
+        for block in self.trf_blocks:
+            block.att.attn_impl = attn_impl
+
+    def num_parameters(self, exclude_out_head: bool = False) -> int:
+        params = {id(p): p for p in self.parameters()}  # count a tied tensor once
+        total = sum(p.numel() for p in params.values())
+        if exclude_out_head and id(self.out_head.weight) != id(self.tok_emb.weight):
+            total -= self.out_head.weight.numel()
+        return total

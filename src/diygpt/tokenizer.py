@@ -1,0 +1,83 @@
+"""GPT-2's byte-pair tokenizer (tiktoken), usable offline, and the book's conversion helpers."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from diygpt.errors import TokenizerError
+
+ENDOFTEXT = "<|endoftext|>"
+EOT_ID = 50256
+TOKENIZER_ENV = "DIYGPT_TOKENIZER_DIR"
+# GPT-2's pre-tokenisation regex (tiktoken's r50k pattern).
+_GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_FILES = ("encoder.json", "vocab.bpe")
+
+
+def _encoding_from_dir(folder: Path):
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(folder / "vocab.bpe"), encoder_json_file=str(folder / "encoder.json")
+    )
+    return tiktoken.Encoding(
+        name="gpt2",
+        explicit_n_vocab=50257,
+        pat_str=_GPT2_PAT,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: EOT_ID},
+    )
+
+
+def _has_files(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in _FILES)
+
+
+@lru_cache(maxsize=4)
+def _load(tokenizer_dir: str | None):
+    if tokenizer_dir is not None:
+        folder = Path(tokenizer_dir).expanduser()
+        if not _has_files(folder):
+            raise TokenizerError(
+                f"tokenizer folder {folder} must contain encoder.json and vocab.bpe"
+            )
+        return _encoding_from_dir(folder)
+    # tiktoken reads its own cache first and downloads only if the files are not there.
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as exc:  # network errors come in many types
+        raise TokenizerError(
+            "cannot load the GPT-2 tokenizer (no network?): put encoder.json and vocab.bpe "
+            f"in a folder and pass --tokenizer-dir DIR or set {TOKENIZER_ENV}=DIR "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+
+
+def get_tokenizer(tokenizer_dir: str | os.PathLike | None = None):
+    """Return GPT-2's BPE as a ``tiktoken.Encoding``.
+
+    Looks in ``tokenizer_dir``, then ``$DIYGPT_TOKENIZER_DIR``, then tiktoken's cache, then
+    downloads. Offline with none of these it raises :class:`TokenizerError` saying what to do.
+    """
+    if tokenizer_dir is None:
+        tokenizer_dir = os.environ.get(TOKENIZER_ENV) or None
+    return _load(None if tokenizer_dir is None else str(tokenizer_dir))
+
+
+def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
+    """Encode text to a (1, T) tensor of token ids; ``<|endoftext|>`` is allowed."""
+    encoded = tokenizer.encode(text, allowed_special={ENDOFTEXT})
+    return torch.tensor(encoded).unsqueeze(0)  # add the batch dimension
+
+
+def token_ids_to_text(token_ids: torch.Tensor, tokenizer) -> str:
+    """Decode a (1, T) or (T,) tensor of token ids back to text."""
+    flat = token_ids.squeeze(0)  # remove the batch dimension
+    return tokenizer.decode(flat.tolist())
