@@ -1,0 +1,33 @@
+"""Shared test fixtures: the offline GPT-2 tokenizer and the book's training text."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("DIYGPT_ASSETS", ROOT.parent / "shared" / "assets"))
+TOKENIZER_DIR = ASSETS / "gpt2"
+VERDICT = ASSETS / "the-verdict.txt"
+
+# Every test, and every CLI subprocess a test starts, reads the tokenizer from the assets.
+os.environ.setdefault("DIYGPT_TOKENIZER_DIR", str(TOKENIZER_DIR))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from diygpt.tokenizer import get_tokenizer
+
+    return get_tokenizer(TOKENIZER_DIR)
+
+
+@pytest.fixture(scope="session")
+def verdict_text() -> str:
+    return VERDICT.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def verdict_path() -> Path:
+    return VERDICT
