@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -156,3 +156,43 @@ def check_enough_tokens(num_tokens: int, max_length: int, what: str) -> None:
             f"of context length {max_length}; use more text, a larger train ratio, or a smaller "
             "--context-length"
         )
+
+
+def prepare_loaders(
+    text: str,
+    tokenizer,
+    batch_size: int,
+    max_length: int,
+    stride: int | None = None,
+    train_ratio: float = 0.9,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    num_workers: int = 0,
+    warn=None,
+) -> tuple[DataLoader, DataLoader]:
+    """Split text as the book does and build its train and validation loaders, with checks.
+
+    The validation loader never shuffles and never drops its last batch. Text too short for
+    one training window, or too few windows for one batch, raises DataError; an empty
+    validation split only warns (its loss is reported as nan).
+    """
+    stride = max_length if stride is None else stride
+    train_text, val_text = split_text(text, train_ratio)
+    train_ids = tokenizer.encode(train_text, allowed_special={ENDOFTEXT})
+    val_ids = tokenizer.encode(val_text, allowed_special={ENDOFTEXT}) if val_text else []
+    check_enough_tokens(len(train_ids), max_length, "the training split")
+    train_ds = GPTDatasetV1(None, tokenizer, max_length, stride, token_ids=train_ids)
+    val_ds = GPTDatasetV1(None, tokenizer, max_length, stride, token_ids=val_ids)
+    if drop_last and len(train_ds) < batch_size:
+        raise DataError(
+            f"batch size {batch_size} is larger than the {len(train_ds)} training windows, so "
+            "--drop-last leaves no batch; lower --batch-size or use --no-drop-last"
+        )
+    if len(val_ds) == 0 and warn is not None:
+        warn(
+            f"warning: the validation split has {len(val_ids)} tokens, fewer than one window "
+            f"of {max_length + 1}; validation loss will be nan (lower --train-ratio to fix)"
+        )
+    train_loader = make_loader(train_ds, batch_size, shuffle, drop_last, num_workers)
+    val_loader = make_loader(val_ds, batch_size, False, False, num_workers)
+    return train_loader, val_loader

@@ -12,7 +12,8 @@ from outside. The only extra is an optional preallocated KV cache for fast gener
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -1,0 +1,211 @@
+"""Run folders and weight files: save and load model, optimizer and training state.
+
+A run folder holds ``model.safetensors`` (weights under the book's names), ``optimizer.pt``
+(the optimizer state dict) and ``state.json`` (model config, counters, training settings).
+A book ``model.pth`` (``torch.save(model.state_dict())``) or ``model_and_optimizer.pth``
+(``{"model_state_dict": ..., "optimizer_state_dict": ...}``) loads too. Every ``torch.load``
+uses ``weights_only=True``: a pickle from a stranger cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from diygpt.config import GPTConfig
+from diygpt.errors import CheckpointError, ConfigError
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "state.json"
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain GPTModel under torch.compile (``_orig_mod``) and DDP/FSDP (``module``) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip wrapper prefixes and the book's ``att.mask`` buffers from a state dict."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in _WRAPPER_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+        if key.endswith(".att.mask"):
+            continue
+        out[key] = value
+    return out
+
+
+def model_state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unwrapped, contiguous CPU tensors; a tied out_head is stored as its own copy."""
+    state = clean_state_dict(unwrap_model(model).state_dict())
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in state.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        ptr = tensor.data_ptr()
+        if ptr in seen:  # safetensors refuses shared storage
+            tensor = tensor.clone()
+        seen.add(ptr)
+        out[key] = tensor
+    return out
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    save_file(model_state_for_saving(model), str(path), metadata={"format": "pt"})
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise CheckpointError(
+                f"{path}: refused to load: the file holds Python objects other than tensors "
+                "(a pickle could run code); only plain state dicts are accepted"
+            ) from None
+        raise CheckpointError(f"{path}: cannot read checkpoint ({first})") from None
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read model weights from a .safetensors file, or a book .pth/.pt (plain or with optimizer)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        try:
+            return clean_state_dict(load_file(str(path)))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: cannot read safetensors file ({exc})") from None
+    obj = _torch_load(path)
+    if isinstance(obj, dict) and "model_state_dict" in obj:
+        obj = obj["model_state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a model state dict")
+    return clean_state_dict(obj)
+
+
+def load_into(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, assign: bool = False
+) -> None:
+    """Strict load with a one-line error naming the file and the first bad tensor.
+
+    ``assign=True`` adopts the given tensors (for a model built on the meta device).
+    """
+    expected = unwrap_model(model).state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor {missing[0]} ({len(missing)} missing)")
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]}")
+    for key, tensor in expected.items():
+        if tuple(state_dict[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{source}: tensor {key} has shape {tuple(state_dict[key].shape)}, "
+                f"the model expects {tuple(tensor.shape)} (wrong --preset?)"
+            )
+    unwrap_model(model).load_state_dict(state_dict, strict=True, assign=assign)
+
+
+def save_run(
+    out_dir: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+) -> Path:
+    """Write weights, optimizer state and state.json (config + counters) into a run folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(model, out / MODEL_FILE)
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), out / OPTIMIZER_FILE)
+    cfg = unwrap_model(model).cfg
+    payload = {"config": cfg.to_dict(), **state}
+    (out / STATE_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+    return out
+
+
+def read_run_state(run_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(run_dir) / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (is {run_dir} a diygpt run folder?)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"{path}: has no model config")
+    return state
+
+
+def config_from_run(run_dir: str | os.PathLike) -> GPTConfig:
+    state = read_run_state(run_dir)
+    try:
+        return GPTConfig.from_dict(state["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{Path(run_dir) / STATE_FILE}: invalid config ({exc})") from None
+
+
+def load_optimizer_state(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(run_dir) / OPTIMIZER_FILE
+    if not path.is_file():
+        return None
+    return _torch_load(path)
+
+
+_SHAPE_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias")
+
+
+def load_model(
+    checkpoint: str | os.PathLike,
+    cfg: GPTConfig | None = None,
+    device: torch.device | str = "cpu",
+    attn_impl: str | None = None,
+) -> nn.Module:
+    """Build a GPTModel in eval mode from a run folder, or from a weights file plus ``cfg``.
+
+    For a run folder the config comes from its state.json; a ``cfg`` given as well must
+    agree with it in shape, so a wrong --preset is caught before any tensor is read.
+    """
+    from diygpt.model import GPTModel
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        run_cfg = config_from_run(path)
+        if cfg is not None:
+            diff = [f for f in _SHAPE_FIELDS if getattr(cfg, f) != getattr(run_cfg, f)]
+            if diff:
+                raise CheckpointError(
+                    f"{path}: the checkpoint's {diff[0]} is {getattr(run_cfg, diff[0])}, "
+                    f"the requested config has {getattr(cfg, diff[0])}"
+                )
+        cfg, weights = run_cfg, path / MODEL_FILE
+    elif path.is_file():
+        if cfg is None:
+            raise CheckpointError(f"{path}: a bare weights file needs a model config (--preset)")
+        weights = path
+    else:
+        raise CheckpointError(f"{path}: no such checkpoint file or run folder")
+    if attn_impl is not None:
+        cfg = cfg.with_updates(attn_impl=attn_impl)
+    state_dict = load_state_dict_file(weights)
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    load_into(model, state_dict, str(weights), assign=True)
+    return model.to(device).eval()

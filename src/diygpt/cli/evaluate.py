@@ -1,0 +1,61 @@
+"""``diygpt eval``: cross-entropy loss and perplexity of a model on a text."""
+
+from __future__ import annotations
+
+import argparse
+
+from diygpt.cli.options import (
+    add_device_flags,
+    add_model_source_flags,
+    load_model_from_args,
+    positive_int,
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="loss and perplexity of a model on a text",
+        description="Slide context-length windows over the text (stride = context length "
+        "unless given) and report the mean next-token cross entropy and its perplexity.",
+    )
+    add_model_source_flags(p)
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help="text file(s) or folder(s) of .txt files")
+    p.add_argument("--context-length", type=positive_int, default=None,
+                   help="window length (default: the model's context length)")
+    p.add_argument("--stride", type=positive_int, default=None,
+                   help="step between windows (default: the window length)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="windows per batch (default 4)")
+    p.add_argument("--max-batches", type=positive_int, default=None,
+                   help="evaluate only the first N batches")
+    add_device_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from diygpt.data import GPTDatasetV1, check_enough_tokens, make_loader, read_text
+    from diygpt.device import select_device
+    from diygpt.errors import ConfigError
+    from diygpt.losses import calc_loss_loader, perplexity
+    from diygpt.tokenizer import ENDOFTEXT, get_tokenizer
+
+    device = select_device(args.device)
+    tokenizer = get_tokenizer(args.tokenizer_dir)
+    model = load_model_from_args(args, device)
+    length = args.context_length or model.context_length
+    if length > model.context_length:
+        raise ConfigError(
+            f"--context-length {length} exceeds the model's context length {model.context_length}"
+        )
+    ids = tokenizer.encode(read_text(args.data), allowed_special={ENDOFTEXT})
+    check_enough_tokens(len(ids), length, "the text")
+    dataset = GPTDatasetV1(None, tokenizer, length, args.stride or length, token_ids=ids)
+    loader = make_loader(dataset, args.batch_size, shuffle=False, drop_last=False)
+    with torch.no_grad():
+        loss = calc_loss_loader(loader, model, device, num_batches=args.max_batches)
+    n = len(loader) if args.max_batches is None else min(args.max_batches, len(loader))
+    print(f"loss {loss:.4f}  perplexity {perplexity(loss):.2f}  ({n} batches, {len(ids)} tokens)")
+    return 0
+

@@ -1,0 +1,97 @@
+"""``diygpt generate``: continue a prompt, streaming tokens as they come."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from diygpt.cli.options import (
+    add_device_flags,
+    add_model_source_flags,
+    finite_float,
+    load_model_from_args,
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate", help="continue a prompt with a trained or pretrained model",
+        description="Continue a prompt. Greedy by default (--temperature 0); with a "
+        "temperature > 0 each token is drawn at random, optionally from the top-k "
+        "tokens or the top-p nucleus. Tokens are printed as they are generated.",
+    )
+    add_model_source_flags(p)
+    p.add_argument("--prompt", default="Every effort moves you", help="start text")
+    p.add_argument("--max-new-tokens", type=int, default=50,
+                   help="how many tokens to add (default 50)")
+    p.add_argument("--temperature", type=finite_float, default=0.0,
+                   help="0 is greedy (default); higher is more random")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample only among the k most likely tokens")
+    p.add_argument("--top-p", type=finite_float, default=None,
+                   help="sample only among the most likely tokens covering this probability (0-1]")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--eos", action="store_true",
+                   help="stop at <|endoftext|> (token 50256)")
+    p.add_argument("--no-cache", dest="use_cache", action="store_false",
+                   help="recompute the whole window each step instead of using the KV cache")
+    add_device_flags(p)
+    p.set_defaults(func=run)
+
+
+class _StreamPrinter:
+    """Prints the decoded text's growth; holds back an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer, out=sys.stdout) -> None:
+        self.tokenizer = tokenizer
+        self.out = out
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def feed(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = len(text)
+
+    def close(self) -> None:
+        text = self.tokenizer.decode(self.ids)
+        self.out.write(text[self.printed:] + "\n")
+        self.out.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from diygpt.device import select_device
+    from diygpt.errors import GenerationError
+    from diygpt.generation import check_sampling_args, stream_generate
+    from diygpt.tokenizer import EOT_ID, get_tokenizer, text_to_token_ids
+
+    check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    if not args.prompt:
+        raise GenerationError("the prompt is empty: pass --prompt TEXT")
+    device = select_device(args.device)
+    tokenizer = get_tokenizer(args.tokenizer_dir)
+    model = load_model_from_args(args, device)
+    idx = text_to_token_ids(args.prompt, tokenizer)
+    if idx.shape[1] > model.context_length:
+        print(
+            f"diygpt: the prompt has {idx.shape[1]} tokens; the model sees its last "
+            f"{model.context_length}", file=sys.stderr,
+        )
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    printer = _StreamPrinter(tokenizer)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    for next_id in stream_generate(
+        model, idx, args.max_new_tokens, model.context_length, args.temperature,
+        args.top_k, args.top_p, EOT_ID if args.eos else None, use_cache=args.use_cache,
+    ):
+        printer.feed(int(next_id[0, 0]))
+    printer.close()
+    return 0

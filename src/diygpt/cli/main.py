@@ -1,0 +1,46 @@
+"""The ``diygpt`` command: one subcommand module each; user errors print one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from diygpt import __version__
+from diygpt.errors import DiygptError
+
+_PROG = "diygpt"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from diygpt.cli import evaluate, generate, train
+
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="GPT-2 from scratch: pretrain on your text, evaluate, generate, "
+        "and load OpenAI's GPT-2 weights.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in (train, generate, evaluate):
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DiygptError as exc:
+        print(f"{_PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{_PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `diygpt generate ... | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

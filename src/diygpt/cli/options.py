@@ -1,0 +1,111 @@
+"""Flags shared by several commands, and turning them into a model, device and tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from diygpt.config import ATTENTION_IMPLS, PRESETS, GPTConfig, get_preset
+from diygpt.errors import ConfigError
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def add_device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device", default="auto",
+        help="cpu, cuda, cuda:N, mps, or auto (cuda, then mps, then cpu; default auto)",
+    )
+    p.add_argument(
+        "--tokenizer-dir", default=None, metavar="DIR",
+        help="folder with GPT-2's encoder.json and vocab.bpe, for offline use "
+        "(default: $DIYGPT_TOKENIZER_DIR, then tiktoken's cache, then download)",
+    )
+
+
+def add_model_source_flags(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("model source (one of)")
+    src.add_argument(
+        "--checkpoint", metavar="RUN",
+        help="a run folder written by `diygpt train`, or a book model.pth / "
+        "model_and_optimizer.pth / .safetensors weights file (then give --preset)",
+    )
+    src.add_argument(
+        "--weights", metavar="PATH",
+        help="OpenAI GPT-2 weights: an OpenAI TF checkpoint folder, a Hugging Face "
+        "folder or file, or a book-layout state dict (format detected)",
+    )
+    src.add_argument(
+        "--pretrained", metavar="NAME", choices=["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"],
+        help="a GPT-2 size fetched with `diygpt download NAME`",
+    )
+    p.add_argument(
+        "--preset", default=None, choices=list(PRESETS),
+        help="model shape for a bare weights file (a run folder carries its own config)",
+    )
+    p.add_argument("--attn", choices=ATTENTION_IMPLS, default=None, help="attention kernel")
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+        help="weights dtype, applied at load time (default: as stored, fp32 for runs)",
+    )
+
+
+def load_model_from_args(args: argparse.Namespace, device):
+    """The model named by --checkpoint, --weights or --pretrained, in eval mode on ``device``."""
+    from diygpt.checkpoints import load_model
+
+    chosen = [f for f in ("checkpoint", "weights", "pretrained") if getattr(args, f)]
+    if len(chosen) != 1:
+        raise ConfigError("give exactly one of --checkpoint, --weights or --pretrained")
+    if args.checkpoint:
+        cfg = get_preset(args.preset) if args.preset else None
+        model = load_model(args.checkpoint, cfg, device, attn_impl=args.attn)
+        if args.dtype:
+            model = model.to(dtype=parse_dtype(args.dtype))
+        return model
+    from diygpt.pretrained import load_pretrained
+
+    model = load_pretrained(
+        args.weights or args.pretrained, device=device, dtype=args.dtype
+    )
+    if args.attn:
+        model.set_attn_impl(args.attn)
+    return model
+
+
+def parse_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def build_config(args: argparse.Namespace) -> GPTConfig:
+    """A preset with the command line's overrides applied (and validated)."""
+    cfg = get_preset(args.preset)
+    overrides = {
+        "context_length": args.context_length,
+        "drop_rate": args.drop_rate,
+        "attn_impl": args.attn,
+        "emb_dim": args.emb_dim,
+        "n_layers": args.n_layers,
+        "n_heads": args.n_heads,
+    }
+    return cfg.with_updates(**overrides)

@@ -1,0 +1,138 @@
+"""``diygpt train``: pretrain a GPT on text files, as in the book's chapter 5."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from diygpt.cli.options import add_device_flags, build_config, finite_float, positive_int
+from diygpt.config import ATTENTION_IMPLS, PRESETS
+
+EXAMPLE = """example (the seed's run, section 2.1):
+  diygpt train --data the-verdict.txt --preset book-124m --epochs 10 --batch-size 2 \\
+    --lr 0.0004 --weight-decay 0.1 --eval-freq 5 --eval-iter 5 --no-shuffle --no-drop-last \\
+    --seed 123 --attn eager --sample-prompt "Every effort moves you" --out runs/seed
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="pretrain a GPT on text files",
+        description="Pretrain a GPT on text: split into train/validation, slide windows, "
+        "train with AdamW, print losses every --eval-freq steps and a greedy sample after "
+        "each epoch. The run folder gets model.safetensors, optimizer.pt, state.json, "
+        "metrics.jsonl and loss.png.",
+        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d = p.add_argument_group("data")
+    d.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help="text file(s), or folder(s) of .txt files (UTF-8)")
+    d.add_argument("--train-ratio", type=finite_float, default=0.9,
+                   help="fraction of characters used for training, the rest validates (default 0.9)")
+    d.add_argument("--stride", type=positive_int, default=None,
+                   help="step between windows in tokens (default: the context length)")
+    d.add_argument("--no-shuffle", dest="shuffle", action="store_false",
+                   help="keep training windows in order (shuffled by default)")
+    d.add_argument("--drop-last", dest="drop_last", action="store_true", default=True,
+                   help="drop a last incomplete training batch (the default, as the book's loader)")
+    d.add_argument("--no-drop-last", dest="drop_last", action="store_false",
+                   help="keep a last incomplete training batch")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", default="book-124m", choices=list(PRESETS),
+                   help="model shape (default book-124m, the seed's GPT_CONFIG_124M)")
+    m.add_argument("--context-length", type=positive_int, default=None,
+                   help="tokens per window and model context (default: the preset's)")
+    m.add_argument("--drop-rate", type=finite_float, default=None,
+                   help="dropout rate (default: the preset's)")
+    m.add_argument("--attn", choices=ATTENTION_IMPLS, default=None,
+                   help="attention: sdpa (fused, default) or eager (the book's math, bit-exact)")
+    m.add_argument("--emb-dim", type=positive_int, default=None, help="override the embedding size")
+    m.add_argument("--n-layers", type=positive_int, default=None, help="override the layer count")
+    m.add_argument("--n-heads", type=positive_int, default=None, help="override the head count")
+
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=10, help="passes over the training windows (default 10)")
+    o.add_argument("--batch-size", type=positive_int, default=2,
+                   help="windows per optimizer step: the global batch (default 2)")
+    o.add_argument("--lr", type=finite_float, default=4e-4, help="AdamW learning rate (default 0.0004)")
+    o.add_argument("--weight-decay", type=finite_float, default=0.1, help="AdamW weight decay (default 0.1)")
+    o.add_argument("--max-steps", type=positive_int, default=None,
+                   help="stop after this many optimizer steps")
+    o.add_argument("--warmup-steps", type=int, default=0, help="linear LR warmup steps (default 0)")
+    o.add_argument("--cosine", action="store_true",
+                   help="decay the LR along a cosine to --min-lr over the run")
+    o.add_argument("--min-lr", type=finite_float, default=0.0, help="final LR with --cosine (default 0)")
+    o.add_argument("--grad-clip", type=finite_float, default=None,
+                   help="clip the global gradient norm to this value")
+    o.add_argument("--grad-accum", type=positive_int, default=1,
+                   help="split each batch into this many micro-batches (same result, less memory)")
+    o.add_argument("--seed", type=int, default=123, help="random seed (default 123, the book's)")
+
+    e = p.add_argument_group("evaluation and output")
+    e.add_argument("--eval-freq", type=positive_int, default=5,
+                   help="evaluate every N steps (default 5)")
+    e.add_argument("--eval-iter", type=positive_int, default=5,
+                   help="batches per evaluation, of train and of validation (default 5)")
+    e.add_argument("--sample-prompt", default="Every effort moves you",
+                   help='start of the greedy sample printed after each epoch ("" for none)')
+    e.add_argument("--out", default="runs/train", help="run folder (default runs/train)")
+    e.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar on stderr")
+    add_device_flags(p)
+    p.set_defaults(func=run)
+
+
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from diygpt.data import prepare_loaders, read_text
+    from diygpt.device import select_device
+    from diygpt.errors import ConfigError
+    from diygpt.model import GPTModel
+    from diygpt.tokenizer import get_tokenizer
+    from diygpt.training import TrainConfig, Trainer
+
+    cfg = build_config(args)
+    if args.lr <= 0 or args.weight_decay < 0:
+        raise ConfigError("--lr must be > 0 and --weight-decay >= 0")
+    train_cfg = TrainConfig(
+        num_epochs=args.epochs, eval_freq=args.eval_freq, eval_iter=args.eval_iter,
+        start_context=args.sample_prompt or None, max_steps=args.max_steps,
+        warmup_steps=args.warmup_steps, cosine=args.cosine, min_lr=args.min_lr,
+        grad_clip=args.grad_clip, grad_accum=args.grad_accum, out_dir=args.out,
+        progress=args.progress,
+    )
+    device = select_device(args.device)
+    tokenizer = get_tokenizer(args.tokenizer_dir)
+    text = read_text(args.data)
+
+    torch.manual_seed(args.seed)
+    train_loader, val_loader = prepare_loaders(
+        text, tokenizer, args.batch_size, cfg.context_length, args.stride, args.train_ratio,
+        shuffle=args.shuffle, drop_last=args.drop_last, warn=_warn,
+    )
+    # The book seeds again right before building the model, so its weights do not depend on
+    # what the loaders consumed.
+    torch.manual_seed(args.seed)
+    model = GPTModel(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    _warn(
+        f"diygpt: {model.num_parameters() / 1e6:.1f}M parameters on {device}; "
+        f"{len(train_loader)} train / {len(val_loader)} val batches per epoch"
+    )
+    run_state = {"train_args": {k: v for k, v in vars(args).items() if k != "func"}}
+    trainer = Trainer(
+        model, optimizer, train_loader, val_loader, device, train_cfg, tokenizer,
+        run_state=run_state,
+    )
+    history = trainer.fit()
+    _warn(
+        f"diygpt: {history.global_step + 1} steps, {history.tokens_seen} tokens seen; "
+        f"saved to {args.out}/ (model.safetensors, loss.png, metrics.jsonl)"
+    )
+    return 0
