@@ -5,9 +5,13 @@
 Writes random weights in every format to a temporary folder (OpenAI's TF bundle with the
 minimal writer below, which the committed TF-written fixtures vouch for the reader of),
 then loads each in a fresh subprocess and reports the peak resident memory above the
-baseline after imports (``ru_maxrss``): right after loading, and after one forward pass,
+baseline after imports: right after loading, and after one forward pass,
 which touches every weight (memory-mapped weights count once read). The last row is the
 naive route for comparison: allocate a model, ``torch.load`` the file, copy it in.
+
+Peak RSS is read from ``VmHWM`` in /proc/self/status where it exists, not from
+``ru_maxrss``: Linux carries ``ru_maxrss`` across fork+exec, so a child started by this
+(large) parent would report the parent's peak and hide its own.
 """
 
 from __future__ import annotations
@@ -35,7 +39,11 @@ from diygpt.model import GPTModel
 from diygpt.pretrained import load_pretrained
 from diygpt.pretrained.book import book_config
 from diygpt.pretrained.readers import open_file
-rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rss():  # peak RSS in MB of this process image (VmHWM; see the module docstring)
+    status = Path("/proc/self/status").read_text()
+    if "VmHWM:" in status:
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 path, dtype, naive = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 base = rss()
 if naive:
