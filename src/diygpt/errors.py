@@ -25,3 +25,7 @@ class TokenizerError(DiygptError):
 
 class GenerationError(DiygptError, ValueError):
     """Invalid sampling parameters or prompt."""
+
+
+class TrainingError(DiygptError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
