@@ -108,3 +108,22 @@ def test_sigkill_inside_a_save_leaves_a_loadable_checkpoint(tmp_path, data, base
     done = train("--data", str(data), *ARGS, "--out", str(run), **{KILL_HOOK_ENV: str(nth)})
     assert done.returncode == -signal.SIGKILL, done.stderr
     resume_and_compare(run, baseline, f"killed in atomic write {nth} (seed {seed})")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_0_and_resumes(tmp_path, data, baseline):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        diygpt_cmd("--data", str(data), *ARGS, "--out", str(run)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+    )
+    for line in proc.stdout:
+        m = STEP_LINE.search(line)
+        if m and int(m[1]) >= 6:
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert f"resume with: diygpt train --resume {run}" in err
+    assert "Traceback" not in err
+    resume_and_compare(run, baseline, "SIGTERM after step 6")
