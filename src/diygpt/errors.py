@@ -27,5 +27,9 @@ class GenerationError(DiygptError, ValueError):
     """Invalid sampling parameters or prompt."""
 
 
+class DownloadError(DiygptError):
+    """Pretrained weights could not be downloaded or failed their size or checksum check."""
+
+
 class TrainingError(DiygptError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
