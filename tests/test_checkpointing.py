@@ -130,6 +130,10 @@ def test_old_torch_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
     with pytest.raises(CheckpointError, match="CVE-2025-32434"):
         safe_torch_load(path)
+    from diygpt.pretrained.readers import open_torch_file  # OpenAI/HF .bin weights too
+
+    with pytest.raises(CheckpointError, match="CVE-2025-32434"):
+        open_torch_file(path)
 
 
 @pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.pt", "rng.safetensors"])

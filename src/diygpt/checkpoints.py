@@ -80,14 +80,19 @@ def torch_version() -> tuple[int, int]:
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
-def safe_torch_load(path: Path) -> Any:
-    """``torch.load`` that accepts tensors and plain containers only; any failure is one line."""
+def require_safe_torch(path: Path) -> None:
+    """Call before any ``torch.load``: refuse torch versions whose weights_only is unsafe."""
     if torch_version() < MIN_SAFE_TORCH:
         raise CheckpointError(
             f"{path}: refusing to read a .pt/.pth file with torch {torch.__version__}: versions "
             "before 2.6 can run code from a crafted file (CVE-2025-32434); upgrade torch, or use "
             ".safetensors"
         )
+
+
+def safe_torch_load(path: Path) -> Any:
+    """``torch.load`` that accepts tensors and plain containers only; any failure is one line."""
+    require_safe_torch(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
