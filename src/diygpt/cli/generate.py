@@ -42,9 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 class _StreamPrinter:
     """Prints the decoded text's growth; holds back an incomplete UTF-8 character."""
 
-    def __init__(self, tokenizer, out=sys.stdout) -> None:
+    def __init__(self, tokenizer, out=None) -> None:
         self.tokenizer = tokenizer
-        self.out = out
+        self.out = out if out is not None else sys.stdout  # looked up now, not at import
         self.ids: list[int] = []
         self.printed = 0
 
