@@ -14,18 +14,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from diygpt.checkpoints import save_run
+from diygpt.checkpoints import save_run, unwrap_model
 from diygpt.errors import ConfigError
 from diygpt.generation import generate_text_simple
 from diygpt.losses import calc_loss_batch, calc_loss_loader
 from diygpt.plotting import plot_losses
 from diygpt.schedule import lr_at_step
 from diygpt.tokenizer import text_to_token_ids, token_ids_to_text
+
+if TYPE_CHECKING:
+    from diygpt.distributed import Parallel
 
 
 @dataclass
@@ -116,6 +120,7 @@ class Trainer:
         tokenizer=None,
         log: Callable[[str], None] | None = None,
         run_state: dict | None = None,
+        parallel: Parallel | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -129,9 +134,14 @@ class Trainer:
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self.run_state = run_state or {}
         self._bar: tqdm | None = None
+        # Under torchrun (see distributed.py): how batches split across ranks, and who writes.
+        self.parallel = parallel
+        self.is_main = parallel is None or parallel.is_main
 
     # -- output --------------------------------------------------------------------------
     def log(self, line: str) -> None:
+        if not self.is_main:
+            return
         if self._log is not None:
             self._log(line)
         elif self._bar is not None:
@@ -140,7 +150,7 @@ class Trainer:
             print(line, flush=True)
 
     def _write_metrics(self, record: dict) -> None:
-        if self.cfg.out_dir is None:
+        if self.cfg.out_dir is None or not self.is_main:
             return
         with open(Path(self.cfg.out_dir) / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -160,7 +170,11 @@ class Trainer:
 
     def train_step(self, input_batch: torch.Tensor, target_batch: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad()
-        if self.cfg.grad_accum == 1:
+        if self.parallel is not None:
+            loss = self.parallel.forward_backward(
+                self.model, input_batch, target_batch, self.cfg.grad_accum, self.device
+            )
+        elif self.cfg.grad_accum == 1:
             loss = calc_loss_batch(input_batch, target_batch, self.model, self.device)
             loss.backward()
         else:
@@ -183,16 +197,18 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> History:
         c, h = self.cfg, self.history
-        if c.out_dir is not None:
+        if c.out_dir is not None and self.is_main:
             Path(c.out_dir).mkdir(parents=True, exist_ok=True)
         self._bar = tqdm(
             total=self.total_steps(), desc="train", unit="step", file=sys.stderr,
-            disable=None if c.progress else True, dynamic_ncols=True,
+            disable=None if c.progress and self.is_main else True, dynamic_ncols=True,
         )
         t0 = time.perf_counter()
         try:
             for epoch in range(c.num_epochs):
                 self.model.train()
+                if self.parallel is not None:
+                    self.parallel.sync_rng()
                 for input_batch, target_batch in self.train_loader:
                     if c.max_steps is not None and h.global_step + 1 >= c.max_steps:
                         break
@@ -219,9 +235,14 @@ class Trainer:
 
     def _evaluate(self, epoch: int, lr: float) -> None:
         h = self.history
-        train_loss, val_loss = evaluate_model(
-            self.model, self.train_loader, self.val_loader, self.device, self.cfg.eval_iter
-        )
+        if self.parallel is not None:
+            train_loss, val_loss = self.parallel.evaluate(
+                self.model, self.train_loader, self.val_loader, self.cfg.eval_iter
+            )
+        else:
+            train_loss, val_loss = evaluate_model(
+                self.model, self.train_loader, self.val_loader, self.device, self.cfg.eval_iter
+            )
         h.train_losses.append(train_loss)
         h.val_losses.append(val_loss)
         h.track_tokens_seen.append(h.tokens_seen)
@@ -233,9 +254,11 @@ class Trainer:
         })
 
     def _end_of_epoch(self, epoch: int) -> None:
-        if self.tokenizer is not None and self.cfg.start_context:
+        if self.tokenizer is None or not self.cfg.start_context:
+            return
+        if self.parallel is None or self.parallel.runs_sample():
             text = sample_text(
-                self.model, self.tokenizer, self.device, self.cfg.start_context,
+                unwrap_model(self.model), self.tokenizer, self.device, self.cfg.start_context,
                 self.cfg.sample_tokens,
             )
             self.log(text)
@@ -244,6 +267,11 @@ class Trainer:
     def _finish(self) -> None:
         c, h = self.cfg, self.history
         if c.out_dir is None:
+            return
+        model, optimizer = self.model, self.optimizer
+        if self.parallel is not None:  # a collective under FSDP: every rank gathers
+            model, optimizer = self.parallel.full_model_and_optimizer(model, optimizer)
+        if not self.is_main:
             return
         if h.train_losses:
             epochs_seen = torch.linspace(0, max(h.epochs_done, 1), len(h.train_losses)).tolist()
@@ -257,7 +285,7 @@ class Trainer:
             "tokens_seen": h.tokens_seen,
             "epochs_done": h.epochs_done,
         }
-        save_run(c.out_dir, self.model, self.optimizer, state)
+        save_run(c.out_dir, model, optimizer, state)
 
 
 def train_model_simple(

@@ -80,6 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar on stderr")
     add_device_flags(p)
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun, shard weights, gradients and optimizer state across "
+                   "ranks (FSDP2) instead of replicating them (DDP); see docs/distributed.md")
     p.set_defaults(func=run)
 
 
@@ -87,11 +90,25 @@ def _warn(line: str) -> None:
     print(line, file=sys.stderr)
 
 
+def _quiet(line: str) -> None:
+    """Ranks other than 0 stay silent; rank 0 speaks for the run."""
+
+
 def run(args: argparse.Namespace) -> int:
+    from diygpt import distributed
+
+    env, device = distributed.init_distributed(args.device)  # torchrun's env, if any
+    try:
+        return _train(args, env, device)
+    finally:
+        distributed.shutdown()
+
+
+def _train(args: argparse.Namespace, env, device) -> int:
     import torch
 
     from diygpt.data import prepare_loaders, read_text
-    from diygpt.device import select_device
+    from diygpt.distributed import wrap_model
     from diygpt.errors import ConfigError
     from diygpt.model import GPTModel
     from diygpt.tokenizer import get_tokenizer
@@ -107,31 +124,35 @@ def run(args: argparse.Namespace) -> int:
         grad_clip=args.grad_clip, grad_accum=args.grad_accum, out_dir=args.out,
         progress=args.progress,
     )
-    device = select_device(args.device)
+    warn = _warn if env.is_main else _quiet
     tokenizer = get_tokenizer(args.tokenizer_dir)
     text = read_text(args.data)
 
     torch.manual_seed(args.seed)
     train_loader, val_loader = prepare_loaders(
         text, tokenizer, args.batch_size, cfg.context_length, args.stride, args.train_ratio,
-        shuffle=args.shuffle, drop_last=args.drop_last, warn=_warn,
+        shuffle=args.shuffle, drop_last=args.drop_last, warn=warn,
     )
     # The book seeds again right before building the model, so its weights do not depend on
     # what the loaders consumed.
     torch.manual_seed(args.seed)
     model = GPTModel(cfg).to(device)
+    n_params = model.num_parameters()
+    # DDP or FSDP under torchrun, before the optimizer (FSDP swaps in sharded parameters).
+    model, parallel = wrap_model(model, env, device, fsdp=args.fsdp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    _warn(
-        f"diygpt: {model.num_parameters() / 1e6:.1f}M parameters on {device}; "
+    ranks = f" x {env.world_size} ranks ({'FSDP' if args.fsdp else 'DDP'})" if parallel else ""
+    warn(
+        f"diygpt: {n_params / 1e6:.1f}M parameters on {device}{ranks}; "
         f"{len(train_loader)} train / {len(val_loader)} val batches per epoch"
     )
     run_state = {"train_args": {k: v for k, v in vars(args).items() if k != "func"}}
     trainer = Trainer(
         model, optimizer, train_loader, val_loader, device, train_cfg, tokenizer,
-        run_state=run_state,
+        run_state=run_state, parallel=parallel,
     )
     history = trainer.fit()
-    _warn(
+    warn(
         f"diygpt: {history.global_step + 1} steps, {history.tokens_seen} tokens seen; "
         f"saved to {args.out}/ (model.safetensors, loss.png, metrics.jsonl)"
     )
