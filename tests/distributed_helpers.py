@@ -39,7 +39,7 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _env() -> dict[str, str]:
+def torchrun_env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
@@ -59,7 +59,7 @@ def torchrun(nproc: int, argv: list[str], cwd: Path, per_rank_dir: bool = False)
         cmd = [*launcher, "--no-python", "sh", "-c", script, sys.executable, *argv]
     else:
         cmd = [*launcher, "-m", "diygpt", *argv]
-    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=cwd, env=torchrun_env(), capture_output=True, text=True, timeout=300)
 
 
 def max_weight_diff(run_a: Path, run_b: Path) -> float:
