@@ -75,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise GenerationError("the prompt is empty: pass --prompt TEXT")
     device = select_device(args.device)
-    tokenizer = get_tokenizer(args.tokenizer_dir)
     model = load_model_from_args(args, device)
+    tokenizer = get_tokenizer(args.tokenizer_dir)
     idx = text_to_token_ids(args.prompt, tokenizer)
     if idx.shape[1] > model.context_length:
         print(
