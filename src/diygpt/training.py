@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -36,6 +37,9 @@ from diygpt.resume import (
 from diygpt.schedule import lr_at_step
 from diygpt.signals import Interrupted, StopRequest
 from diygpt.tokenizer import text_to_token_ids, token_ids_to_text
+
+if TYPE_CHECKING:
+    from diygpt.distributed import Parallel
 
 NAN_POLICIES = ("stop", "skip")
 
@@ -137,6 +141,7 @@ class Trainer:
         tokenizer=None,
         log: Callable[[str], None] | None = None,
         run_state: dict | None = None,
+        parallel: Parallel | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -157,9 +162,14 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._saved_step: int | None = None
         self._stop = StopRequest()
+        # Under torchrun (see distributed.py): how batches split across ranks, and who writes.
+        self.parallel = parallel
+        self.is_main = parallel is None or parallel.is_main
 
     # -- output --------------------------------------------------------------------------
     def log(self, line: str) -> None:
+        if not self.is_main:
+            return
         if self._log is not None:
             self._log(line)
         elif self._bar is not None:
@@ -168,7 +178,7 @@ class Trainer:
             print(line, flush=True)
 
     def _write_metrics(self, record: dict) -> None:
-        if self.cfg.out_dir is None:
+        if self.cfg.out_dir is None or not self.is_main:
             return
         with open(Path(self.cfg.out_dir) / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -188,7 +198,11 @@ class Trainer:
 
     def train_step(self, input_batch: torch.Tensor, target_batch: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad()
-        if self.cfg.grad_accum == 1:
+        if self.parallel is not None:
+            loss = self.parallel.forward_backward(
+                self.model, input_batch, target_batch, self.cfg.grad_accum, self.device
+            )
+        elif self.cfg.grad_accum == 1:
             loss = calc_loss_batch(input_batch, target_batch, self.model, self.device)
             loss.backward()
         else:
@@ -237,11 +251,12 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> History:
         c, h = self.cfg, self.history
-        if c.out_dir is not None:
+        if c.out_dir is not None and self.is_main:
             check_writable(c.out_dir)
         self._bar = tqdm(
             total=self.total_steps(), initial=h.global_step + 1, desc="train", unit="step",
-            file=sys.stderr, disable=None if c.progress else True, dynamic_ncols=True,
+            file=sys.stderr, disable=None if c.progress and self.is_main else True,
+            dynamic_ncols=True,
         )
         t0, tokens0 = time.perf_counter(), h.tokens_seen
         start_epoch = self._resume_point.epoch if self._resume_point else 0
@@ -250,6 +265,8 @@ class Trainer:
                 for epoch in range(start_epoch, c.num_epochs):
                     self.epoch = epoch
                     self.model.train()
+                    if self.parallel is not None:
+                        self.parallel.sync_rng()
                     for input_batch, target_batch in self._epoch_batches():
                         if c.max_steps is not None and h.global_step + 1 >= c.max_steps:
                             break
@@ -318,18 +335,26 @@ class Trainer:
             },
         }
 
-    def save_checkpoint(self) -> Path:
-        """Write ``out_dir/ckpt-<step>`` atomically (once per step) and return it."""
+    def save_checkpoint(self) -> Path | None:
+        """Write ``out_dir/ckpt-<step>`` atomically (once per step) and return it.
+
+        Under torchrun every rank must call this (FSDP gathers); only rank 0 writes, and the
+        other ranks get None.
+        """
         step = self.history.global_step
-        if self.last_checkpoint is not None and self._saved_step == step:
+        if self._saved_step == step:
             return self.last_checkpoint
+        model, optimizer = self._full_model_and_optimizer()
+        if not self.is_main:
+            self._saved_step = step
+            return None
         point = ResumePoint(
             self.epoch, self.batch_in_epoch, self._epoch_rng,
             capture_rng(self.train_loader.generator),
         )
         state = {"config": unwrap_model(self.model).cfg.to_dict(), **self.training_state()}
         self.last_checkpoint = write_training_checkpoint(
-            self.cfg.out_dir, step, self.model, self.optimizer, state, point, self.cfg.keep_last
+            self.cfg.out_dir, step, model, optimizer, state, point, self.cfg.keep_last
         )
         self._saved_step = step
         return self.last_checkpoint
@@ -337,9 +362,14 @@ class Trainer:
     def load_checkpoint(self, ckpt: LoadedCheckpoint) -> None:
         """Restore weights, optimizer, schedule, counters and history; fit() then continues."""
         state, h = ckpt.state, self.history
-        load_into(self.model, ckpt.weights, str(ckpt.folder))
         try:
-            self.optimizer.load_state_dict(ckpt.optimizer)
+            if self.parallel is not None and self.parallel.sharded:
+                from diygpt.fsdp import load_full_state  # a collective under FSDP
+
+                load_full_state(self.model, self.optimizer, ckpt.weights, ckpt.optimizer)
+            else:
+                load_into(self.model, ckpt.weights, str(ckpt.folder))
+                self.optimizer.load_state_dict(ckpt.optimizer)
             info = state["resume"]
             self.base_lrs = [float(x) for x in info["base_lrs"]]
             for key, values in info["history"].items():
@@ -355,15 +385,20 @@ class Trainer:
         self.last_checkpoint, self._saved_step = ckpt.folder, h.global_step
         # Drop metrics written after the checkpoint by the run that was killed.
         metrics = Path(self.cfg.out_dir or ".") / "metrics.jsonl"
-        if self.cfg.out_dir is not None and metrics.is_file():
+        if self.cfg.out_dir is not None and self.is_main and metrics.is_file():
             with open(metrics, "r+b") as f:
                 f.truncate(min(metrics_bytes, metrics.stat().st_size))
 
     def _evaluate(self, epoch: int, lr: float) -> None:
         h = self.history
-        train_loss, val_loss = evaluate_model(
-            self.model, self.train_loader, self.val_loader, self.device, self.cfg.eval_iter
-        )
+        if self.parallel is not None:
+            train_loss, val_loss = self.parallel.evaluate(
+                self.model, self.train_loader, self.val_loader, self.cfg.eval_iter
+            )
+        else:
+            train_loss, val_loss = evaluate_model(
+                self.model, self.train_loader, self.val_loader, self.device, self.cfg.eval_iter
+            )
         h.train_losses.append(train_loss)
         h.val_losses.append(val_loss)
         h.track_tokens_seen.append(h.tokens_seen)
@@ -375,9 +410,11 @@ class Trainer:
         })
 
     def _end_of_epoch(self, epoch: int) -> None:
-        if self.tokenizer is not None and self.cfg.start_context:
+        if self.tokenizer is None or not self.cfg.start_context:
+            return
+        if self.parallel is None or self.parallel.runs_sample():
             text = sample_text(
-                self.model, self.tokenizer, self.device, self.cfg.start_context,
+                unwrap_model(self.model), self.tokenizer, self.device, self.cfg.start_context,
                 self.cfg.sample_tokens,
             )
             self.log(text)
@@ -386,6 +423,9 @@ class Trainer:
     def _finish(self) -> None:
         c, h = self.cfg, self.history
         if c.out_dir is None:
+            return
+        model, optimizer = self._full_model_and_optimizer()
+        if not self.is_main:
             return
         if h.train_losses:
             epochs_seen = torch.linspace(0, max(h.epochs_done, 1), len(h.train_losses)).tolist()
@@ -399,7 +439,13 @@ class Trainer:
             "tokens_seen": h.tokens_seen,
             "epochs_done": h.epochs_done,
         }
-        save_run(c.out_dir, self.model, self.optimizer, state)
+        save_run(c.out_dir, model, optimizer, state)
+
+    def _full_model_and_optimizer(self) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The whole state for saving; under FSDP a collective that every rank must join."""
+        if self.parallel is None:
+            return self.model, self.optimizer
+        return self.parallel.full_model_and_optimizer(self.model, self.optimizer)
 
 
 def train_model_simple(

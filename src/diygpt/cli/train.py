@@ -93,6 +93,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="on a non-finite loss or gradient norm: stop with an error (default) "
                    "or skip that step")
     add_device_flags(p)
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun, shard weights, gradients and optimizer state across "
+                   "ranks (FSDP2) instead of replicating them (DDP); see docs/distributed.md")
     p.set_defaults(func=run)
     global _PARSER
     _PARSER = p
@@ -105,12 +108,26 @@ def _warn(line: str) -> None:
     print(line, file=sys.stderr)
 
 
+def _quiet(line: str) -> None:
+    """Ranks other than 0 stay silent; rank 0 speaks for the run."""
+
+
 def run(args: argparse.Namespace) -> int:
+    from diygpt import distributed
+
+    env, device = distributed.init_distributed(args.device)  # torchrun's env, if any
+    try:
+        return _train(args, env, device)
+    finally:
+        distributed.shutdown()
+
+
+def _train(args: argparse.Namespace, env, device) -> int:
     import torch
 
     from diygpt.cli.resume_args import merge_resume_args
     from diygpt.data import prepare_loaders, read_text
-    from diygpt.device import select_device
+    from diygpt.distributed import wrap_model
     from diygpt.errors import CheckpointError, ConfigError, DataError
     from diygpt.model import GPTModel
     from diygpt.resume import find_resume_checkpoint, read_training_checkpoint, text_digest
@@ -143,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         progress=args.progress, save_every=args.save_every, keep_last=args.keep_last,
         nan_policy=args.nan_policy,
     )
-    device = select_device(args.device)
+    warn = _warn if env.is_main else _quiet
     tokenizer = get_tokenizer(args.tokenizer_dir)
     text = read_text(args.data)
     digest = text_digest(text)
@@ -156,15 +173,19 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     train_loader, val_loader = prepare_loaders(
         text, tokenizer, args.batch_size, cfg.context_length, args.stride, args.train_ratio,
-        shuffle=args.shuffle, drop_last=args.drop_last, warn=_warn,
+        shuffle=args.shuffle, drop_last=args.drop_last, warn=warn,
     )
     # The book seeds again right before building the model, so its weights do not depend on
     # what the loaders consumed.
     torch.manual_seed(args.seed)
     model = GPTModel(cfg).to(device)
+    n_params = model.num_parameters()
+    # DDP or FSDP under torchrun, before the optimizer (FSDP swaps in sharded parameters).
+    model, parallel = wrap_model(model, env, device, fsdp=args.fsdp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    _warn(
-        f"diygpt: {model.num_parameters() / 1e6:.1f}M parameters on {device}; "
+    ranks = f" x {env.world_size} ranks ({'FSDP' if args.fsdp else 'DDP'})" if parallel else ""
+    warn(
+        f"diygpt: {n_params / 1e6:.1f}M parameters on {device}{ranks}; "
         f"{len(train_loader)} train / {len(val_loader)} val batches per epoch"
     )
     train_args = {k: v for k, v in vars(args).items() if k not in ("func", "argv")}
@@ -172,18 +193,18 @@ def run(args: argparse.Namespace) -> int:
     run_state = {"train_args": train_args, "data_sha256": digest}
     trainer = Trainer(
         model, optimizer, train_loader, val_loader, device, train_cfg, tokenizer,
-        run_state=run_state,
+        run_state=run_state, parallel=parallel,
     )
     if ckpt is not None:
         trainer.load_checkpoint(ckpt)
-        _warn(f"diygpt: resuming from {ckpt.folder} (after step {ckpt.state['global_step']})")
+        warn(f"diygpt: resuming from {ckpt.folder} (after step {ckpt.state['global_step']})")
     try:
         history = trainer.fit()
     except Interrupted as stop:
         where = f"checkpoint saved to {stop.checkpoint}; " if stop.checkpoint else ""
-        _warn(f"diygpt: {stop}; {where}resume with: diygpt train --resume {args.out}")
+        warn(f"diygpt: {stop}; {where}resume with: diygpt train --resume {args.out}")
         return stop.exit_code
-    _warn(
+    warn(
         f"diygpt: {history.global_step + 1} steps, {history.tokens_seen} tokens seen; "
         f"saved to {args.out}/ (model.safetensors, loss.png, metrics.jsonl)"
     )
