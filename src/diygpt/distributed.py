@@ -257,29 +257,3 @@ def wrap_model(
     ids = [device.index] if device.type == "cuda" else None
     # DDP broadcasts rank 0's weights at construction, so every rank starts identical.
     return DDP(model, device_ids=ids), Parallel(env, device)
-
-
-def load_training_state(
-    run_dir: str | os.PathLike,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    parallel: Parallel | None,
-) -> None:
-    """Load a run folder's weights and optimizer state into an already wrapped model.
-
-    The run folder is the single-process layout whatever wrote it, so this loads a DDP, FSDP
-    or one-process run into any of the three. Every rank reads the folder: on several nodes,
-    put it on a shared file system. Under FSDP this is a collective.
-    """
-    from diygpt.checkpoints import MODEL_FILE, load_into, load_optimizer_state, load_state_dict_file
-
-    weights = load_state_dict_file(os.path.join(run_dir, MODEL_FILE))
-    optim_state = load_optimizer_state(run_dir)
-    if parallel is not None and parallel.sharded:
-        from diygpt.fsdp import load_full_state
-
-        load_full_state(model, optimizer, weights, optim_state)
-        return
-    load_into(model, weights, str(run_dir))
-    if optim_state is not None:
-        optimizer.load_state_dict(optim_state)
