@@ -146,6 +146,16 @@ class Parallel:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value / self.env.world_size
 
+    def agreed_signal(self, signum: int | None) -> int | None:
+        """The stop signal any rank has received, seen by all ranks at the same step.
+
+        Ranks receive a forwarded SIGTERM at slightly different moments; without agreeing,
+        one rank would stop to save while another waits in the next step's all-reduce.
+        """
+        flag = torch.tensor([signum or 0], dtype=torch.int64, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
     def _share(
         self, inputs: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, float]:

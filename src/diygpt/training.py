@@ -314,9 +314,12 @@ class Trainer:
         step = self.history.global_step
         if self.cfg.save_every is not None and (step + 1) % self.cfg.save_every == 0:
             self.save_checkpoint()
-        if self._stop.signum is not None:
+        signum = self._stop.signum
+        if self.parallel is not None:
+            signum = self.parallel.agreed_signal(signum)
+        if signum is not None:
             ckpt = self.save_checkpoint() if self.cfg.out_dir is not None else None
-            raise Interrupted(self._stop.signum, step, str(ckpt) if ckpt else None)
+            raise Interrupted(signum, step, str(ckpt) if ckpt else None)
 
     def training_state(self) -> dict:
         h = self.history
