@@ -13,13 +13,6 @@ from cli_helpers import TINY, one_line_error, run_cli, train_tiny
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, verdict_text) -> Path:
-    path = tmp_path_factory.mktemp("data") / "short.txt"
-    path.write_text(verdict_text[:1200], encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
 def run(tmp_path_factory, data) -> Path:
     out = tmp_path_factory.mktemp("runs") / "run"
     assert train_tiny(None, data, out, "--max-steps", "1")[0] == 0

@@ -26,13 +26,6 @@ from diygpt.signals import StopRequest
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, verdict_text) -> Path:
-    path = tmp_path_factory.mktemp("data") / "short.txt"
-    path.write_text(verdict_text[:1200], encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, data) -> Path:
     """A tiny run folder with checkpoints after steps 1 and 3."""
     out = tmp_path_factory.mktemp("runs") / "run"

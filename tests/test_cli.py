@@ -4,19 +4,9 @@ import subprocess
 import sys
 
 import pytest
-
-from diygpt.cli.main import main
+from cli_helpers import run_cli
 
 FAST = ["--preset", "tiny", "--context-length", "32", "--batch-size", "4", "--no-progress"]
-
-
-def run_cli(capsys, *argv):
-    try:
-        rc = main(list(argv))
-    except SystemExit as exc:  # argparse exits on usage errors and --help
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.fixture(scope="module")
