@@ -13,7 +13,7 @@ FAST = ["--preset", "tiny", "--context-length", "32", "--batch-size", "4", "--no
 def trained_run(tmp_path_factory, verdict_path):
     out = tmp_path_factory.mktemp("run")
     cmd = [sys.executable, "-m", "diygpt", "train", "--data", str(verdict_path), *FAST,
-           "--epochs", "1", "--eval-freq", "10", "--eval-iter", "1", "--lr", "0.003",
+           "--epochs", "1", "--max-steps", "8", "--eval-freq", "4", "--eval-iter", "1", "--lr", "0.003",
            "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
