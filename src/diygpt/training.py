@@ -19,12 +19,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from diygpt.checkpoints import save_run
+from diygpt.checkpoints import save_run, unwrap_model
 from diygpt.errors import ConfigError
 from diygpt.generation import generate_text_simple
 from diygpt.losses import calc_loss_batch, calc_loss_loader
 from diygpt.plotting import plot_losses
+from diygpt.precision import Precision
 from diygpt.schedule import lr_at_step
+from diygpt.speed import SpeedMeter
 from diygpt.tokenizer import text_to_token_ids, token_ids_to_text
 
 
@@ -116,6 +118,8 @@ class Trainer:
         tokenizer=None,
         log: Callable[[str], None] | None = None,
         run_state: dict | None = None,
+        precision: Precision | None = None,
+        meter: SpeedMeter | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -129,6 +133,10 @@ class Trainer:
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self.run_state = run_state or {}
         self._bar: tqdm | None = None
+        # fp32 (the default) is the book's plain backward and step; see diygpt.precision.
+        self.precision = precision or Precision(device)
+        # Only with a meter does the eval line get tok/s (and MFU) appended.
+        self.meter = meter
 
     # -- output --------------------------------------------------------------------------
     def log(self, line: str) -> None:
@@ -161,8 +169,9 @@ class Trainer:
     def train_step(self, input_batch: torch.Tensor, target_batch: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad()
         if self.cfg.grad_accum == 1:
-            loss = calc_loss_batch(input_batch, target_batch, self.model, self.device)
-            loss.backward()
+            with self.precision.autocast():
+                loss = calc_loss_batch(input_batch, target_batch, self.model, self.device)
+            self.precision.backward(loss)
         else:
             # Weight each micro-batch by its rows so the sum is the full batch's mean loss.
             rows = input_batch.shape[0]
@@ -172,12 +181,14 @@ class Trainer:
                 target_batch.chunk(self.cfg.grad_accum),
                 strict=True,
             ):
-                part = calc_loss_batch(xs, ys, self.model, self.device) * (xs.shape[0] / rows)
-                part.backward()
+                with self.precision.autocast():
+                    part = calc_loss_batch(xs, ys, self.model, self.device) * (xs.shape[0] / rows)
+                self.precision.backward(part)
                 loss = loss + part.detach()
         if self.cfg.grad_clip is not None:
+            self.precision.unscale(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
+        self.precision.step(self.optimizer)
         return loss.detach()
 
     # -- the loop ----------------------------------------------------------------------------
@@ -197,6 +208,8 @@ class Trainer:
                     if c.max_steps is not None and h.global_step + 1 >= c.max_steps:
                         break
                     lr = self._set_lr(h.global_step + 1)
+                    if self.meter is not None:
+                        self.meter.start()
                     loss = self.train_step(input_batch, target_batch)
                     h.tokens_seen += input_batch.numel()
                     h.global_step += 1
@@ -205,6 +218,8 @@ class Trainer:
                         loss=f"{loss.item():.3f}",
                         tok_s=f"{h.tokens_seen / (time.perf_counter() - t0):.0f}",
                     )
+                    if self.meter is not None:  # after loss.item(), which waits for the GPU
+                        self.meter.stop(input_batch.numel())
                     if h.global_step % c.eval_freq == 0:
                         self._evaluate(epoch, lr)
                 h.epochs_done = epoch + 1
@@ -219,14 +234,16 @@ class Trainer:
 
     def _evaluate(self, epoch: int, lr: float) -> None:
         h = self.history
-        train_loss, val_loss = evaluate_model(
-            self.model, self.train_loader, self.val_loader, self.device, self.cfg.eval_iter
-        )
+        with self.precision.autocast():
+            train_loss, val_loss = evaluate_model(
+                self.model, self.train_loader, self.val_loader, self.device, self.cfg.eval_iter
+            )
         h.train_losses.append(train_loss)
         h.val_losses.append(val_loss)
         h.track_tokens_seen.append(h.tokens_seen)
         h.steps.append(h.global_step)
-        self.log(format_eval_line(epoch + 1, h.global_step, train_loss, val_loss))
+        line = format_eval_line(epoch + 1, h.global_step, train_loss, val_loss)
+        self.log(line + (self.meter.report() if self.meter is not None else ""))
         self._write_metrics({
             "step": h.global_step, "epoch": epoch + 1, "train_loss": train_loss,
             "val_loss": val_loss, "tokens_seen": h.tokens_seen, "lr": lr,
@@ -234,8 +251,8 @@ class Trainer:
 
     def _end_of_epoch(self, epoch: int) -> None:
         if self.tokenizer is not None and self.cfg.start_context:
-            text = sample_text(
-                self.model, self.tokenizer, self.device, self.cfg.start_context,
+            text = sample_text(  # the plain model: a compiled one would recompile per length
+                unwrap_model(self.model), self.tokenizer, self.device, self.cfg.start_context,
                 self.cfg.sample_tokens,
             )
             self.log(text)

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from diygpt.cli.options import add_device_flags, build_config, finite_float, positive_int
+from diygpt.cli.speed_flags import add_speed_flags, setup_training
 from diygpt.config import ATTENTION_IMPLS, PRESETS
 
 EXAMPLE = """example (the seed's run, section 2.1):
@@ -79,6 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", default="runs/train", help="run folder (default runs/train)")
     e.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar on stderr")
+    add_speed_flags(p)
     add_device_flags(p)
     p.set_defaults(func=run)
 
@@ -120,15 +122,15 @@ def run(args: argparse.Namespace) -> int:
     # what the loaders consumed.
     torch.manual_seed(args.seed)
     model = GPTModel(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    fast = setup_training(args, model, device)
     _warn(
         f"diygpt: {model.num_parameters() / 1e6:.1f}M parameters on {device}; "
         f"{len(train_loader)} train / {len(val_loader)} val batches per epoch"
     )
     run_state = {"train_args": {k: v for k, v in vars(args).items() if k != "func"}}
     trainer = Trainer(
-        model, optimizer, train_loader, val_loader, device, train_cfg, tokenizer,
-        run_state=run_state,
+        fast.model, fast.optimizer, train_loader, val_loader, device, train_cfg, tokenizer,
+        run_state=run_state, precision=fast.precision, meter=fast.meter,
     )
     history = trainer.fit()
     _warn(
