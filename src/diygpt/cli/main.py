@@ -13,7 +13,7 @@ _PROG = "diygpt"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from diygpt.cli import evaluate, generate, train
+    from diygpt.cli import evaluate, generate, prepare, train
 
     parser = argparse.ArgumentParser(
         prog=_PROG,
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (train, generate, evaluate):
+    for module in (train, generate, evaluate, prepare):
         module.register(sub)
     return parser
 
