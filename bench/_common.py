@@ -21,11 +21,21 @@ VERDICT = Path(os.environ.get("DIYGPT_ASSETS", ROOT.parent / "shared" / "assets"
 def add_common_args(ap) -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's choice); 1 is steadier on a busy machine")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with this process's CPU seconds, not wall seconds: on a shared "
+                    "machine wall time measures the other users too (use with --threads 1)")
 
 
 def apply_common_args(args) -> None:
+    global CLOCK, CLOCK_NAME
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        CLOCK, CLOCK_NAME = time.process_time, "process CPU time"
+
+
+CLOCK: Callable[[], float] = time.perf_counter
+CLOCK_NAME = "wall time"
 
 
 def median_seconds(fn: Callable[[], object], warmup: int, repeats: int) -> float:
@@ -35,10 +45,10 @@ def median_seconds(fn: Callable[[], object], warmup: int, repeats: int) -> float
     times = []
     for _ in range(repeats):
         sync()
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
         sync()
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK() - t0)
     return statistics.median(times)
 
 
@@ -59,7 +69,8 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, {gpu}, load average {load:.1f}")
+            f"{torch.get_num_threads()} threads, {gpu}, load average {load:.1f}, "
+            f"timed by {CLOCK_NAME}")
 
 
 def print_table(title: str, unit: str, rows: list[tuple[str, float]], baseline: str) -> None:

@@ -61,3 +61,33 @@ def test_generate_cli_int8(tmp_path, capsys):
             "--max-new-tokens", "5", "--device", "cpu"]
     assert main([*argv, "--quantize", "int8"]) == 0
     assert capsys.readouterr().out.startswith("Every effort moves you")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_static_cache_greedy_equals_generate(attn):
+    from diygpt.static_decode import static_generate
+
+    model = _model(attn)
+    idx = torch.randint(0, CFG.vocab_size, (2, 3))
+    expected = generate(model, idx, 13, CFG.context_length)  # fills the 16-token window
+    assert torch.equal(static_generate(model, idx, 13), expected)
+
+
+def test_static_decode_compiles_the_step_for_cuda_graphs(monkeypatch):
+    from diygpt import static_decode
+    from diygpt.errors import GenerationError
+
+    seen = {}
+
+    def fake_compile(fn, **kwargs):
+        seen.update(kwargs)
+        return fn
+
+    monkeypatch.setattr(static_decode.torch, "compile", fake_compile)
+    model = _model()
+    idx = torch.randint(0, CFG.vocab_size, (1, 4))
+    out = static_decode.static_generate(model, idx, 5, compile=True)
+    assert seen == {"mode": "reduce-overhead", "fullgraph": True}
+    assert torch.equal(out, generate(model, idx, 5, CFG.context_length))
+    with pytest.raises(GenerationError):
+        static_decode.static_generate(model, idx, 20)  # 24 tokens > window 16
