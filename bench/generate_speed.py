@@ -22,6 +22,7 @@ from diygpt.generation import generate
 from diygpt.losses import calc_loss_loader, perplexity
 from diygpt.model import GPTModel
 from diygpt.quantize import quantize_int8
+from diygpt.static_decode import static_generate
 from diygpt.tokenizer import get_tokenizer
 
 PROMPT = [15496, 11, 314, 716]  # "Hello, I am": 4 tokens
@@ -82,6 +83,13 @@ def main() -> None:
     if int8 is not None:
         t = _common.median_seconds(run_ours(int8), args.warmup, args.repeats)
         rows.append(("diygpt generate --quantize int8", n / t))
+    if device.type == "cuda":  # fixed-shape steps: compiled and replayed as a CUDA graph
+        with torch.no_grad():
+            assert torch.equal(static_generate(ours, idx, n), generate(ours, idx, n, cfg.context_length))
+        for compiled in (False, True):
+            t = _common.median_seconds(lambda c=compiled: static_generate(ours, idx, n, c),
+                                       max(args.warmup, 2 if compiled else 1), args.repeats)
+            rows.append((f"diygpt static cache{' + compile (CUDA graphs)' if compiled else ''}", n / t))
     baseline = rows[0][0]
     _common.print_table(
         f"greedy generation, {'checkpoint ' + args.checkpoint if args.checkpoint else 'gpt2-small shape'}"
