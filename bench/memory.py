@@ -32,7 +32,7 @@ torch.manual_seed(123)
 train = create_dataloader_v1(train_text, 2, 256, 256, shuffle=False, drop_last=False, tokenizer=tok)
 val = create_dataloader_v1(val_text, 2, 256, 256, shuffle=False, drop_last=False, tokenizer=tok)
 torch.manual_seed(123)
-model = book_reference.GPTModel(get_preset("book-124m").to_dict())
+model = book_reference.BookGPTModel(get_preset("book-124m").to_dict())
 opt = torch.optim.AdamW(model.parameters(), lr=0.0004, weight_decay=0.1)
 step = -1
 for x, y in train:
@@ -94,7 +94,7 @@ def main() -> None:
             "--max-steps", str(args.max_steps), "--no-progress", "--out", tmp,
         ], tmp)
         book = peak_rss_of("code", [BOOK_LOOP, str(_common.VERDICT), str(args.max_steps),
-                                    str(_common.ROOT / "bench")], tmp)
+                                    str(_common.ROOT / "tests")], tmp)
     print(f"\n### peak RSS, seed run settings, first {args.max_steps} steps\n\n{_common.machine()}\n")
     print("| implementation | peak RSS MB | vs book |\n| --- | ---: | ---: |")
     print(f"| book reference loop | {book:.0f} | 1.00x |")

@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 
 import _common
-import book_reference
 import torch
 import torch.nn.functional as F
 
+import book_reference
 from diygpt.config import get_preset
 from diygpt.model import GPTModel
 from diygpt.precision import Precision, enable_tf32
@@ -85,7 +85,7 @@ def main() -> None:
         del hf
     if "book" in peers:
         torch.manual_seed(123)
-        book = book_reference.GPTModel(cfg.to_dict()).to(device).train()
+        book = book_reference.BookGPTModel(cfg.to_dict()).to(device).train()
         time_it(f"book reference GPTModel ({args.dtype})", book,
                 torch.optim.AdamW(book.parameters(), lr=4e-4, weight_decay=0.1), fast)
         del book

@@ -6,6 +6,7 @@ from diygpt.errors import DiygptError
 from diygpt.generation import generate, generate_text_simple, stream_generate
 from diygpt.losses import calc_loss_batch, calc_loss_loader, perplexity
 from diygpt.model import GPTModel, KVCache
+from diygpt.pretrained import load_pretrained
 from diygpt.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "generate_text_simple",
     "get_preset",
     "get_tokenizer",
+    "load_pretrained",
     "perplexity",
     "read_text",
     "split_text",

@@ -25,3 +25,7 @@ class TokenizerError(DiygptError):
 
 class GenerationError(DiygptError, ValueError):
     """Invalid sampling parameters or prompt."""
+
+
+class DownloadError(DiygptError):
+    """Pretrained weights could not be downloaded or failed their size or checksum check."""

@@ -36,6 +36,17 @@ def check_sampling_args(
         raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
 
 
+def check_prompt(model: nn.Module, idx: torch.Tensor) -> None:
+    """A prompt must be a non-empty (B, T) batch of ids inside the model's vocabulary."""
+    if idx.dim() != 2 or idx.shape[1] == 0:
+        raise GenerationError("the prompt is empty: give at least one token")
+    vocab_size = model.tok_emb.num_embeddings
+    if int(idx.min()) < 0 or int(idx.max()) >= vocab_size:
+        raise GenerationError(
+            f"prompt token id {int(idx.max())} is outside the model's vocabulary of {vocab_size}"
+        )
+
+
 def apply_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """Keep the k largest logits per row (B, V); set the rest to -inf (the book's rule)."""
     top_k = min(int(top_k), logits.shape[-1])
@@ -98,8 +109,7 @@ def stream_generate(
     are padded with it).
     """
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
-    if idx.dim() != 2 or idx.shape[1] == 0:
-        raise GenerationError("the prompt is empty: give at least one token")
+    check_prompt(model, idx)
     context_size = min(int(context_size), model.context_length)
     device, dtype = _model_device_dtype(model)
     idx = idx.to(device)

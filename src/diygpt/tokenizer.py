@@ -56,7 +56,7 @@ def _load(tokenizer_dir: str | None):
         raise TokenizerError(
             "cannot load the GPT-2 tokenizer (no network?): put encoder.json and vocab.bpe "
             f"in a folder and pass --tokenizer-dir DIR or set {TOKENIZER_ENV}=DIR "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            f"({type(exc).__name__})"
         ) from exc
 
 

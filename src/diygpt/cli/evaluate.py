@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from diygpt.tokenizer import ENDOFTEXT, get_tokenizer
 
     device = select_device(args.device)
-    tokenizer = get_tokenizer(args.tokenizer_dir)
     model = load_model_from_args(args, device)
+    tokenizer = get_tokenizer(args.tokenizer_dir)
     length = args.context_length or model.context_length
     if length > model.context_length:
         raise ConfigError(

@@ -71,20 +71,21 @@ def run(args: argparse.Namespace) -> int:
 
     from diygpt.device import select_device
     from diygpt.errors import GenerationError
-    from diygpt.generation import check_sampling_args, stream_generate
+    from diygpt.generation import check_prompt, check_sampling_args, stream_generate
     from diygpt.tokenizer import EOT_ID, get_tokenizer, text_to_token_ids
 
     check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     if not args.prompt:
         raise GenerationError("the prompt is empty: pass --prompt TEXT")
     device = select_device(args.device)
-    tokenizer = get_tokenizer(args.tokenizer_dir)
     model = load_model_from_args(args, device)
     if args.quantize == "int8":
         from diygpt.quantize import quantize_int8
 
         quantize_int8(model)
+    tokenizer = get_tokenizer(args.tokenizer_dir)
     idx = text_to_token_ids(args.prompt, tokenizer)
+    check_prompt(model, idx)
     if idx.shape[1] > model.context_length:
         print(
             f"diygpt: the prompt has {idx.shape[1]} tokens; the model sees its last "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from diygpt import __version__
 from diygpt.errors import DiygptError
@@ -12,17 +13,24 @@ from diygpt.errors import DiygptError
 _PROG = "diygpt"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from diygpt.cli import evaluate, generate, prepare, train
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (plus a pointer to --help), not the usage block."""
 
-    parser = argparse.ArgumentParser(
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from diygpt.cli import download, evaluate, generate, prepare, train
+
+    parser = _Parser(
         prog=_PROG,
         description="GPT-2 from scratch: pretrain on your text, evaluate, generate, "
         "and load OpenAI's GPT-2 weights.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (train, generate, evaluate, prepare):
+    for module in (train, generate, evaluate, download, prepare):
         module.register(sub)
     return parser
 

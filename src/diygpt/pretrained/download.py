@@ -1,0 +1,176 @@
+"""Download GPT-2's weights from their public sources, resumably and checked.
+
+Each file is streamed to ``FILE.part``, resumed from there with an HTTP Range request if
+a previous attempt was cut off, checked against the size the server announced and its
+sha256 when known (Hugging Face sends it as the ETag of large files), then renamed into
+place. A file already in place is complete by construction, so it is skipped without any
+network call. With no network the first connection fails within seconds and the error
+says which files to fetch and where to put them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm import tqdm
+
+from diygpt.errors import DownloadError
+from diygpt.pretrained.catalog import GPT2_MODELS, model_dir
+from diygpt.pretrained.hf import HF_FILES
+from diygpt.pretrained.openai import OPENAI_FILES
+
+OPENAI_BASE = "https://openaipublic.blob.core.windows.net"
+HF_BASE = "https://huggingface.co"
+FORMATS = ("openai", "hf")
+TIMEOUT_S = 10.0
+_CHUNK = 1 << 20
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class UnreachableError(DownloadError):
+    """The server could not be reached at all (offline, firewall, DNS)."""
+
+
+def file_urls(name: str, fmt: str = "openai", base_url: str | None = None) -> dict[str, str]:
+    """File name -> URL for one model in one format.
+
+    ``base_url`` (or ``$DIYGPT_DOWNLOAD_BASE``) replaces the scheme and host, e.g. to use
+    a mirror, or a local server in tests; the paths stay those of the public sources.
+    """
+    if name not in GPT2_MODELS:
+        raise DownloadError(f"unknown model {name!r}; choose one of {', '.join(GPT2_MODELS)}")
+    if fmt not in FORMATS:
+        raise DownloadError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    base = (base_url or os.environ.get("DIYGPT_DOWNLOAD_BASE") or "").rstrip("/")
+    size, repo = GPT2_MODELS[name]
+    if fmt == "openai":
+        return {f: f"{base or OPENAI_BASE}/gpt-2/models/{size}/{f}" for f in OPENAI_FILES}
+    return {f: f"{base or HF_BASE}/{repo}/resolve/main/{f}" for f in HF_FILES}
+
+
+def _announced_sha256(headers: object) -> str | None:
+    for key in ("X-Linked-Etag", "ETag"):
+        value = (headers.get(key) or "").removeprefix("W/").strip('"').lower()  # type: ignore[attr-defined]
+        if _SHA256.match(value):
+            return value
+    return None
+
+
+def _open(url: str, start: int, timeout: float):
+    headers = {"User-Agent": "diygpt"}
+    if start:
+        headers["Range"] = f"bytes={start}-"
+    try:
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and start:  # the .part already holds the whole file
+            return None
+        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UnreachableError(f"cannot reach {url} ({reason})") from None
+
+
+def _hash_file(path: Path, hasher: hashlib._Hash) -> None:
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            hasher.update(block)
+
+
+def download_file(
+    url: str,
+    dest: Path,
+    sha256: str | None = None,
+    timeout: float = TIMEOUT_S,
+    progress: bool = True,
+) -> bool:
+    """Fetch ``url`` into ``dest`` via ``dest.part``; False if ``dest`` already existed."""
+    dest = Path(dest)
+    if dest.is_file():
+        return False
+    part = dest.with_name(dest.name + ".part")
+    start = part.stat().st_size if part.is_file() else 0
+    resp = _open(url, start, timeout)
+    total: int | None = start
+    hasher = hashlib.sha256()
+    if resp is not None:
+        with resp:
+            sha256 = sha256 or _announced_sha256(resp.headers)
+            resumed = resp.status == 206
+            if resumed:
+                total = int(resp.headers.get("Content-Range", "/0").rsplit("/", 1)[1] or 0) or None
+                _hash_file(part, hasher)
+            else:
+                start = 0
+                length = resp.headers.get("Content-Length")
+                total = int(length) if length else None
+            _stream(resp, part, "ab" if resumed else "wb", hasher, start, total, progress)
+    else:
+        _hash_file(part, hasher)
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise DownloadError(
+            f"{dest}: received {size} of {total} bytes; run the command again to resume"
+        )
+    if sha256 and hasher.hexdigest() != sha256.lower():
+        part.unlink()
+        raise DownloadError(
+            f"{dest}: sha256 {hasher.hexdigest()} does not match the expected {sha256}; "
+            "deleted the download, run the command again"
+        )
+    os.replace(part, dest)
+    return True
+
+
+def _stream(resp, part: Path, mode: str, hasher, start: int, total: int | None, progress: bool):
+    bar = tqdm(
+        total=total,
+        initial=start,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=part.name.removesuffix(".part"),
+        file=sys.stderr,
+        disable=not progress,
+    )
+    with bar, open(part, mode) as out:
+        try:
+            while block := resp.read(_CHUNK):
+                out.write(block)
+                hasher.update(block)
+                bar.update(len(block))
+        except (OSError, http.client.HTTPException) as exc:  # reset, timeout: keep the .part
+            raise DownloadError(
+                f"{part}: download interrupted ({exc}); run the command again to resume"
+            ) from None
+
+
+def download(
+    name: str,
+    fmt: str = "openai",
+    directory: Path | str | None = None,
+    base_url: str | None = None,
+    timeout: float = TIMEOUT_S,
+    progress: bool = True,
+) -> Path:
+    """Download model ``name`` in format ``fmt`` (openai or hf); returns the folder."""
+    urls = file_urls(name, fmt, base_url)
+    folder = model_dir(name, directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    for file, url in urls.items():
+        try:
+            download_file(url, folder / file, timeout=timeout, progress=progress)
+        except UnreachableError as exc:
+            missing = [f for f in urls if not (folder / f).is_file()]
+            raise UnreachableError(
+                f"{exc}; offline? fetch {', '.join(missing)} from "
+                f"{url.rsplit('/', 1)[0]}/ on a machine with internet and put them in {folder}"
+            ) from None
+    return folder

@@ -1,0 +1,121 @@
+"""``load_pretrained``: find GPT-2 weights, tell their format, and build the model.
+
+Formats are told apart by content, not by trusting the name: a folder with
+``hparams.json`` and a ``.index`` file is OpenAI's TF release; a ``.safetensors``,
+``.bin``, ``.pth`` or ``.pt`` file is Hugging Face's layout if it holds ``wte.weight``
+(with or without ``transformer.``) and the book's if it holds ``tok_emb.weight``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+
+from diygpt.errors import CheckpointError
+from diygpt.model import GPTModel
+from diygpt.pretrained.assemble import assemble, expected_shapes, meta_model
+from diygpt.pretrained.book import book_config, book_extra, book_tensors, book_tied, is_book_layout
+from diygpt.pretrained.catalog import GPT2_MODELS, model_dir
+from diygpt.pretrained.hf import hf_config, hf_lm_head, hf_prefix, hf_tensors
+from diygpt.pretrained.openai import is_openai_dir, open_openai, openai_tensors
+from diygpt.pretrained.readers import open_file
+
+# In a folder, the first of these that exists is loaded.
+_FOLDER_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
+_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+def _where_to_put(name: str, folder: Path) -> str:
+    return (
+        f"run `diygpt download {name}` or put OpenAI's files (checkpoint, hparams.json, "
+        f"model.ckpt.*) or Hugging Face's (model.safetensors, config.json) in {folder}"
+    )
+
+
+def resolve(path_or_name: str | Path, download_dir: Path | str | None = None) -> Path:
+    """A path as given, or a GPT-2 name's download folder; one-line error if neither."""
+    path = Path(path_or_name).expanduser()
+    if path.exists():
+        return path
+    name = str(path_or_name)
+    if name in GPT2_MODELS:
+        folder = model_dir(name, download_dir)
+        if not folder.is_dir() or not (is_openai_dir(folder) or _folder_file(folder)):
+            raise CheckpointError(f"no {name} weights in {folder}; {_where_to_put(name, folder)}")
+        return folder
+    raise CheckpointError(
+        f"{name}: no such file or folder, and not one of {', '.join(GPT2_MODELS)}"
+    )
+
+
+def _folder_file(folder: Path) -> Path | None:
+    return next((folder / f for f in _FOLDER_FILES if (folder / f).is_file()), None)
+
+
+def load_pretrained(
+    path_or_name: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str | None = None,
+    download_dir: Path | str | None = None,
+    strict: bool = True,
+) -> GPTModel:
+    """A GPTModel in eval mode from a weights folder or file, or a GPT-2 name.
+
+    ``path_or_name`` is a folder (OpenAI's release, or one holding ``model.safetensors``
+    / ``pytorch_model.bin``), a single weights file, or ``gpt2-small|medium|large|xl``,
+    looked up in ``download_dir`` (default ``$DIYGPT_HOME/models/<name>``). ``dtype`` is
+    fp32 (default), bf16 or fp16. Loading is strict: a missing or misshapen tensor is an
+    error naming the file and tensor. ``strict=False`` only tolerates extra tensors.
+    """
+    path = resolve(path_or_name, download_dir)
+    if path.is_dir():
+        if is_openai_dir(path):
+            source, cfg = open_openai(path)
+            return assemble(cfg, openai_tensors(source, cfg), source.path, device, dtype, tie=True)
+        file = _folder_file(path)
+        if file is None:
+            raise CheckpointError(
+                f"{path}: no weights found (expected OpenAI's model.ckpt.index and "
+                f"hparams.json, or one of {', '.join(_FOLDER_FILES)})"
+            )
+        path = file
+    if path.suffix == ".index":
+        return load_pretrained(path.parent, device, dtype, strict=strict)
+    if path.suffix not in _SUFFIXES:
+        raise CheckpointError(
+            f"{path}: unknown weights format (expected a folder or a {', '.join(_SUFFIXES)} file)"
+        )
+    return _load_file(path, device, dtype, strict)
+
+
+def _load_file(
+    path: Path, device: torch.device | str, dtype: torch.dtype | str | None, strict: bool
+) -> GPTModel:
+    source = open_file(path)
+    config_path = path.parent / "config.json"
+    prefix = hf_prefix(source)
+    if prefix is not None:
+        cfg = hf_config(source, config_path)
+        # A generator, so each tensor's map is released once it has been converted.
+        tensors = hf_tensors(source, cfg, prefix)
+        head = hf_lm_head(source, prefix)
+        if head is not None:
+            tensors = itertools.chain(tensors, [("out_head.weight", head)])
+        return assemble(cfg, tensors, path, device, dtype, tie=head is None)
+    if is_book_layout(source):
+        cfg = book_config(source, config_path)
+        tie = book_tied(source)
+        expected = expected_shapes(meta_model(cfg))
+        if tie:
+            expected.pop("out_head.weight")
+        extra = book_extra(source, expected)
+        if strict and extra and not (tie and extra == ["out_head.weight"]):
+            raise CheckpointError(f"{path}: unexpected tensor {extra[0]} ({len(extra)} in all)")
+        return assemble(cfg, book_tensors(source, expected), path, device, dtype, tie=tie)
+    names = source.names()
+    raise CheckpointError(
+        f"{path}: not GPT-2 weights in a known layout (no wte.weight or tok_emb.weight; "
+        f"first tensor: {names[0] if names else 'none'})"
+    )

@@ -1,0 +1,116 @@
+"""Open a single weights file as a :class:`TensorSource`: safetensors or a PyTorch pickle.
+
+safetensors is parsed here from its documented layout (an 8-byte header length, a JSON
+header, raw bytes) rather than through ``safe_open``, so that each tensor is its own
+small memory map: a truncated file is reported with the tensor it cuts off, and pages
+are released tensor by tensor while a model is assembled.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diygpt.errors import CheckpointError
+from diygpt.pretrained.source import ByteSpan, DictSource, MemmapSource, TensorSource
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def open_safetensors(path: Path) -> MemmapSource:
+    """Read the header of a ``.safetensors`` file; tensors are mapped on demand."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (too short)")
+            (size,) = struct.unpack("<Q", raw)
+            if size > _MAX_HEADER:
+                raise CheckpointError(f"{path}: not a safetensors file (bad header length)")
+            header_bytes = f.read(size)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(header_bytes) < size:
+        raise CheckpointError(f"{path}: safetensors header is truncated")
+    try:
+        header = json.loads(header_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    spans: dict[str, ByteSpan] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            begin, end = info["data_offsets"]
+            shape = tuple(int(d) for d in info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(
+                f"{path}: tensor {name} has an unreadable or unsupported header entry"
+            ) from None
+        spans[name] = ByteSpan(
+            path, 8 + size + begin, end - begin, dtype, shape, bfloat16=info["dtype"] == "BF16"
+        )
+    return MemmapSource(path, spans)
+
+
+def open_torch_file(path: Path) -> DictSource:
+    """Load a ``.pth``/``.bin`` state dict with ``weights_only`` (never runs pickled code).
+
+    Files in the zip format (every ``torch.save`` since PyTorch 1.6) are memory-mapped;
+    older ones are read into memory. A training checkpoint whose state dict sits under
+    ``model_state_dict`` (as the book saves them with the optimizer) is accepted too.
+    """
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise _torch_error(path, exc) from None
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc2:  # noqa: BLE001 - any failure means an unreadable file
+            raise _torch_error(path, exc2) from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
+        raise _torch_error(path, exc) from None
+    if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
+        obj = obj["model_state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return DictSource(path, obj)
+
+
+def _torch_error(path: Path, exc: BaseException) -> CheckpointError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return CheckpointError(
+        f"{path}: not a readable PyTorch weights file (truncated or wrong format?): {first}"
+    )
+
+
+def open_file(path: Path) -> TensorSource:
+    """Open by content: safetensors, else a PyTorch file (zip or legacy pickle)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return open_safetensors(path)
+    return open_torch_file(path)

@@ -1,0 +1,87 @@
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from book_reference import BookGPTDatasetV1
+from diygpt.data import (
+    GPTDatasetV1,
+    create_dataloader_v1,
+    num_windows,
+    prepare_loaders,
+    read_text,
+    split_text,
+)
+from diygpt.errors import DataError
+
+
+@pytest.mark.parametrize("max_length,stride", [(256, 256), (4, 1), (16, 8), (32, 50)])
+def test_windows_equal_the_books(verdict_text, tokenizer, max_length, stride):
+    ours = GPTDatasetV1(verdict_text, tokenizer, max_length, stride)
+    book = BookGPTDatasetV1(verdict_text, tokenizer, max_length, stride)
+    assert len(ours) == len(book) == num_windows(5145, max_length, stride)
+    for i in (0, 1, len(book) // 2, len(book) - 1):
+        assert torch.equal(ours[i][0], book[i][0]) and torch.equal(ours[i][1], book[i][1])
+    assert ours[0][0].dtype == torch.long
+    # One shared token array: memory grows with tokens, not with windows.
+    assert ours.tokens.numel() == 5145
+
+
+def test_shuffled_batches_match_the_books_order(verdict_text, tokenizer):
+    torch.manual_seed(123)
+    ours = [x for x, _ in create_dataloader_v1(verdict_text[:4000], 3, 16, 16, tokenizer=tokenizer)]
+    torch.manual_seed(123)
+    book_ds = BookGPTDatasetV1(verdict_text[:4000], tokenizer, 16, 16)
+    book = [x for x, _ in DataLoader(book_ds, batch_size=3, shuffle=True, drop_last=True)]
+    assert len(ours) == len(book) and all(torch.equal(a, b) for a, b in zip(ours, book, strict=True))
+
+
+def test_split_is_by_characters_like_the_book(verdict_text):
+    train, val = split_text(verdict_text, 0.9)
+    assert len(train) == int(0.9 * 20479) and train + val == verdict_text
+    with pytest.raises(DataError, match="train ratio"):
+        split_text(verdict_text, 1.5)
+
+
+def test_read_files_and_folders(tmp_path):
+    (tmp_path / "b.txt").write_text("second")
+    (tmp_path / "a.txt").write_text("first")
+    (tmp_path / "skip.md").write_text("not text data")
+    assert read_text(tmp_path) == "first<|endoftext|>second"
+    assert read_text([tmp_path / "a.txt"]) == "first"
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [(b"", "is empty"), (b"  \n", "is empty"), (b"\xff\xfe\xfa bad", "not valid UTF-8"),
+     (b"abc\x00\x01", "binary")],
+)
+def test_unusable_files_give_clear_errors(tmp_path, content, message):
+    path = tmp_path / "data.txt"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        read_text(path)
+
+
+def test_missing_file_and_empty_folder(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        read_text(tmp_path / "nope.txt")
+    with pytest.raises(DataError, match="no .txt files"):
+        read_text(tmp_path)
+
+
+def test_too_short_text_says_how_many_tokens(tokenizer):
+    with pytest.raises(DataError, match=r"has \d+ tokens but needs at least 257"):
+        prepare_loaders("just a few words", tokenizer, 2, 256)
+
+
+def test_batch_larger_than_windows_with_drop_last(verdict_text, tokenizer):
+    with pytest.raises(DataError, match="larger than the"):
+        prepare_loaders(verdict_text, tokenizer, batch_size=100, max_length=256)
+    train, _ = prepare_loaders(verdict_text, tokenizer, 100, 256, drop_last=False)
+    assert len(train) == 1
+
+
+def test_empty_validation_split_warns(verdict_text, tokenizer):
+    warnings = []
+    _, val = prepare_loaders(verdict_text, tokenizer, 2, 256, train_ratio=1.0, warn=warnings.append)
+    assert len(val) == 0 and "validation" in warnings[0]

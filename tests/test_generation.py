@@ -1,0 +1,110 @@
+import pytest
+import torch
+
+from book_reference import book_generate
+from diygpt import GPTModel, generate, generate_text_simple, stream_generate
+from diygpt.errors import GenerationError
+from diygpt.generation import apply_top_k, apply_top_p, sample_next
+
+CFG = {"vocab_size": 120, "context_length": 16, "emb_dim": 32, "n_heads": 4,
+       "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True}
+LOGITS = torch.tensor([[4.51, 0.89, -1.90, 6.75, 1.63, -1.62, -1.89, 6.28, 1.79]])
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(3)
+    return GPTModel(CFG).eval()
+
+
+def test_seed_multinomial_counts():
+    # The seed's section 3.1.1: 1000 draws at temperature 1 from these logits.
+    torch.manual_seed(123)
+    probs = torch.softmax(LOGITS[0], dim=-1)
+    draws = [torch.multinomial(probs, num_samples=1).item() for _ in range(1000)]
+    counts = torch.bincount(torch.tensor(draws), minlength=9).tolist()
+    assert counts[:8] == [73, 0, 0, 582, 2, 0, 0, 343]
+
+
+def test_top_k_keeps_k_logits_and_greedy_is_argmax():
+    kept = apply_top_k(LOGITS, 3)
+    assert torch.isfinite(kept).sum() == 3 and kept[0, 3] == 6.75
+    assert sample_next(LOGITS).item() == 3
+
+
+def test_top_p_keeps_the_nucleus():
+    probs = torch.softmax(LOGITS, -1)[0]
+    kept = torch.isfinite(apply_top_p(LOGITS, 0.5))[0]
+    assert kept.tolist() == [i == 3 for i in range(9)]  # "forward" alone has p > 0.5
+    kept = torch.isfinite(apply_top_p(LOGITS, 0.9))[0]
+    assert set(kept.nonzero().flatten().tolist()) == {3, 7} and probs[[3, 7]].sum() > 0.9
+    kept = torch.isfinite(apply_top_p(LOGITS, 0.95))[0]
+    assert set(kept.nonzero().flatten().tolist()) == {0, 3, 7}
+    assert torch.isfinite(apply_top_p(LOGITS, 1.0)).all()
+
+
+@pytest.mark.parametrize("temperature,top_k", [(0.0, None), (1.4, 25), (0.7, None), (1.0, 3)])
+def test_generate_draws_the_books_tokens(model, temperature, top_k):
+    prompt = torch.tensor([[5, 17, 99, 3]])
+    torch.manual_seed(123)
+    book = book_generate(model, prompt, 30, 16, temperature, top_k)
+    for use_cache in (False, True):
+        torch.manual_seed(123)
+        ours = generate(model, prompt, 30, 16, temperature, top_k, use_cache=use_cache)
+        assert torch.equal(ours, book), use_cache
+
+
+def test_cached_greedy_equals_uncached_across_window_overflow(model):
+    prompt = torch.randint(0, 120, (3, 10))
+    a = generate(model, prompt, 25, 16, use_cache=False)  # 35 tokens > context 16
+    b = generate(model, prompt, 25, 16, use_cache=True)
+    assert torch.equal(a, b) and a.shape == (3, 35)
+
+
+def test_generate_text_simple_matches_greedy_generate(model):
+    prompt = torch.tensor([[1, 2, 3]])
+    assert torch.equal(generate_text_simple(model, prompt, 8, 16), generate(model, prompt, 8, 16))
+
+
+def test_long_prompt_is_cropped_to_the_context(model):
+    prompt = torch.randint(0, 120, (1, 40))
+    out = generate(model, prompt, 3, 16)
+    assert out.shape == (1, 43) and torch.equal(out[:, :40], prompt)
+    assert torch.equal(out[:, -3:], generate(model, prompt[:, -16:], 3, 16)[:, -3:])
+
+
+def test_eos_stops_like_the_book(model):
+    prompt = torch.tensor([[7, 8]])
+    first = generate(model, prompt, 1, 16)[0, -1].item()
+    assert generate(model, prompt, 10, 16, eos_id=first).shape == (1, 2)
+    assert torch.equal(book_generate(model, prompt, 10, 16, eos_id=first), prompt)
+
+
+def test_streaming_yields_each_token(model):
+    prompt = torch.tensor([[4, 5]])
+    streamed = [t.item() for t in stream_generate(model, prompt, 6, 16)]
+    assert streamed == generate(model, prompt, 6, 16)[0, 2:].tolist()
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [({"temperature": -1.0}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+     ({"top_k": 0}, "top_k"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+     ({"max_new_tokens": -1}, "max_new_tokens")],
+)
+def test_invalid_sampling_parameters(model, kwargs, message):
+    args = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(GenerationError, match=message):
+        generate(model, torch.tensor([[1]]), context_size=16, **args)
+
+
+def test_empty_prompt_and_zero_tokens(model):
+    with pytest.raises(GenerationError, match="empty"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), 3, 16)
+    assert generate(model, torch.tensor([[1, 2]]), 0, 16).tolist() == [[1, 2]]
+
+
+def test_top_k_above_vocab_is_clamped(model):
+    torch.manual_seed(0)
+    out = generate(model, torch.tensor([[1]]), 3, 16, temperature=1.0, top_k=10**6)
+    assert out.shape == (1, 4)

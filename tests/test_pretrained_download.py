@@ -1,0 +1,163 @@
+"""The downloader against a local HTTP server that speaks Range requests like the real ones."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from diygpt.cli import download as download_cli
+from diygpt.errors import DownloadError
+from diygpt.pretrained import load_pretrained
+from diygpt.pretrained.download import UnreachableError, download, download_file, file_urls
+
+HF_DIR = Path(__file__).parent / "fixtures" / "gpt2-tiny-hf"
+REPO = "/openai-community/gpt2/resolve/main/"
+
+
+class _Server:
+    """Serves ``files`` (URL path -> bytes) and records every request's path and Range."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.requests: list[tuple[str, str | None]] = []
+        self.etag: str | None = None
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                rng = self.headers.get("Range")
+                server.requests.append((self.path, rng))
+                body = server.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                start = int(rng.split("=")[1].rstrip("-")) if rng else 0
+                if start >= len(body) and rng:
+                    self.send_response(416)
+                    self.end_headers()
+                    return
+                self.send_response(206 if rng else 200)
+                if rng:
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                etag = server.etag or hashlib.sha256(body).hexdigest()
+                self.send_header("ETag", f'"{etag}"')
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                self.wfile.write(body[start:])
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def server():
+    files = {
+        REPO + name: (HF_DIR / name).read_bytes() for name in ("model.safetensors", "config.json")
+    }
+    srv = _Server(files)
+    yield srv
+    srv.httpd.shutdown()
+    srv.httpd.server_close()
+
+
+def test_urls_of_the_public_sources():
+    openai = file_urls("gpt2-medium", "openai")
+    assert openai["model.ckpt.index"] == (
+        "https://openaipublic.blob.core.windows.net/gpt-2/models/355M/model.ckpt.index"
+    )
+    assert set(openai) == {
+        "checkpoint", "hparams.json", "model.ckpt.index",
+        "model.ckpt.data-00000-of-00001", "model.ckpt.meta",
+    }  # fmt: skip
+    hf = file_urls("gpt2-xl", "hf")
+    assert hf["model.safetensors"] == (
+        "https://huggingface.co/openai-community/gpt2-xl/resolve/main/model.safetensors"
+    )
+
+
+def test_download_then_load(server, tmp_path):
+    folder = download("gpt2-small", "hf", tmp_path, base_url=server.base, progress=False)
+    assert (folder / "model.safetensors").read_bytes() == (
+        HF_DIR / "model.safetensors"
+    ).read_bytes()
+    assert not list(folder.glob("*.part"))
+    assert load_pretrained(folder).cfg.emb_dim == 32
+
+
+def test_resumes_from_a_part_file(server, tmp_path):
+    body = server.files[REPO + "model.safetensors"]
+    (tmp_path / "model.safetensors.part").write_bytes(body[:1000])
+    assert download_file(
+        server.base + REPO + "model.safetensors", tmp_path / "model.safetensors", progress=False
+    )
+    assert server.requests == [(REPO + "model.safetensors", "bytes=1000-")]
+    assert (tmp_path / "model.safetensors").read_bytes() == body
+
+
+def test_part_file_already_complete(server, tmp_path):
+    body = server.files[REPO + "config.json"]
+    (tmp_path / "config.json.part").write_bytes(body)
+    download_file(server.base + REPO + "config.json", tmp_path / "config.json", progress=False)
+    assert (tmp_path / "config.json").read_bytes() == body
+
+
+def test_checksum_mismatch_is_refused_and_the_download_deleted(server, tmp_path):
+    server.etag = "0" * 64
+    with pytest.raises(DownloadError, match="sha256") as info:
+        download_file(server.base + REPO + "config.json", tmp_path / "config.json", progress=False)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "config.json").exists()
+    assert not (tmp_path / "config.json.part").exists()
+
+
+def test_explicit_sha256_is_checked(server, tmp_path):
+    with pytest.raises(DownloadError, match="sha256"):
+        download_file(
+            server.base + REPO + "config.json", tmp_path / "c.json", sha256="1" * 64, progress=False
+        )
+
+
+def test_complete_files_are_skipped_without_a_request(server, tmp_path):
+    for name in ("model.safetensors", "config.json"):
+        (tmp_path / name).write_bytes(b"already here")
+    download("gpt2-small", "hf", tmp_path, base_url=server.base, progress=False)
+    assert server.requests == []
+
+
+def test_http_error_is_one_line(server, tmp_path):
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download("gpt2-large", "hf", tmp_path, base_url=server.base, progress=False)
+
+
+def test_unreachable_fails_fast_saying_where_to_put_files(tmp_path, monkeypatch):
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    port = srv.server_address[1]
+    srv.server_close()  # nothing listens there now
+    monkeypatch.setenv("DIYGPT_DOWNLOAD_BASE", f"http://127.0.0.1:{port}")
+    t0 = time.monotonic()
+    with pytest.raises(UnreachableError) as info:
+        download("gpt2-small", "openai", tmp_path / "m", progress=False)
+    assert time.monotonic() - t0 < 5
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path / "m") in message
+    assert "model.ckpt.data-00000-of-00001" in message and "hparams.json" in message
+
+
+def test_cli_command(server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DIYGPT_DOWNLOAD_BASE", server.base)
+    parser = argparse.ArgumentParser()
+    download_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["download", "gpt2-small", "--format", "hf", "--dir", str(tmp_path)])
+    assert args.func(args) == 0
+    assert str(tmp_path) in capsys.readouterr().out
+    assert (tmp_path / "model.safetensors").is_file()

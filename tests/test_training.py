@@ -1,0 +1,79 @@
+import json
+
+import pytest
+import torch
+
+from diygpt import GPTModel
+from diygpt.data import prepare_loaders
+from diygpt.schedule import lr_at_step
+from diygpt.training import TrainConfig, Trainer, format_eval_line, train_model_simple
+
+TINY = {"vocab_size": 50257, "context_length": 32, "emb_dim": 32, "n_heads": 2,
+        "n_layers": 2, "drop_rate": 0.0, "qkv_bias": False}
+
+
+def _setup(verdict_text, tokenizer, batch_size=4, seed=123, drop_rate=0.0):
+    torch.manual_seed(seed)
+    train, val = prepare_loaders(verdict_text[:6000], tokenizer, batch_size, 32, shuffle=True)
+    torch.manual_seed(seed)
+    model = GPTModel({**TINY, "drop_rate": drop_rate})
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
+    return model, opt, train, val
+
+
+def test_book_log_format():
+    assert format_eval_line(1, 0, 9.7401, 10.1119) == "Ep 1 (Step 000000): Train loss 9.740, Val loss 10.112"
+
+
+def test_tiny_training_loss_falls_and_outputs_are_written(verdict_text, tokenizer, tmp_path):
+    model, opt, train, val = _setup(verdict_text, tokenizer)
+    lines = []
+    cfg = TrainConfig(num_epochs=3, eval_freq=10, eval_iter=2, out_dir=str(tmp_path), progress=False)
+    h = Trainer(model, opt, train, val, "cpu", cfg, tokenizer, log=lines.append).fit()
+    assert h.train_losses[-1] < h.train_losses[0] - 1.0
+    assert h.track_tokens_seen == [(s + 1) * 4 * 32 for s in h.steps]
+    assert sum(ln.startswith("Every effort moves you") for ln in lines) == 3
+    assert all("\n" not in ln for ln in lines)
+    for name in ("model.safetensors", "optimizer.pt", "state.json", "metrics.jsonl", "loss.png"):
+        assert (tmp_path / name).is_file(), name
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_loss"] for r in records if "val_loss" in r] == pytest.approx(h.val_losses)
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["global_step"] == h.global_step and state["config"]["emb_dim"] == 32
+
+
+def test_train_model_simple_keeps_the_books_signature(verdict_text, tokenizer, capsys):
+    model, opt, train, val = _setup(verdict_text, tokenizer)
+    tl, vl, seen = train_model_simple(model, train, val, opt, "cpu", num_epochs=1, eval_freq=5,
+                                      eval_iter=1, start_context="Every effort", tokenizer=tokenizer)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("Ep 1 (Step 000000): Train loss ")
+    assert len(tl) == len(vl) == len(seen) == len([ln for ln in out if ln.startswith("Ep ")])
+
+
+def test_gradient_accumulation_gives_the_same_update(verdict_text, tokenizer):
+    results = []
+    for accum in (1, 2):
+        model, opt, train, val = _setup(verdict_text, tokenizer)
+        cfg = TrainConfig(num_epochs=1, max_steps=3, eval_freq=100, grad_accum=accum,
+                          start_context=None, progress=False)
+        Trainer(model, opt, train, val, "cpu", cfg).fit()
+        results.append(model.out_head.weight.detach().clone())
+    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-4)
+
+
+def test_max_steps_clipping_and_schedule(verdict_text, tokenizer):
+    model, opt, train, val = _setup(verdict_text, tokenizer)
+    cfg = TrainConfig(num_epochs=5, max_steps=4, eval_freq=1, eval_iter=1, grad_clip=0.5,
+                      warmup_steps=2, cosine=True, min_lr=1e-5, start_context=None, progress=False)
+    h = Trainer(model, opt, train, val, "cpu", cfg).fit()
+    assert h.global_step == 3 and h.steps == [0, 1, 2, 3]
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr_at_step(3, 2e-3, 2, 4, 1e-5, True))
+
+
+def test_lr_schedule_shape():
+    lrs = [lr_at_step(s, 1.0, warmup_steps=4, total_steps=20, min_lr=0.1, cosine=True) for s in range(21)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == pytest.approx(1.0) and lrs[20] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
+    assert lr_at_step(7, 3e-4) == 3e-4
