@@ -31,3 +31,11 @@ def verdict_text() -> str:
 @pytest.fixture(scope="session")
 def verdict_path() -> Path:
     return VERDICT
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory, verdict_text) -> Path:
+    """The first 1,200 characters of the-verdict: enough for tiny runs of a few steps."""
+    path = tmp_path_factory.mktemp("data") / "short.txt"
+    path.write_text(verdict_text[:1200], encoding="utf-8")
+    return path

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from diygpt.checkpointing import atomic_write, write_json
 from diygpt.config import GPTConfig
 from diygpt.errors import CheckpointError, ConfigError
 
@@ -66,10 +67,32 @@ def model_state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    save_file(model_state_for_saving(model), str(path), metadata={"format": "pt"})
+    state = model_state_for_saving(model)
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
 
 
-def _torch_load(path: Path) -> Any:
+# torch.load(weights_only=True) could still run code before 2.6 (CVE-2025-32434).
+MIN_SAFE_TORCH = (2, 6)
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def require_safe_torch(path: Path) -> None:
+    """Call before any ``torch.load``: refuse torch versions whose weights_only is unsafe."""
+    if torch_version() < MIN_SAFE_TORCH:
+        raise CheckpointError(
+            f"{path}: refusing to read a .pt/.pth file with torch {torch.__version__}: versions "
+            "before 2.6 can run code from a crafted file (CVE-2025-32434); upgrade torch, or use "
+            ".safetensors"
+        )
+
+
+def safe_torch_load(path: Path) -> Any:
+    """``torch.load`` that accepts tensors and plain containers only; any failure is one line."""
+    require_safe_torch(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -92,7 +115,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return clean_state_dict(load_file(str(path)))
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: cannot read safetensors file ({exc})") from None
-    obj = _torch_load(path)
+    obj = safe_torch_load(path)
     if isinstance(obj, dict) and "model_state_dict" in obj:
         obj = obj["model_state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -129,15 +152,19 @@ def save_run(
     optimizer: torch.optim.Optimizer | None,
     state: dict[str, Any],
 ) -> Path:
-    """Write weights, optimizer state and state.json (config + counters) into a run folder."""
+    """Write weights, optimizer state and state.json (config + counters) into a run folder.
+
+    Each file is replaced atomically (see ``checkpointing``): a crash leaves old or new files.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_weights(model, out / MODEL_FILE)
     if optimizer is not None:
-        torch.save(optimizer.state_dict(), out / OPTIMIZER_FILE)
+        opt_state = optimizer.state_dict()
+        atomic_write(out / OPTIMIZER_FILE, lambda tmp: torch.save(opt_state, tmp))
     cfg = unwrap_model(model).cfg
     payload = {"config": cfg.to_dict(), **state}
-    (out / STATE_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(out / STATE_FILE, payload)
     return out
 
 
@@ -166,7 +193,7 @@ def load_optimizer_state(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(run_dir) / OPTIMIZER_FILE
     if not path.is_file():
         return None
-    return _torch_load(path)
+    return safe_torch_load(path)
 
 
 _SHAPE_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias")

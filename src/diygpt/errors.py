@@ -29,3 +29,7 @@ class GenerationError(DiygptError, ValueError):
 
 class DownloadError(DiygptError):
     """Pretrained weights could not be downloaded or failed their size or checksum check."""
+
+
+class TrainingError(DiygptError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""

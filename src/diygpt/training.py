@@ -14,20 +14,36 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from diygpt.checkpoints import save_run, unwrap_model
-from diygpt.errors import ConfigError
+from diygpt.checkpointing import check_writable
+from diygpt.checkpoints import load_into, save_run, unwrap_model
+from diygpt.errors import CheckpointError, ConfigError, TrainingError
 from diygpt.generation import generate_text_simple
 from diygpt.losses import calc_loss_batch, calc_loss_loader
 from diygpt.plotting import plot_losses
 from diygpt.precision import Precision
+from diygpt.resume import (
+    LoadedCheckpoint,
+    ResumePoint,
+    capture_rng,
+    restore_rng,
+    skip_batches,
+    write_training_checkpoint,
+)
 from diygpt.schedule import lr_at_step
+from diygpt.signals import Interrupted, StopRequest
 from diygpt.speed import SpeedMeter
 from diygpt.tokenizer import text_to_token_ids, token_ids_to_text
+
+if TYPE_CHECKING:
+    from diygpt.distributed import Parallel
+
+NAN_POLICIES = ("stop", "skip")
 
 
 @dataclass
@@ -45,6 +61,9 @@ class TrainConfig:
     grad_accum: int = 1
     out_dir: str | None = None
     progress: bool = True
+    save_every: int | None = None  # checkpoint every N steps into out_dir/ckpt-<step>
+    keep_last: int = 2
+    nan_policy: str = "stop"  # a non-finite loss or grad norm: "stop" or "skip" the step
 
     def __post_init__(self) -> None:
         if self.num_epochs < 0:
@@ -59,6 +78,12 @@ class TrainConfig:
             raise ConfigError(f"grad-clip must be positive, got {self.grad_clip}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.save_every is not None and (self.save_every <= 0 or self.out_dir is None):
+            raise ConfigError("save-every must be positive and needs an output folder")
+        if self.keep_last <= 0:
+            raise ConfigError(f"keep-last must be positive, got {self.keep_last}")
+        if self.nan_policy not in NAN_POLICIES:
+            raise ConfigError(f"nan-policy must be one of {', '.join(NAN_POLICIES)}")
 
 
 @dataclass
@@ -118,6 +143,7 @@ class Trainer:
         tokenizer=None,
         log: Callable[[str], None] | None = None,
         run_state: dict | None = None,
+        parallel: Parallel | None = None,
         precision: Precision | None = None,
         meter: SpeedMeter | None = None,
     ) -> None:
@@ -133,6 +159,16 @@ class Trainer:
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self.run_state = run_state or {}
         self._bar: tqdm | None = None
+        self.epoch = 0
+        self.batch_in_epoch = 0  # batches consumed in the current epoch
+        self._epoch_rng = capture_rng()  # RNG before this epoch's iter(train_loader)
+        self._resume_point: ResumePoint | None = None
+        self.last_checkpoint: Path | None = None
+        self._saved_step: int | None = None
+        self._stop = StopRequest()
+        # Under torchrun (see distributed.py): how batches split across ranks, and who writes.
+        self.parallel = parallel
+        self.is_main = parallel is None or parallel.is_main
         # fp32 (the default) is the book's plain backward and step; see diygpt.precision.
         self.precision = precision or Precision(device)
         # Only with a meter does the eval line get tok/s (and MFU) appended.
@@ -140,6 +176,8 @@ class Trainer:
 
     # -- output --------------------------------------------------------------------------
     def log(self, line: str) -> None:
+        if not self.is_main:
+            return
         if self._log is not None:
             self._log(line)
         elif self._bar is not None:
@@ -148,7 +186,7 @@ class Trainer:
             print(line, flush=True)
 
     def _write_metrics(self, record: dict) -> None:
-        if self.cfg.out_dir is None:
+        if self.cfg.out_dir is None or not self.is_main:
             return
         with open(Path(self.cfg.out_dir) / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -168,7 +206,11 @@ class Trainer:
 
     def train_step(self, input_batch: torch.Tensor, target_batch: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad()
-        if self.cfg.grad_accum == 1:
+        if self.parallel is not None:
+            loss = self.parallel.forward_backward(
+                self.model, input_batch, target_batch, self.cfg.grad_accum, self.device
+            )
+        elif self.cfg.grad_accum == 1:
             with self.precision.autocast():
                 loss = calc_loss_batch(input_batch, target_batch, self.model, self.device)
             self.precision.backward(loss)
@@ -185,59 +227,202 @@ class Trainer:
                     part = calc_loss_batch(xs, ys, self.model, self.device) * (xs.shape[0] / rows)
                 self.precision.backward(part)
                 loss = loss + part.detach()
+        self.precision.unscale(self.optimizer)  # fp16: true gradient sizes before the norm
         if self.cfg.grad_clip is not None:
-            self.precision.unscale(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        else:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+        # Checked before optimizer.step(), so a bad step never reaches the weights.
+        finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+        if not finite and self.precision.scaler is not None and bool(torch.isfinite(loss)):
+            self.precision.step(self.optimizer)  # fp16 overflow: the scaler skips, lowers its scale
+            return loss.detach()
+        if not finite:
+            self._non_finite(loss, grad_norm)
+            self.optimizer.zero_grad()
+            return loss.detach()
         self.precision.step(self.optimizer)
         return loss.detach()
+
+    def _non_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        step = self.history.global_step + 1
+        what = (
+            f"non-finite loss ({loss.item()})" if not torch.isfinite(loss)
+            else f"non-finite gradient norm ({grad_norm.item()})"
+        )
+        if self.cfg.nan_policy == "skip":
+            print(f"diygpt: warning: {what} at step {step}; step skipped", file=sys.stderr)
+            return
+        kept = (
+            f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+            else "no checkpoint was saved (use --save-every N)"
+        )
+        raise TrainingError(
+            f"{what} at step {step} (epoch {self.epoch + 1}); stopped before updating the "
+            f"weights; {kept}; try a lower --lr, --grad-clip, or --nan-policy skip"
+        )
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> History:
         c, h = self.cfg, self.history
-        if c.out_dir is not None:
-            Path(c.out_dir).mkdir(parents=True, exist_ok=True)
+        if c.out_dir is not None and self.is_main:
+            check_writable(c.out_dir)
         self._bar = tqdm(
-            total=self.total_steps(), desc="train", unit="step", file=sys.stderr,
-            disable=None if c.progress else True, dynamic_ncols=True,
+            total=self.total_steps(), initial=h.global_step + 1, desc="train", unit="step",
+            file=sys.stderr, disable=None if c.progress and self.is_main else True,
+            dynamic_ncols=True,
         )
-        t0 = time.perf_counter()
+        t0, tokens0 = time.perf_counter(), h.tokens_seen
+        start_epoch = self._resume_point.epoch if self._resume_point else 0
         try:
-            for epoch in range(c.num_epochs):
-                self.model.train()
-                for input_batch, target_batch in self.train_loader:
+            with self._stop:
+                for epoch in range(start_epoch, c.num_epochs):
+                    self.epoch = epoch
+                    self.model.train()
+                    if self.parallel is not None:
+                        self.parallel.sync_rng()
+                    for input_batch, target_batch in self._epoch_batches():
+                        if c.max_steps is not None and h.global_step + 1 >= c.max_steps:
+                            break
+                        lr = self._set_lr(h.global_step + 1)
+                        if self.meter is not None:
+                            self.meter.start()
+                        loss = self.train_step(input_batch, target_batch)
+                        h.tokens_seen += input_batch.numel()
+                        h.global_step += 1
+                        self.batch_in_epoch += 1
+                        self._bar.update(1)
+                        self._bar.set_postfix(
+                            loss=f"{loss.item():.3f}",
+                            tok_s=f"{(h.tokens_seen - tokens0) / (time.perf_counter() - t0):.0f}",
+                        )
+                        if self.meter is not None:  # after loss.item(), which waits for the GPU
+                            self.meter.stop(input_batch.numel())
+                        if h.global_step % c.eval_freq == 0:
+                            self._evaluate(epoch, lr)
+                        self._after_step()
+                    h.epochs_done = epoch + 1
+                    self._end_of_epoch(epoch)
                     if c.max_steps is not None and h.global_step + 1 >= c.max_steps:
                         break
-                    lr = self._set_lr(h.global_step + 1)
-                    if self.meter is not None:
-                        self.meter.start()
-                    loss = self.train_step(input_batch, target_batch)
-                    h.tokens_seen += input_batch.numel()
-                    h.global_step += 1
-                    self._bar.update(1)
-                    self._bar.set_postfix(
-                        loss=f"{loss.item():.3f}",
-                        tok_s=f"{h.tokens_seen / (time.perf_counter() - t0):.0f}",
-                    )
-                    if self.meter is not None:  # after loss.item(), which waits for the GPU
-                        self.meter.stop(input_batch.numel())
-                    if h.global_step % c.eval_freq == 0:
-                        self._evaluate(epoch, lr)
-                h.epochs_done = epoch + 1
-                self._end_of_epoch(epoch)
-                if c.max_steps is not None and h.global_step + 1 >= c.max_steps:
-                    break
+                if c.save_every is not None and h.global_step >= 0:
+                    self.save_checkpoint()  # the final state, so the run can be extended
         finally:
             self._bar.close()
             self._bar = None
         self._finish()
         return h
 
+    # -- checkpoints and resume --------------------------------------------------------------
+    def _epoch_batches(self):
+        """This epoch's batch iterator; on resume, positioned where the checkpoint was taken."""
+        point, self._resume_point = self._resume_point, None
+        if point is not None:
+            restore_rng(point.epoch_rng, self.train_loader.generator)
+        self._epoch_rng = capture_rng(self.train_loader.generator)
+        batches = iter(self.train_loader)
+        self.batch_in_epoch = 0
+        if point is not None:
+            skip_batches(batches, point.batch)
+            self.batch_in_epoch = point.batch
+            restore_rng(point.step_rng, self.train_loader.generator)
+        return batches
+
+    def _after_step(self) -> None:
+        step = self.history.global_step
+        if self.cfg.save_every is not None and (step + 1) % self.cfg.save_every == 0:
+            self.save_checkpoint()
+        signum = self._stop.signum
+        if self.parallel is not None:
+            signum = self.parallel.agreed_signal(signum)
+        if signum is not None:
+            ckpt = self.save_checkpoint() if self.cfg.out_dir is not None else None
+            raise Interrupted(signum, step, str(ckpt) if ckpt else None)
+
+    def training_state(self) -> dict:
+        h = self.history
+        metrics = Path(self.cfg.out_dir or ".") / "metrics.jsonl"
+        return {
+            **self.run_state,
+            "global_step": h.global_step, "tokens_seen": h.tokens_seen,
+            "epochs_done": h.epochs_done,
+            "resume": {
+                "base_lrs": self.base_lrs,
+                "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
+                "history": {
+                    "train_losses": h.train_losses, "val_losses": h.val_losses,
+                    "track_tokens_seen": h.track_tokens_seen, "steps": h.steps,
+                },
+            },
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``out_dir/ckpt-<step>`` atomically (once per step) and return it.
+
+        Under torchrun every rank must call this (FSDP gathers); only rank 0 writes, and the
+        other ranks get None.
+        """
+        step = self.history.global_step
+        if self._saved_step == step:
+            return self.last_checkpoint
+        model, optimizer = self._full_model_and_optimizer()
+        if not self.is_main:
+            self._saved_step = step
+            return None
+        point = ResumePoint(
+            self.epoch, self.batch_in_epoch, self._epoch_rng,
+            capture_rng(self.train_loader.generator),
+        )
+        state = {"config": unwrap_model(self.model).cfg.to_dict(), **self.training_state()}
+        self.last_checkpoint = write_training_checkpoint(
+            self.cfg.out_dir, step, model, optimizer, state, point, self.cfg.keep_last
+        )
+        self._saved_step = step
+        return self.last_checkpoint
+
+    def load_checkpoint(self, ckpt: LoadedCheckpoint) -> None:
+        """Restore weights, optimizer, schedule, counters and history; fit() then continues."""
+        state, h = ckpt.state, self.history
+        try:
+            if self.parallel is not None and self.parallel.sharded:
+                from diygpt.fsdp import load_full_state  # a collective under FSDP
+
+                load_full_state(self.model, self.optimizer, ckpt.weights, ckpt.optimizer)
+            else:
+                load_into(self.model, ckpt.weights, str(ckpt.folder))
+                self.optimizer.load_state_dict(ckpt.optimizer)
+            info = state["resume"]
+            self.base_lrs = [float(x) for x in info["base_lrs"]]
+            for key, values in info["history"].items():
+                setattr(h, key, list(values))
+            h.global_step = int(state["global_step"])
+            h.tokens_seen = int(state["tokens_seen"])
+            h.epochs_done = int(state["epochs_done"])
+            metrics_bytes = int(info["metrics_bytes"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{ckpt.folder}: damaged training state ({exc})") from None
+        self.epoch = ckpt.point.epoch
+        self._resume_point = ckpt.point
+        self.last_checkpoint, self._saved_step = ckpt.folder, h.global_step
+        # Drop metrics written after the checkpoint by the run that was killed.
+        metrics = Path(self.cfg.out_dir or ".") / "metrics.jsonl"
+        if self.cfg.out_dir is not None and self.is_main and metrics.is_file():
+            with open(metrics, "r+b") as f:
+                f.truncate(min(metrics_bytes, metrics.stat().st_size))
+
     def _evaluate(self, epoch: int, lr: float) -> None:
         h = self.history
-        with self.precision.autocast():
-            train_loss, val_loss = evaluate_model(
-                self.model, self.train_loader, self.val_loader, self.device, self.cfg.eval_iter
+        if self.parallel is not None:
+            train_loss, val_loss = self.parallel.evaluate(
+                self.model, self.train_loader, self.val_loader, self.cfg.eval_iter
             )
+        else:
+            with self.precision.autocast():
+                train_loss, val_loss = evaluate_model(
+                    self.model, self.train_loader, self.val_loader, self.device,
+                    self.cfg.eval_iter,
+                )
         h.train_losses.append(train_loss)
         h.val_losses.append(val_loss)
         h.track_tokens_seen.append(h.tokens_seen)
@@ -250,8 +435,10 @@ class Trainer:
         })
 
     def _end_of_epoch(self, epoch: int) -> None:
-        if self.tokenizer is not None and self.cfg.start_context:
-            text = sample_text(  # the plain model: a compiled one would recompile per length
+        if self.tokenizer is None or not self.cfg.start_context:
+            return
+        if self.parallel is None or self.parallel.runs_sample():
+            text = sample_text(
                 unwrap_model(self.model), self.tokenizer, self.device, self.cfg.start_context,
                 self.cfg.sample_tokens,
             )
@@ -261,6 +448,9 @@ class Trainer:
     def _finish(self) -> None:
         c, h = self.cfg, self.history
         if c.out_dir is None:
+            return
+        model, optimizer = self._full_model_and_optimizer()
+        if not self.is_main:
             return
         if h.train_losses:
             epochs_seen = torch.linspace(0, max(h.epochs_done, 1), len(h.train_losses)).tolist()
@@ -274,7 +464,13 @@ class Trainer:
             "tokens_seen": h.tokens_seen,
             "epochs_done": h.epochs_done,
         }
-        save_run(c.out_dir, self.model, self.optimizer, state)
+        save_run(c.out_dir, model, optimizer, state)
+
+    def _full_model_and_optimizer(self) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The whole state for saving; under FSDP a collective that every rank must join."""
+        if self.parallel is None:
+            return self.model, self.optimizer
+        return self.parallel.full_model_and_optimizer(self.model, self.optimizer)
 
 
 def train_model_simple(

@@ -47,7 +47,7 @@ class _StreamPrinter:
 
     def __init__(self, tokenizer, out=None) -> None:
         self.tokenizer = tokenizer
-        self.out = sys.stdout if out is None else out  # looked up now: tests swap sys.stdout
+        self.out = out if out is not None else sys.stdout  # looked up now, not at import
         self.ids: list[int] = []
         self.printed = 0
 

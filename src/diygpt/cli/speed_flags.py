@@ -49,27 +49,34 @@ class TrainingSetup:
     meter: SpeedMeter | None
 
 
-def setup_training(
-    args: argparse.Namespace, model: nn.Module, device: torch.device
-) -> TrainingSetup:
-    """Apply the speed flags to a freshly built model (on ``device``) and make its optimizer."""
-    from diygpt.precision import Precision, enable_tf32
-    from diygpt.speed import (
-        SpeedMeter,
-        compile_model,
-        flops_per_token,
-        make_adamw,
-        pad_vocab,
-        peak_flops,
-    )
+def prepare_model(args: argparse.Namespace, model: nn.Module) -> None:
+    """The flags that change the plain model or global settings, before DDP/FSDP wrapping."""
+    from diygpt.precision import enable_tf32
+    from diygpt.speed import pad_vocab
 
     if args.tf32:
         enable_tf32()
     if args.pad_vocab:
         pad_vocab(model)
+
+
+def setup_training(
+    args: argparse.Namespace, model: nn.Module, device: torch.device
+) -> TrainingSetup:
+    """The optimizer, precision and tok/s meter; the model compiled if asked (after wrapping)."""
+    from diygpt.checkpoints import unwrap_model
+    from diygpt.precision import Precision
+    from diygpt.speed import (
+        SpeedMeter,
+        compile_model,
+        flops_per_token,
+        make_adamw,
+        peak_flops,
+    )
+
     optimizer = make_adamw(model.parameters(), args.lr, args.weight_decay, fused=args.fused_adamw)
     meter = None
     if speed_flags_used(args):
-        meter = SpeedMeter(flops_per_token(model.cfg), peak_flops(device))
+        meter = SpeedMeter(flops_per_token(unwrap_model(model).cfg), peak_flops(device))
     wrapped = compile_model(model) if args.compile else model
     return TrainingSetup(wrapped, optimizer, Precision(device, args.dtype), meter)

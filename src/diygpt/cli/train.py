@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from diygpt.cli.options import add_device_flags, build_config, finite_float, positive_int
-from diygpt.cli.speed_flags import add_speed_flags, setup_training
+from diygpt.cli.speed_flags import add_speed_flags, prepare_model, setup_training
 from diygpt.config import ATTENTION_IMPLS, PRESETS
 
 EXAMPLE = """example (the seed's run, section 2.1):
@@ -26,8 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d = p.add_argument_group("data")
-    d.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                   help="text file(s), or folder(s) of .txt files (UTF-8)")
+    d.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                   help="text file(s), or folder(s) of .txt files (UTF-8); required unless --resume")
     d.add_argument("--train-ratio", type=finite_float, default=0.9,
                    help="fraction of characters used for training, the rest validates (default 0.9)")
     d.add_argument("--stride", type=positive_int, default=None,
@@ -80,25 +81,76 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", default="runs/train", help="run folder (default runs/train)")
     e.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar on stderr")
+    c = p.add_argument_group("checkpoints and resume")
+    c.add_argument("--save-every", type=positive_int, default=None, metavar="N",
+                   help="save a checkpoint RUN/ckpt-<step> every N steps, atomically, and at "
+                   "the end (default: only on Ctrl-C/SIGTERM)")
+    c.add_argument("--keep-last", type=positive_int, default=2, metavar="K",
+                   help="keep the newest K checkpoints (default 2)")
+    c.add_argument("--resume", metavar="RUN", default=None,
+                   help="continue RUN from its last complete checkpoint, exactly, with its "
+                   "saved settings (device, --epochs, --max-steps, --save-every may change)")
+    c.add_argument("--nan-policy", choices=["stop", "skip"], default="stop",
+                   help="on a non-finite loss or gradient norm: stop with an error (default) "
+                   "or skip that step")
     add_speed_flags(p)
     add_device_flags(p)
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun, shard weights, gradients and optimizer state across "
+                   "ranks (FSDP2) instead of replicating them (DDP); see docs/distributed.md")
     p.set_defaults(func=run)
+    global _PARSER
+    _PARSER = p
+
+
+_PARSER: argparse.ArgumentParser | None = None
 
 
 def _warn(line: str) -> None:
     print(line, file=sys.stderr)
 
 
+def _quiet(line: str) -> None:
+    """Ranks other than 0 stay silent; rank 0 speaks for the run."""
+
+
 def run(args: argparse.Namespace) -> int:
+    from diygpt import distributed
+
+    env, device = distributed.init_distributed(args.device)  # torchrun's env, if any
+    try:
+        return _train(args, env, device)
+    finally:
+        distributed.shutdown()
+
+
+def _train(args: argparse.Namespace, env, device) -> int:
     import torch
 
+    from diygpt.cli.resume_args import merge_resume_args
     from diygpt.data import prepare_loaders, read_text
-    from diygpt.device import select_device
-    from diygpt.errors import ConfigError
+    from diygpt.distributed import wrap_model
+    from diygpt.errors import CheckpointError, ConfigError, DataError
     from diygpt.model import GPTModel
+    from diygpt.resume import find_resume_checkpoint, read_training_checkpoint, text_digest
+    from diygpt.signals import Interrupted
     from diygpt.tokenizer import get_tokenizer
     from diygpt.training import TrainConfig, Trainer
 
+    ckpt = None
+    if args.resume:
+        ckpt = read_training_checkpoint(find_resume_checkpoint(args.resume))
+        args = merge_resume_args(args, ckpt.state.get("train_args"), _PARSER)
+    elif not args.data:
+        raise ConfigError("--data is required (or --resume RUN to continue a run)")
+    else:
+        from diygpt.checkpointing import list_checkpoints
+
+        if list_checkpoints(args.out):
+            raise CheckpointError(
+                f"{args.out} already holds checkpoints; continue it with --resume {args.out}, "
+                "or choose another --out"
+            )
     cfg = build_config(args)
     if args.lr <= 0 or args.weight_decay < 0:
         raise ConfigError("--lr must be > 0 and --weight-decay >= 0")
@@ -107,33 +159,55 @@ def run(args: argparse.Namespace) -> int:
         start_context=args.sample_prompt or None, max_steps=args.max_steps,
         warmup_steps=args.warmup_steps, cosine=args.cosine, min_lr=args.min_lr,
         grad_clip=args.grad_clip, grad_accum=args.grad_accum, out_dir=args.out,
-        progress=args.progress,
+        progress=args.progress, save_every=args.save_every, keep_last=args.keep_last,
+        nan_policy=args.nan_policy,
     )
-    device = select_device(args.device)
+    warn = _warn if env.is_main else _quiet
     tokenizer = get_tokenizer(args.tokenizer_dir)
     text = read_text(args.data)
+    digest = text_digest(text)
+    if ckpt is not None and ckpt.state.get("data_sha256", digest) != digest:
+        raise DataError(
+            f"the training text changed since {ckpt.folder} was saved; an exact resume needs "
+            "the same --data"
+        )
 
     torch.manual_seed(args.seed)
     train_loader, val_loader = prepare_loaders(
         text, tokenizer, args.batch_size, cfg.context_length, args.stride, args.train_ratio,
-        shuffle=args.shuffle, drop_last=args.drop_last, warn=_warn,
+        shuffle=args.shuffle, drop_last=args.drop_last, warn=warn,
     )
     # The book seeds again right before building the model, so its weights do not depend on
     # what the loaders consumed.
     torch.manual_seed(args.seed)
     model = GPTModel(cfg).to(device)
-    fast = setup_training(args, model, device)
-    _warn(
-        f"diygpt: {model.num_parameters() / 1e6:.1f}M parameters on {device}; "
+    n_params = model.num_parameters()
+    prepare_model(args, model)  # --pad-vocab, --tf32: on the plain model, before any wrapper
+    # DDP or FSDP under torchrun, before the optimizer (FSDP swaps in sharded parameters).
+    model, parallel = wrap_model(model, env, device, fsdp=args.fsdp)
+    fast = setup_training(args, model, device)  # optimizer, --dtype, --compile, tok/s meter
+    ranks = f" x {env.world_size} ranks ({'FSDP' if args.fsdp else 'DDP'})" if parallel else ""
+    warn(
+        f"diygpt: {n_params / 1e6:.1f}M parameters on {device}{ranks}; "
         f"{len(train_loader)} train / {len(val_loader)} val batches per epoch"
     )
-    run_state = {"train_args": {k: v for k, v in vars(args).items() if k != "func"}}
+    train_args = {k: v for k, v in vars(args).items() if k not in ("func", "argv")}
+    train_args["data"] = [str(Path(d).resolve()) for d in args.data]  # resumable from anywhere
+    run_state = {"train_args": train_args, "data_sha256": digest}
     trainer = Trainer(
         fast.model, fast.optimizer, train_loader, val_loader, device, train_cfg, tokenizer,
-        run_state=run_state, precision=fast.precision, meter=fast.meter,
+        run_state=run_state, parallel=parallel, precision=fast.precision, meter=fast.meter,
     )
-    history = trainer.fit()
-    _warn(
+    if ckpt is not None:
+        trainer.load_checkpoint(ckpt)
+        warn(f"diygpt: resuming from {ckpt.folder} (after step {ckpt.state['global_step']})")
+    try:
+        history = trainer.fit()
+    except Interrupted as stop:
+        where = f"checkpoint saved to {stop.checkpoint}; " if stop.checkpoint else ""
+        warn(f"diygpt: {stop}; {where}resume with: diygpt train --resume {args.out}")
+        return stop.exit_code
+    warn(
         f"diygpt: {history.global_step + 1} steps, {history.tokens_seen} tokens seen; "
         f"saved to {args.out}/ (model.safetensors, loss.png, metrics.jsonl)"
     )

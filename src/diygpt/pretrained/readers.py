@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diygpt.checkpoints import require_safe_torch
 from diygpt.errors import CheckpointError
 from diygpt.pretrained.source import ByteSpan, DictSource, MemmapSource, TensorSource
 
@@ -81,6 +82,7 @@ def open_torch_file(path: Path) -> DictSource:
     ``model_state_dict`` (as the book saves them with the optimizer) is accepted too.
     """
     path = Path(path)
+    require_safe_torch(path)  # weights_only is not a safe guard before torch 2.6
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as exc:

@@ -1,0 +1,213 @@
+"""Crash-safe checkpoints: every file complete or absent, the last K kept, a ``latest`` pointer.
+
+Layout of a run folder (``diygpt train --out RUN``)::
+
+    RUN/ckpt-000009/   model.safetensors, optimizer.pt, rng.safetensors, state.json
+    RUN/ckpt-000019/   ...                  (the last ``keep_last`` checkpoints)
+    RUN/latest         "ckpt-000019": the newest complete checkpoint
+    RUN/model.safetensors, RUN/state.json   the newest weights, so `generate --checkpoint RUN` works
+
+``ckpt-<step>`` holds the state after the step printed as ``Step <step>`` in the log.
+
+Why it survives a kill at any moment: each file is written to a temp file in its own folder,
+fsynced, then ``os.replace``d over its name, and the folder is fsynced, so a name always
+points at a whole file. A checkpoint folder is assembled under a temp name and renamed into
+place only when all its files are durable; the ``latest`` pointer moves after that. A crash
+leaves at worst a ``*.tmp-*`` folder, which is ignored and cleaned up on the next save.
+
+Test hook: ``DIYGPT_TEST_KILL_AT_WRITE=N`` makes the process SIGKILL itself inside the N-th
+atomic write (1-based), after the temp file is durable and before ``os.replace``, the worst
+moment for a crash. The kill test uses it; nothing else reads it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from diygpt.errors import CheckpointError
+
+CKPT_PREFIX = "ckpt-"
+LATEST_FILE = "latest"
+KILL_HOOK_ENV = "DIYGPT_TEST_KILL_AT_WRITE"
+_writes_done = 0  # atomic writes in this process, for the test hook
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes a rename or a new name durable; some filesystems (and Windows) cannot open folders.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def describe_os_error(exc: OSError, path: Path) -> str:
+    """One line for a failed write, naming the usual causes plainly."""
+    if exc.errno == errno.ENOSPC:
+        return f"cannot write {path}: no space left on device"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {path}: the folder is read-only or not writable ({exc.strerror})"
+    return f"cannot write {path}: {exc.strerror or exc}"
+
+
+def _kill_hook() -> None:
+    global _writes_done
+    _writes_done += 1
+    target = os.environ.get(KILL_HOOK_ENV)
+    if target and int(target) == _writes_done:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` to fill a temp file next to ``path``, then move it into place.
+
+    On any failure the temp file is removed, ``path`` keeps its old content, and an OSError
+    becomes a one-line CheckpointError (no space left, read-only folder, ...).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        _kill_hook()
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(describe_os_error(exc, path)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Fail now, with one line, if the run folder cannot be created or written."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(describe_os_error(exc, folder)) from None
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+    except OSError as exc:
+        raise CheckpointError(describe_os_error(exc, folder)) from None
+    probe.unlink(missing_ok=True)
+
+
+# -- checkpoint folders ----------------------------------------------------------------------
+def ckpt_name(step: int) -> str:
+    return f"{CKPT_PREFIX}{step:06d}"
+
+
+def _step_of(name: str) -> int | None:
+    if not name.startswith(CKPT_PREFIX):
+        return None
+    digits = name[len(CKPT_PREFIX):]
+    return int(digits) if digits.isdigit() else None
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint folders, oldest first (temp folders from a crash are not listed)."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        return []
+    found = [(s, p) for p in run.iterdir() if p.is_dir() and (s := _step_of(p.name)) is not None]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The folder ``latest`` names; if it is missing or broken, the newest complete one."""
+    run = Path(run_dir)
+    try:
+        name = (run / LATEST_FILE).read_text().strip()
+    except OSError:
+        name = ""
+    if _step_of(name) is not None and (run / name / "state.json").is_file():
+        return run / name
+    found = list_checkpoints(run)
+    return found[-1] if found else None
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    write_files: Callable[[Path], None],
+    keep_last: int = 2,
+) -> Path:
+    """Write one checkpoint atomically and prune old ones; return its folder.
+
+    ``write_files(folder)`` writes the checkpoint's files into ``folder`` (a temp folder),
+    each with :func:`atomic_write`. The folder is renamed to ``ckpt-<step>`` once complete.
+    """
+    run = Path(run_dir)
+    final = run / ckpt_name(step)
+    tmp = run / f"{final.name}.tmp-{os.getpid()}"
+    _remove_tree(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        write_files(tmp)
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved before a crash: replace it whole
+            old = run / f"{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            _remove_tree(old)
+        os.replace(tmp, final)
+        _fsync_dir(run)
+    except OSError as exc:
+        _remove_tree(tmp)
+        raise CheckpointError(describe_os_error(exc, final)) from None
+    except BaseException:
+        _remove_tree(tmp)
+        raise
+    atomic_write_text(run / LATEST_FILE, final.name + "\n")
+    prune(run, keep_last, keep=final)
+    return final
+
+
+def prune(run_dir: Path, keep_last: int, keep: Path) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints, and temp folders of crashed saves."""
+    found = list_checkpoints(run_dir)
+    for old in found[: max(0, len(found) - keep_last)]:
+        if old != keep:
+            _remove_tree(old)
+    for stale in run_dir.glob(f"{CKPT_PREFIX}*.tmp-*"):
+        if stale.is_dir():
+            _remove_tree(stale)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Put ``src``'s bytes at ``dst`` atomically: a hard link (no extra disk) or else a copy."""
+
+    def write(tmp: Path) -> None:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+    atomic_write(dst, write)

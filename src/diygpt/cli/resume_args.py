@@ -1,0 +1,71 @@
+"""``diygpt train --resume RUN``: the run's saved settings, and flags that may not change.
+
+A resume is exact only with the same data, model and optimisation settings, so they come
+from the checkpoint's state.json. A flag typed on the command line that disagrees with the
+checkpoint is a one-line error rather than a silent override; a few flags that do not change
+the numbers (device, progress, checkpoint cadence) or that extend the run may be changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from diygpt.errors import CheckpointError, ConfigError
+
+# Flags that may differ from the checkpoint's: they do not change what is computed, or they
+# only lengthen the run (--epochs and --max-steps, which also stretch a cosine schedule).
+CHANGEABLE = frozenset({
+    "resume", "device", "tokenizer_dir", "progress", "save_every", "keep_last", "nan_policy",
+    "epochs", "max_steps", "fsdp",
+})
+_NOT_SETTINGS = ("func", "argv")
+
+
+def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The dests the user typed: parse again into a namespace pre-filled with a sentinel.
+
+    argparse only fills a default where the namespace lacks the attribute, so anything that
+    is no longer the sentinel was given on the command line.
+    """
+    unset = object()
+    names = {a.dest for a in parser._actions if a.dest != argparse.SUPPRESS}
+    ns = argparse.Namespace(**dict.fromkeys(names, unset))
+    parser.parse_args(argv, ns)
+    return {k for k, v in vars(ns).items() if v is not unset}
+
+
+def _flag(parser: argparse.ArgumentParser, dest: str) -> str:
+    for action in parser._actions:
+        if action.dest == dest and action.option_strings:
+            return action.option_strings[0]
+    return dest
+
+
+def _same(dest: str, given: object, saved: object) -> bool:
+    if dest == "data" and given and saved:
+        return [str(Path(p).resolve()) for p in given] == [str(Path(p).resolve()) for p in saved]
+    return given == saved
+
+
+def merge_resume_args(
+    args: argparse.Namespace, saved: dict, parser: argparse.ArgumentParser
+) -> argparse.Namespace:
+    """The checkpoint's training settings, with the allowed command-line changes applied."""
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{args.resume}: state.json has no training settings (train_args)")
+    argv = list(getattr(args, "argv", []))
+    typed = explicit_dests(parser, argv[argv.index("train") + 1 :] if "train" in argv else [])
+    for dest in sorted(typed - CHANGEABLE - {"out"}):
+        if dest in saved and not _same(dest, getattr(args, dest), saved[dest]):
+            raise ConfigError(
+                f"{_flag(parser, dest)} {getattr(args, dest)} conflicts with the checkpoint's "
+                f"{saved[dest]}; drop the flag to resume, or start a new run with another --out"
+            )
+    if "out" in typed and Path(args.out).resolve() != Path(args.resume).resolve():
+        raise ConfigError("--out and --resume name different folders; give only --resume RUN")
+    merged = {k: v for k, v in vars(args).items()}
+    merged.update({k: v for k, v in saved.items() if k not in _NOT_SETTINGS})
+    merged.update({k: getattr(args, k) for k in typed & CHANGEABLE})
+    merged["resume"], merged["out"] = args.resume, str(args.resume)
+    return argparse.Namespace(**merged)

@@ -1,0 +1,204 @@
+"""What an exact resume needs beyond weights: RNG states, the data position, the counters.
+
+The loop draws random numbers in three places: dropout, each ``iter()`` of a shuffling
+DataLoader (the RandomSampler takes its seed from the global torch RNG, and the loop's
+evaluation iterates the train loader again), and sampling. So a checkpoint stores two RNG
+snapshots: one taken at the start of the epoch, before ``iter(train_loader)``, which
+reproduces the epoch's shuffle order, and one taken at the checkpoint step. Resuming restores
+the first, re-creates the iterator, skips the consumed batches through the sampler (no data is
+loaded), then restores the second. Everything is stored as tensors (safetensors) and JSON:
+no pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from diygpt.checkpointing import (
+    atomic_write,
+    latest_checkpoint,
+    link_or_copy,
+    save_checkpoint,
+    write_json,
+)
+from diygpt.checkpoints import (
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    load_state_dict_file,
+    model_state_for_saving,
+    read_run_state,
+    safe_torch_load,
+)
+from diygpt.errors import CheckpointError
+
+RNG_FILE = "rng.safetensors"
+
+# (tensors for rng.safetensors, JSON-able scalars) for one RNG snapshot
+RngState = tuple[dict[str, torch.Tensor], dict[str, Any]]
+
+
+def capture_rng(loader_generator: torch.Generator | None = None) -> RngState:
+    """Snapshot torch CPU and CUDA, Python and numpy RNGs (reading them draws nothing)."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    if loader_generator is not None:
+        tensors["loader"] = loader_generator.get_state()
+    version, internal, gauss = random.getstate()
+    tensors["python"] = torch.tensor(internal, dtype=torch.int64)
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(keys.astype(np.int64))
+    scalars = {
+        "python": [version, gauss], "numpy": [kind, int(pos), int(has_gauss), float(cached)],
+    }
+    return tensors, scalars
+
+
+def restore_rng(state: RngState, loader_generator: torch.Generator | None = None) -> None:
+    tensors, scalars = state
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    if loader_generator is not None and "loader" in tensors:
+        loader_generator.set_state(tensors["loader"])
+    version, gauss = scalars["python"]
+    random.setstate((version, tuple(tensors["python"].tolist()), gauss))
+    kind, pos, has_gauss, cached = scalars["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def skip_batches(iterator, n: int) -> None:
+    """Advance a DataLoader iterator by ``n`` batches, through the sampler when possible.
+
+    A single-process iterator draws indices lazily, so skipping indices skips the batches
+    without loading them; a multi-process one has already queued indices, so it must fetch.
+    """
+    fast = type(iterator).__name__ == "_SingleProcessDataLoaderIter"
+    for _ in range(n):
+        if fast:
+            iterator._next_index()
+            iterator._num_yielded += 1
+        else:
+            next(iterator)
+
+
+@dataclass
+class ResumePoint:
+    """Where a checkpoint was taken: batches consumed in ``epoch`` and both RNG snapshots."""
+
+    epoch: int
+    batch: int
+    epoch_rng: RngState
+    step_rng: RngState
+
+
+def _split_rng(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def write_training_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    point: ResumePoint,
+    keep_last: int,
+) -> Path:
+    """One ``ckpt-<step>`` folder (weights, optimizer, RNG, state.json), written atomically."""
+    tensors = {f"epoch.{k}": v for k, v in point.epoch_rng[0].items()}
+    tensors |= {f"step.{k}": v for k, v in point.step_rng[0].items()}
+    state = {
+        **state,
+        "resume": {
+            **state.get("resume", {}), "epoch": point.epoch, "batch": point.batch,
+            "epoch_rng": point.epoch_rng[1], "step_rng": point.step_rng[1],
+        },
+    }
+    weights = model_state_for_saving(model)
+    opt_state = optimizer.state_dict()
+
+    def write_files(folder: Path) -> None:
+        atomic_write(folder / MODEL_FILE, lambda t: save_file(weights, str(t), {"format": "pt"}))
+        atomic_write(folder / OPTIMIZER_FILE, lambda t: torch.save(opt_state, t))
+        atomic_write(folder / RNG_FILE, lambda t: save_file(tensors, str(t)))
+        write_json(folder / STATE_FILE, state)  # last: a folder with state.json is whole
+
+    folder = save_checkpoint(run_dir, step, write_files, keep_last)
+    # The run folder's own files follow, so `diygpt generate --checkpoint RUN` sees new weights.
+    link_or_copy(folder / MODEL_FILE, Path(run_dir) / MODEL_FILE)
+    write_json(Path(run_dir) / STATE_FILE, {k: v for k, v in state.items() if k != "resume"})
+    return folder
+
+
+@dataclass
+class LoadedCheckpoint:
+    folder: Path
+    state: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    point: ResumePoint
+
+
+def read_training_checkpoint(folder: str | os.PathLike) -> LoadedCheckpoint:
+    """Read a ``ckpt-<step>`` folder; any damage is a one-line CheckpointError."""
+    folder = Path(folder)
+    state = read_run_state(folder)
+    info = state.get("resume")
+    if not isinstance(info, dict) or not {"epoch", "batch", "epoch_rng", "step_rng"} <= set(info):
+        raise CheckpointError(f"{folder / STATE_FILE}: no resume information")
+    weights = load_state_dict_file(folder / MODEL_FILE)
+    opt_path = folder / OPTIMIZER_FILE
+    if not opt_path.is_file():
+        raise CheckpointError(f"{opt_path}: missing")
+    opt_state = safe_torch_load(opt_path)
+    if not isinstance(opt_state, dict) or "state" not in opt_state:
+        raise CheckpointError(f"{opt_path}: not an optimizer state dict")
+    try:
+        tensors = load_file(str(folder / RNG_FILE))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder / RNG_FILE}: cannot read ({exc})") from None
+    try:
+        point = ResumePoint(
+            epoch=int(info["epoch"]), batch=int(info["batch"]),
+            epoch_rng=(_split_rng(tensors, "epoch."), info["epoch_rng"]),
+            step_rng=(_split_rng(tensors, "step."), info["step_rng"]),
+        )
+        size = torch.get_rng_state().numel()
+        for snapshot in (point.epoch_rng, point.step_rng):
+            if snapshot[0]["torch"].numel() != size or len(snapshot[1]["numpy"]) != 4:
+                raise ValueError("bad RNG state")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: damaged resume information ({exc})") from None
+    return LoadedCheckpoint(folder, state, weights, opt_state, point)
+
+
+def text_digest(text: str) -> str:
+    """Fingerprint of the training text: a resume on different text cannot be exact."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def find_resume_checkpoint(run_dir: str | os.PathLike) -> Path:
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise CheckpointError(f"{run}: no such run folder to resume")
+    found = latest_checkpoint(run)
+    if found is None:
+        raise CheckpointError(
+            f"{run}: no checkpoint to resume from (checkpoints are saved with --save-every N "
+            "and on Ctrl-C or SIGTERM)"
+        )
+    return found

@@ -1,0 +1,144 @@
+"""Every row of docs/bad-input.md: what the user sees for each bad input (no tracebacks)."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import TINY, one_line_error, run_cli, train_tiny
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert train_tiny(None, data, out, "--max-steps", "1")[0] == 0
+    return out
+
+
+# -- data --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("content", "expect"),
+    [(b"", "is empty"), (b"caf\xe9 au lait", "not valid UTF-8"), (b"\x7fELF\x00\x01", "binary")],
+)
+def test_bad_data_files(tmp_path, capsys, content, expect):
+    path = tmp_path / "data.txt"
+    path.write_bytes(content)
+    assert expect in one_line_error(capsys, "train", "--data", path, *TINY)
+
+
+def test_missing_data_file(tmp_path, capsys):
+    assert "does not exist" in one_line_error(capsys, "train", "--data", tmp_path / "nope.txt")
+
+
+def test_text_shorter_than_one_window(tmp_path, capsys):
+    path = tmp_path / "short.txt"
+    path.write_text("Every effort moves you.")
+    assert "needs at least 17" in one_line_error(capsys, "train", "--data", path, *TINY)
+
+
+def test_batch_larger_than_the_windows(data, tmp_path, capsys):
+    line = one_line_error(
+        capsys, "train", "--data", data, *TINY, "--batch-size", "999", "--out", tmp_path / "r"
+    )
+    assert "larger than the" in line and "--no-drop-last" in line
+
+
+def test_empty_validation_split_warns_and_trains(data, tmp_path, capsys):
+    rc, out, err = train_tiny(capsys, data, tmp_path / "r", "--train-ratio", "1.0", "--max-steps", "1")
+    assert rc == 0 and "validation loss will be nan" in err
+    assert "Val loss nan" in out
+
+
+# -- generation ------------------------------------------------------------------------------
+def test_empty_prompt(run, capsys):
+    assert "prompt is empty" in one_line_error(capsys, "generate", "--checkpoint", run, "--prompt", "")
+
+
+def test_prompt_longer_than_the_context(run, capsys):
+    rc, out, err = run_cli(
+        capsys, "generate", "--checkpoint", run, "--prompt", "word " * 40, "--max-new-tokens", "2"
+    )
+    assert rc == 0 and "the model sees its last 16" in err
+
+
+def test_zero_new_tokens_prints_the_prompt(run, capsys):
+    rc, out, _ = run_cli(capsys, "generate", "--checkpoint", run, "--max-new-tokens", "0")
+    assert rc == 0 and out == "Every effort moves you\n"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expect"),
+    [
+        ("--max-new-tokens", "-1", "max_new_tokens must be an integer >= 0"),
+        ("--temperature", "-0.5", "temperature must be a finite number >= 0"),
+        ("--top-p", "0", "top_p must be in (0, 1]"),
+        ("--top-p", "1.5", "top_p must be in (0, 1]"),
+        ("--top-k", "0", "top_k must be a positive integer"),
+        ("--device", "tpu", "unknown device"),
+        ("--device", "cuda:7", "device"),
+    ],
+)
+def test_bad_generation_values(run, capsys, flag, value, expect):
+    if value.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    assert expect in one_line_error(capsys, "generate", "--checkpoint", run, flag, value)
+
+
+def test_nan_temperature_is_an_argument_error(run, capsys):
+    rc, _, err = run_cli(capsys, "generate", "--checkpoint", run, "--temperature", "nan")
+    assert rc == 2 and "expected a finite number" in err
+
+
+def test_top_k_above_the_vocabulary_is_clamped(run, capsys):
+    rc, out, _ = run_cli(
+        capsys, "generate", "--checkpoint", run, "--top-k", "999999", "--temperature", "1",
+        "--seed", "1", "--max-new-tokens", "3",
+    )
+    assert rc == 0 and out.startswith("Every effort moves you")
+
+
+def test_huge_max_new_tokens_streams_lazily(run):
+    from diygpt.checkpoints import load_model
+    from diygpt.generation import stream_generate
+
+    model = load_model(run)
+    tokens = stream_generate(model, torch.tensor([[464, 3290]]), 10**18, 16)
+    assert len(list(itertools.islice(tokens, 20))) == 20  # slides past the context, no hang
+
+
+# -- files and folders -----------------------------------------------------------------------
+def test_no_space_left_while_saving(data, tmp_path, capsys, monkeypatch):
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    rc, _, err = train_tiny(capsys, data, tmp_path / "r", "--max-steps", "1")
+    assert rc == 2 and "no space left on device" in err
+    assert not list((tmp_path / "r").glob(".*.tmp-*"))
+
+
+def test_read_only_output_folder(data, tmp_path, capsys, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() != 0:
+        ro.chmod(0o555)
+    else:  # root ignores permissions: simulate a read-only filesystem
+        real = Path.write_bytes
+
+        def read_only(self, data):
+            if self.parent == ro:
+                raise OSError(errno.EROFS, "Read-only file system")
+            return real(self, data)
+
+        monkeypatch.setattr(Path, "write_bytes", read_only)
+    line = one_line_error(capsys, "train", "--data", data, *TINY, "--out", ro)
+    assert "read-only or not writable" in line
+
+
+def test_preset_that_does_not_match_the_checkpoint(run, capsys):
+    line = one_line_error(capsys, "generate", "--checkpoint", run, "--preset", "gpt2-small")
+    assert "emb_dim" in line or "context_length" in line

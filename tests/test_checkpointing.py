@@ -1,0 +1,245 @@
+"""Atomic writes, checkpoint rotation, untrusted and damaged files, resume flags, NaN guard."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import one_line_error, run_cli, train_tiny
+
+from diygpt.checkpointing import (
+    atomic_write_text,
+    latest_checkpoint,
+    list_checkpoints,
+    save_checkpoint,
+)
+from diygpt.checkpoints import safe_torch_load
+from diygpt.errors import CheckpointError, TrainingError
+from diygpt.signals import StopRequest
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, data) -> Path:
+    """A tiny run folder with checkpoints after steps 1 and 3."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    rc, _, _ = train_tiny(None, data, out, "--max-steps", "4", "--save-every", "2")
+    assert rc == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(trained_run, dst)
+    return dst
+
+
+# -- atomic files and rotation -----------------------------------------------------------------
+def test_atomic_write_keeps_old_file_when_disk_is_full(tmp_path, monkeypatch):
+    target = tmp_path / "state.json"
+    atomic_write_text(target, "old")
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(CheckpointError, match="no space left on device"):
+        atomic_write_text(target, "new")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temp file left
+
+
+def test_keep_last_and_latest_pointer(tmp_path):
+    def write(folder: Path) -> None:
+        atomic_write_text(folder / "state.json", "{}")
+
+    (tmp_path / "ckpt-000000.tmp-999").mkdir()  # left by a crashed save
+    for step in (1, 3, 5, 7):
+        save_checkpoint(tmp_path, step, write, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-000005", "ckpt-000007"]
+    assert (tmp_path / "latest").read_text().strip() == "ckpt-000007"
+    assert not list(tmp_path.glob("*.tmp-*"))
+    (tmp_path / "latest").write_text("garbage")  # a broken pointer: use the newest folder
+    assert latest_checkpoint(tmp_path).name == "ckpt-000007"
+
+
+def test_run_folder_layout(trained_run):
+    names = [p.name for p in list_checkpoints(trained_run)]
+    assert names == ["ckpt-000001", "ckpt-000003"]
+    assert (trained_run / "latest").read_text().strip() == "ckpt-000003"
+    for f in ("model.safetensors", "optimizer.pt", "rng.safetensors", "state.json"):
+        assert (trained_run / "ckpt-000003" / f).is_file()
+    assert (trained_run / "ckpt-000003" / "model.safetensors").read_bytes() == (
+        trained_run / "model.safetensors"
+    ).read_bytes()
+
+
+def test_stop_request_turns_a_signal_into_a_flag():
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# -- untrusted files -----------------------------------------------------------------------------
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path, capsys):
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(_Payload(control)))  # the payload is real: plain pickle runs it
+    assert control.exists()
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "model.pth"
+    torch.save({"tok_emb.weight": _Payload(marker)}, evil)
+    line = one_line_error(capsys, "generate", "--checkpoint", evil, "--preset", "tiny")
+    assert "refused to load" in line
+    assert not marker.exists()
+
+
+def test_malicious_optimizer_in_a_run_is_refused_on_resume(run_copy, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    torch.save({"state": _Payload(marker)}, run_copy / "ckpt-000003" / "optimizer.pt")
+    line = one_line_error(capsys, "train", "--resume", run_copy)
+    assert "refused to load" in line and not marker.exists()
+
+
+def test_old_torch_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.zeros(1)}, path)
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
+    with pytest.raises(CheckpointError, match="CVE-2025-32434"):
+        safe_torch_load(path)
+    from diygpt.pretrained.readers import open_torch_file  # OpenAI/HF .bin weights too
+
+    with pytest.raises(CheckpointError, match="CVE-2025-32434"):
+        open_torch_file(path)
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.pt", "rng.safetensors"])
+def test_truncated_checkpoint_file_is_one_line(run_copy, capsys, victim):
+    path = run_copy / "ckpt-000003" / victim
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert "ckpt-000003" in one_line_error(capsys, "train", "--resume", run_copy)
+
+
+def test_corrupted_weights_in_run_folder_is_one_line(run_copy, capsys):
+    (run_copy / "model.safetensors").write_bytes(os.urandom(4096))
+    line = one_line_error(capsys, "generate", "--checkpoint", run_copy)
+    assert "model.safetensors" in line
+
+
+@pytest.mark.parametrize(
+    ("change", "expect"),
+    [({"n_heads": 3}, "invalid config"), ({"emb_dim": 32, "n_heads": 2}, "has shape")],
+)
+def test_tampered_config_json(run_copy, capsys, change, expect):
+    path = run_copy / "state.json"
+    state = json.loads(path.read_text())
+    state["config"].update(change)
+    path.write_text(json.dumps(state))
+    assert expect in one_line_error(capsys, "generate", "--checkpoint", run_copy)
+
+
+def test_garbage_state_json(run_copy, capsys):
+    (run_copy / "state.json").write_text("{not json")
+    assert "unreadable" in one_line_error(capsys, "generate", "--checkpoint", run_copy)
+
+
+# -- resume flags ------------------------------------------------------------------------------
+def test_resume_with_conflicting_preset(run_copy, capsys):
+    line = one_line_error(capsys, "train", "--resume", run_copy, "--preset", "book-124m")
+    assert "--preset book-124m conflicts with the checkpoint's tiny" in line
+
+
+def test_resume_with_changed_data(run_copy, tmp_path, capsys, verdict_text):
+    other = tmp_path / "other.txt"
+    other.write_text(verdict_text[:1300])
+    line = one_line_error(capsys, "train", "--resume", run_copy, "--data", other)
+    assert "conflicts" in line
+
+
+def test_resume_without_checkpoint(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert "no checkpoint" in one_line_error(capsys, "train", "--resume", tmp_path / "empty")
+
+
+def test_fresh_run_into_a_folder_with_checkpoints(run_copy, data, capsys):
+    rc, _, err = train_tiny(capsys, data, run_copy)
+    assert rc == 2 and "--resume" in err
+
+
+def test_resume_extends_a_finished_run(run_copy, capsys):
+    rc, out, err = run_cli(capsys, "train", "--resume", run_copy, "--max-steps", "6")
+    assert rc == 0, err
+    assert "(Step 000004)" in out and "resuming from" in err
+    assert latest_checkpoint(run_copy).name == "ckpt-000005"
+
+
+# -- NaN guard ---------------------------------------------------------------------------------
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(data, tmp_path, capsys):
+    # AdamW with lr 1e30 blows the weights up in one step; step 1's loss is not finite.
+    rc, _, err = train_tiny(capsys, data, tmp_path / "run", "--lr", "1e30", "--save-every", "1")
+    assert rc == 2
+    assert "non-finite" in err and "at step 1 " in err and "ckpt-000000" in err
+    assert latest_checkpoint(tmp_path / "run").name == "ckpt-000000"
+
+
+def _tiny_trainer(data: Path, policy: str):
+    from diygpt.config import get_preset
+    from diygpt.data import prepare_loaders
+    from diygpt.model import GPTModel
+    from diygpt.tokenizer import get_tokenizer
+    from diygpt.training import TrainConfig, Trainer
+
+    cfg = get_preset("tiny").with_updates(context_length=16, emb_dim=16, n_heads=2)
+    tl, vl = prepare_loaders(data.read_text(), get_tokenizer(), 2, 16)
+    torch.manual_seed(0)
+    model = GPTModel(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tc = TrainConfig(num_epochs=1, eval_freq=100, eval_iter=1, start_context=None, max_steps=4,
+                     progress=False, nan_policy=policy)
+    return Trainer(model, opt, tl, vl, "cpu", tc)
+
+
+def test_inf_gradient_is_caught_before_the_update(data):
+    trainer = _tiny_trainer(data, "stop")
+    weight = trainer.model.tok_emb.weight
+    calls = {"n": 0}
+
+    def poison(grad):
+        calls["n"] += 1
+        return grad * float("inf") if calls["n"] == 3 else grad
+
+    weight.register_hook(poison)
+    with pytest.raises(TrainingError, match="non-finite gradient norm .* at step 2"):
+        trainer.fit()
+    assert torch.isfinite(weight).all()
+
+
+def test_skip_policy_skips_the_bad_step(data, capsys):
+    trainer = _tiny_trainer(data, "skip")
+    calls = {"n": 0}
+
+    def poison(module, args, out):
+        calls["n"] += module.training  # training forwards only, not evaluation
+        return out * float("nan") if calls["n"] == 2 else out
+
+    trainer.model.register_forward_hook(poison)
+    trainer.fit()
+    assert "non-finite loss (nan) at step 1; step skipped" in capsys.readouterr().err
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert trainer.history.global_step == 3

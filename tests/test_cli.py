@@ -1,0 +1,103 @@
+"""The command line: a real train -> generate -> eval round trip, and one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+from cli_helpers import run_cli
+
+FAST = ["--preset", "tiny", "--context-length", "32", "--batch-size", "4", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, verdict_path):
+    out = tmp_path_factory.mktemp("run")
+    cmd = [sys.executable, "-m", "diygpt", "train", "--data", str(verdict_path), *FAST,
+           "--epochs", "1", "--eval-freq", "10", "--eval-iter", "1", "--lr", "0.003",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_train_prints_the_books_lines(trained_run):
+    out, proc = trained_run
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("Ep 1 (Step 000000): Train loss ")
+    assert lines[-1].startswith("Every effort moves you")
+    assert "Traceback" not in proc.stderr
+    for name in ("model.safetensors", "optimizer.pt", "state.json", "metrics.jsonl", "loss.png"):
+        assert (out / name).is_file()
+
+
+def test_generate_from_the_run_streams_and_is_reproducible(trained_run, capsys):
+    out, _ = trained_run
+    args = ["generate", "--checkpoint", str(out), "--prompt", "Every effort moves you",
+            "--max-new-tokens", "12", "--temperature", "1.0", "--top-k", "20", "--seed", "7"]
+    rc1, text1, _ = run_cli(capsys, *args)
+    rc2, text2, _ = run_cli(capsys, *args, "--no-cache")
+    assert rc1 == rc2 == 0 and text1 == text2 and text1.startswith("Every effort moves you")
+
+
+def test_eval_reports_loss_and_perplexity(trained_run, capsys, verdict_path):
+    out, _ = trained_run
+    rc, text, _ = run_cli(capsys, "eval", "--checkpoint", str(out), "--data", str(verdict_path),
+                          "--max-batches", "3")
+    assert rc == 0 and text.startswith("loss ") and "perplexity" in text
+
+
+def test_every_command_has_help(capsys):
+    for cmd in ("train", "generate", "eval", "download"):
+        rc, text, _ = run_cli(capsys, cmd, "--help")
+        assert rc == 0 and "--" in text
+    rc, text, _ = run_cli(capsys, "train", "--help")
+    for flag in ("--data", "--preset", "--epochs", "--batch-size", "--lr", "--weight-decay",
+                 "--train-ratio", "--context-length", "--stride", "--drop-rate", "--eval-freq",
+                 "--eval-iter", "--seed", "--no-shuffle", "--drop-last", "--no-drop-last", "--attn",
+                 "--sample-prompt", "--out", "--device", "--max-steps", "--tokenizer-dir"):
+        assert flag in text, flag
+    rc, text, _ = run_cli(capsys, "generate", "--help")
+    for flag in ("--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-k",
+                 "--top-p", "--seed", "--eos"):
+        assert flag in text, flag
+
+
+def _bad_inputs(tmp, verdict):
+    empty = tmp / "empty.txt"
+    empty.write_text("")
+    short = tmp / "short.txt"
+    short.write_text("Only a handful of words here.")
+    junk = tmp / "junk.safetensors"
+    junk.write_bytes(b"garbage")
+    train = ["train", "--out", str(tmp / "never"), *FAST]
+    gen = ["generate", "--checkpoint", str(junk), "--preset", "tiny"]
+    return [
+        (train + ["--data", str(tmp / "missing.txt")], "does not exist"),
+        (train + ["--data", str(empty)], "is empty"),
+        (train + ["--data", str(short)], "tokens but needs at least 33"),
+        (train + ["--data", str(verdict), "--n-heads", "3"], "divisible"),
+        (train + ["--data", str(verdict), "--drop-rate", "1.5"], "drop_rate"),
+        (train + ["--data", str(verdict), "--preset", "gpt3"], "invalid choice"),
+        (train + ["--data", str(verdict), "--device", "tpu"], "device"),
+        (gen + ["--temperature", "-1"], "temperature"),
+        (gen + ["--top-k", "0"], "top_k"),
+        (gen + ["--top-p", "1.5"], "top_p"),
+        (gen + ["--top-p", "0"], "top_p"),
+        (gen, "junk.safetensors: cannot read"),
+        (["generate", "--checkpoint", str(tmp / "nope")], "no such checkpoint"),
+    ]
+
+
+def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, verdict_path, capsys):
+    for argv, message in _bad_inputs(tmp_path, verdict_path):
+        rc, _, err = run_cli(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert rc == 2, (argv, err)
+        assert len(lines) == 1 and message in lines[0], (argv, err)
+        assert "Traceback" not in err
+
+
+def test_console_script_entry_point(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "diygpt", "--version"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("diygpt ")

@@ -1,0 +1,98 @@
+"""DDP under torchrun (gloo on CPU): same weights as one process, rank 0 alone writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from distributed_helpers import (
+    assert_same_losses,
+    assert_same_optimizer_state,
+    eval_lines,
+    max_weight_diff,
+    single_run,
+    tiny_args,
+    torchrun,
+)
+
+from diygpt.cli.main import main
+from diygpt.config import get_preset
+from diygpt.distributed import DistEnv, rank_slice, wrap_model
+from diygpt.errors import ConfigError
+from diygpt.fsdp import rekey_optimizer_state
+from diygpt.model import GPTModel
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_rank_slices_split_every_batch_once_and_contiguously(world):
+    for rows in range(0, 13):
+        slices = [rank_slice(rows, r, world) for r in range(world)]
+        covered = [i for s in slices for i in range(rows)[s]]
+        assert covered == list(range(rows))  # every row once, in rank order
+        sizes = [s.stop - s.start for s in slices]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_dist_env_reads_torchrun_variables():
+    assert DistEnv.from_env({}) == DistEnv()
+    env = DistEnv.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert (env.rank, env.world_size, env.local_rank, env.launched, env.is_main) == (1, 2, 1, True, False)
+    with pytest.raises(ConfigError, match="not integers"):
+        DistEnv.from_env({"RANK": "x", "WORLD_SIZE": "2"})
+    with pytest.raises(ConfigError, match="inconsistent"):
+        DistEnv.from_env({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+def test_single_process_is_not_wrapped_and_fsdp_needs_torchrun(tokenizer):
+    model = GPTModel(get_preset("tiny"))
+    assert wrap_model(model, DistEnv(), torch.device("cpu")) == (model, None)
+    with pytest.raises(ConfigError, match="torchrun"):
+        wrap_model(model, DistEnv(), torch.device("cpu"), fsdp=True)
+
+
+def test_fsdp_without_torchrun_is_a_one_line_error(verdict_path, tmp_path, capsys):
+    code = main(tiny_args(verdict_path, str(tmp_path / "run"), "--fsdp"))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "diygpt: error: --fsdp shards the model across processes started by torchrun" in err
+    assert "Traceback" not in err
+
+
+def test_optimizer_state_rekeys_both_ways():
+    names = ["a.weight", "b.weight"]
+    by_name = {"state": {"a.weight": {"step": 1}, "b.weight": {"step": 2}},
+               "param_groups": [{"lr": 0.1, "params": names}]}
+    by_index = rekey_optimizer_state(by_name, {n: i for i, n in enumerate(names)})
+    assert by_index == {"state": {0: {"step": 1}, 1: {"step": 2}},
+                        "param_groups": [{"lr": 0.1, "params": [0, 1]}]}
+    assert rekey_optimizer_state(by_index, dict(enumerate(names))) == by_name
+
+
+@pytest.fixture(scope="module")
+def reference(verdict_path, tmp_path_factory) -> Path:
+    return single_run(verdict_path, tmp_path_factory)
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_match_one_process_and_only_rank0_writes(
+    verdict_path, tmp_path, reference, capsys
+):
+    capsys.readouterr()
+    result = torchrun(2, tiny_args(verdict_path, "run"), tmp_path, per_rank_dir=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run0 = tmp_path / "rank0" / "run"
+    # Rank 0 wrote the whole run folder; rank 1 wrote nothing at all.
+    assert {p.name for p in run0.iterdir()} >= {
+        "model.safetensors", "optimizer.pt", "state.json", "metrics.jsonl", "loss.png"
+    }
+    assert list((tmp_path / "rank1").iterdir()) == []
+    # Global batch 5 over 2 ranks (3 + 2 rows, each in 2 micro-batches): same weights.
+    assert max_weight_diff(run0, reference) < 1e-5
+    assert_same_optimizer_state(run0, reference)
+    # Losses are averaged over ranks and printed once, by rank 0.
+    lines = eval_lines(result.stdout)
+    assert [line.split(":")[0] for line in lines] == ["Ep 1 (Step 000000)", "Ep 1 (Step 000003)"]
+    assert_same_losses(run0, reference)
+    assert "2 ranks (DDP)" in result.stderr
+    assert result.stdout.count("Every effort") == 1  # one epoch-end sample

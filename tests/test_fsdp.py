@@ -1,0 +1,40 @@
+"""FSDP2 (fully_shard) under torchrun, on CPU with gloo: same run as one process, and a run
+folder a single process loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from distributed_helpers import (
+    assert_same_losses,
+    assert_same_optimizer_state,
+    max_weight_diff,
+    single_run,
+    tiny_args,
+    torchrun,
+)
+
+from diygpt.checkpoints import load_model, unwrap_model
+
+
+@pytest.fixture(scope="module")
+def reference(verdict_path, tmp_path_factory) -> Path:
+    return single_run(verdict_path, tmp_path_factory)
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_match_one_process_and_save_a_plain_run(verdict_path, tmp_path, reference):
+    result = torchrun(2, tiny_args(verdict_path, "run", "--fsdp"), tmp_path, per_rank_dir=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 ranks (FSDP)" in result.stderr
+    run0 = tmp_path / "rank0" / "run"
+    assert list((tmp_path / "rank1").iterdir()) == []
+    # The sharded weights and AdamW state were gathered into the single-process layout.
+    assert max_weight_diff(run0, reference) < 1e-5
+    assert_same_optimizer_state(run0, reference)
+    assert_same_losses(run0, reference)
+    # ... and one process loads the run folder with the normal loader.
+    model = load_model(run0)
+    assert unwrap_model(model) is model
+    assert type(model).__name__ == "GPTModel"
