@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cache", dest="use_cache", action="store_false",
                    help="recompute the whole window each step instead of using the KV cache")
     p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8 weight-only matmuls: about 4x fewer bytes read per token "
+                   help="int8 weights in every matmul (dynamic int8 on x86): 4x fewer bytes read per token "
                    "(CPU; see BENCHMARKS.md for speed and perplexity cost)")
     add_device_flags(p)
     p.set_defaults(func=run)
