@@ -26,6 +26,7 @@ from diygpt.errors import CheckpointError, ConfigError, TrainingError
 from diygpt.generation import generate_text_simple
 from diygpt.losses import calc_loss_batch, calc_loss_loader
 from diygpt.plotting import plot_losses
+from diygpt.precision import Precision
 from diygpt.resume import (
     LoadedCheckpoint,
     ResumePoint,
@@ -36,6 +37,7 @@ from diygpt.resume import (
 )
 from diygpt.schedule import lr_at_step
 from diygpt.signals import Interrupted, StopRequest
+from diygpt.speed import SpeedMeter
 from diygpt.tokenizer import text_to_token_ids, token_ids_to_text
 
 if TYPE_CHECKING:
@@ -142,6 +144,8 @@ class Trainer:
         log: Callable[[str], None] | None = None,
         run_state: dict | None = None,
         parallel: Parallel | None = None,
+        precision: Precision | None = None,
+        meter: SpeedMeter | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -165,6 +169,10 @@ class Trainer:
         # Under torchrun (see distributed.py): how batches split across ranks, and who writes.
         self.parallel = parallel
         self.is_main = parallel is None or parallel.is_main
+        # fp32 (the default) is the book's plain backward and step; see diygpt.precision.
+        self.precision = precision or Precision(device)
+        # Only with a meter does the eval line get tok/s (and MFU) appended.
+        self.meter = meter
 
     # -- output --------------------------------------------------------------------------
     def log(self, line: str) -> None:
@@ -203,8 +211,9 @@ class Trainer:
                 self.model, input_batch, target_batch, self.cfg.grad_accum, self.device
             )
         elif self.cfg.grad_accum == 1:
-            loss = calc_loss_batch(input_batch, target_batch, self.model, self.device)
-            loss.backward()
+            with self.precision.autocast():
+                loss = calc_loss_batch(input_batch, target_batch, self.model, self.device)
+            self.precision.backward(loss)
         else:
             # Weight each micro-batch by its rows so the sum is the full batch's mean loss.
             rows = input_batch.shape[0]
@@ -214,20 +223,26 @@ class Trainer:
                 target_batch.chunk(self.cfg.grad_accum),
                 strict=True,
             ):
-                part = calc_loss_batch(xs, ys, self.model, self.device) * (xs.shape[0] / rows)
-                part.backward()
+                with self.precision.autocast():
+                    part = calc_loss_batch(xs, ys, self.model, self.device) * (xs.shape[0] / rows)
+                self.precision.backward(part)
                 loss = loss + part.detach()
+        self.precision.unscale(self.optimizer)  # fp16: true gradient sizes before the norm
         if self.cfg.grad_clip is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         else:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads)
         # Checked before optimizer.step(), so a bad step never reaches the weights.
-        if not bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):
+        finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+        if not finite and self.precision.scaler is not None and bool(torch.isfinite(loss)):
+            self.precision.step(self.optimizer)  # fp16 overflow: the scaler skips, lowers its scale
+            return loss.detach()
+        if not finite:
             self._non_finite(loss, grad_norm)
             self.optimizer.zero_grad()
             return loss.detach()
-        self.optimizer.step()
+        self.precision.step(self.optimizer)
         return loss.detach()
 
     def _non_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
@@ -271,6 +286,8 @@ class Trainer:
                         if c.max_steps is not None and h.global_step + 1 >= c.max_steps:
                             break
                         lr = self._set_lr(h.global_step + 1)
+                        if self.meter is not None:
+                            self.meter.start()
                         loss = self.train_step(input_batch, target_batch)
                         h.tokens_seen += input_batch.numel()
                         h.global_step += 1
@@ -280,6 +297,8 @@ class Trainer:
                             loss=f"{loss.item():.3f}",
                             tok_s=f"{(h.tokens_seen - tokens0) / (time.perf_counter() - t0):.0f}",
                         )
+                        if self.meter is not None:  # after loss.item(), which waits for the GPU
+                            self.meter.stop(input_batch.numel())
                         if h.global_step % c.eval_freq == 0:
                             self._evaluate(epoch, lr)
                         self._after_step()
@@ -399,14 +418,17 @@ class Trainer:
                 self.model, self.train_loader, self.val_loader, self.cfg.eval_iter
             )
         else:
-            train_loss, val_loss = evaluate_model(
-                self.model, self.train_loader, self.val_loader, self.device, self.cfg.eval_iter
-            )
+            with self.precision.autocast():
+                train_loss, val_loss = evaluate_model(
+                    self.model, self.train_loader, self.val_loader, self.device,
+                    self.cfg.eval_iter,
+                )
         h.train_losses.append(train_loss)
         h.val_losses.append(val_loss)
         h.track_tokens_seen.append(h.tokens_seen)
         h.steps.append(h.global_step)
-        self.log(format_eval_line(epoch + 1, h.global_step, train_loss, val_loss))
+        line = format_eval_line(epoch + 1, h.global_step, train_loss, val_loss)
+        self.log(line + (self.meter.report() if self.meter is not None else ""))
         self._write_metrics({
             "step": h.global_step, "epoch": epoch + 1, "train_loss": train_loss,
             "val_loss": val_loss, "tokens_seen": h.tokens_seen, "lr": lr,

@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from diygpt.cli import download, evaluate, generate, train
+    from diygpt.cli import download, evaluate, generate, prepare, train
 
     parser = _Parser(
         prog=_PROG,
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (train, generate, evaluate, download):
+    for module in (train, generate, evaluate, download, prepare):
         module.register(sub)
     return parser
 

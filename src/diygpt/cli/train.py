@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from diygpt.cli.options import add_device_flags, build_config, finite_float, positive_int
+from diygpt.cli.speed_flags import add_speed_flags, prepare_model, setup_training
 from diygpt.config import ATTENTION_IMPLS, PRESETS
 
 EXAMPLE = """example (the seed's run, section 2.1):
@@ -92,6 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--nan-policy", choices=["stop", "skip"], default="stop",
                    help="on a non-finite loss or gradient norm: stop with an error (default) "
                    "or skip that step")
+    add_speed_flags(p)
     add_device_flags(p)
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun, shard weights, gradients and optimizer state across "
@@ -180,9 +182,10 @@ def _train(args: argparse.Namespace, env, device) -> int:
     torch.manual_seed(args.seed)
     model = GPTModel(cfg).to(device)
     n_params = model.num_parameters()
+    prepare_model(args, model)  # --pad-vocab, --tf32: on the plain model, before any wrapper
     # DDP or FSDP under torchrun, before the optimizer (FSDP swaps in sharded parameters).
     model, parallel = wrap_model(model, env, device, fsdp=args.fsdp)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    fast = setup_training(args, model, device)  # optimizer, --dtype, --compile, tok/s meter
     ranks = f" x {env.world_size} ranks ({'FSDP' if args.fsdp else 'DDP'})" if parallel else ""
     warn(
         f"diygpt: {n_params / 1e6:.1f}M parameters on {device}{ranks}; "
@@ -192,8 +195,8 @@ def _train(args: argparse.Namespace, env, device) -> int:
     train_args["data"] = [str(Path(d).resolve()) for d in args.data]  # resumable from anywhere
     run_state = {"train_args": train_args, "data_sha256": digest}
     trainer = Trainer(
-        model, optimizer, train_loader, val_loader, device, train_cfg, tokenizer,
-        run_state=run_state, parallel=parallel,
+        fast.model, fast.optimizer, train_loader, val_loader, device, train_cfg, tokenizer,
+        run_state=run_state, parallel=parallel, precision=fast.precision, meter=fast.meter,
     )
     if ckpt is not None:
         trainer.load_checkpoint(ckpt)

@@ -1,0 +1,110 @@
+"""Batch-1 greedy generation speed on CPU or GPU: diygpt (KV cache, fp32 and int8) vs
+transformers ``generate``, same weights, same prompt, in one run.
+
+    python bench/generate_speed.py [--new-tokens 200] [--repeats 3] [--checkpoint RUN]
+
+Also prints the int8 path's quality cost: loss and perplexity on the-verdict, fp32 vs int8,
+with the same (random gpt2-small, or --checkpoint) weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import _common
+import torch
+
+from diygpt.checkpoints import load_model
+from diygpt.config import get_preset
+from diygpt.data import GPTDatasetV1, make_loader
+from diygpt.generation import generate
+from diygpt.losses import calc_loss_loader, perplexity
+from diygpt.model import GPTModel
+from diygpt.quantize import quantize_int8
+from diygpt.static_decode import static_generate
+from diygpt.tokenizer import get_tokenizer
+
+PROMPT = [15496, 11, 314, 716]  # "Hello, I am": 4 tokens
+
+
+def verdict_loss(model, cfg, tokenizer, device) -> float:
+    ids = tokenizer.encode_ordinary(_common.VERDICT.read_text(encoding="utf-8"))
+    length = min(cfg.context_length, 256)
+    loader = make_loader(GPTDatasetV1(None, tokenizer, length, length, token_ids=ids), 4,
+                         shuffle=False, drop_last=False)
+    with torch.no_grad():
+        return calc_loss_loader(loader, model, device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--new-tokens", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--checkpoint", default=None, help="a run folder instead of random weights")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--skip-hf", action="store_true")
+    _common.add_common_args(ap)
+    args = ap.parse_args()
+    _common.apply_common_args(args)
+    device = torch.device(args.device)
+    n = args.new_tokens
+
+    torch.manual_seed(123)
+    if args.checkpoint:
+        ours = load_model(args.checkpoint, device=device)
+        hf = None
+    else:
+        cfg = get_preset("gpt2-small")  # ctx 1024, qkv bias, no dropout
+        hf = _common.hf_gpt2(cfg).eval()
+        ours = GPTModel(cfg).eval()
+        _common.copy_hf_gpt2_into(ours, hf)
+        ours, hf = ours.to(device), hf.to(device)
+    cfg = ours.cfg
+    idx = torch.tensor([PROMPT], device=device)
+
+    def run_ours(model):
+        return lambda: generate(model, idx, n, cfg.context_length)
+
+    int8 = quantize_int8(copy.deepcopy(ours)) if device.type == "cpu" else None
+    rows: list[tuple[str, float]] = []
+    if hf is not None and not args.skip_hf:
+        hf_kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            hf_out = hf.generate(idx, **hf_kwargs)
+            same = torch.equal(hf_out, generate(ours, idx, n, cfg.context_length))
+        print(f"same greedy tokens as transformers: {same}")
+        t = _common.median_seconds(lambda: hf.generate(idx, **hf_kwargs), args.warmup,
+                                   args.repeats)
+        rows.append(("transformers generate (fp32, its KV cache)", n / t))
+    t = _common.median_seconds(run_ours(ours), args.warmup, args.repeats)
+    rows.append(("diygpt generate (fp32, KV cache)", n / t))
+    if int8 is not None:
+        t = _common.median_seconds(run_ours(int8), args.warmup, args.repeats)
+        rows.append(("diygpt generate --quantize int8", n / t))
+    if device.type == "cuda":  # fixed-shape steps: compiled and replayed as a CUDA graph
+        with torch.no_grad():
+            assert torch.equal(static_generate(ours, idx, n), generate(ours, idx, n, cfg.context_length))
+        for compiled in (False, True):
+            t = _common.median_seconds(lambda c=compiled: static_generate(ours, idx, n, c),
+                                       max(args.warmup, 2 if compiled else 1), args.repeats)
+            rows.append((f"diygpt static cache{' + compile (CUDA graphs)' if compiled else ''}", n / t))
+    baseline = rows[0][0]
+    _common.print_table(
+        f"greedy generation, {'checkpoint ' + args.checkpoint if args.checkpoint else 'gpt2-small shape'}"
+        f", {len(PROMPT)}-token prompt, {n} new tokens, batch 1, {device.type}, "
+        f"median of {args.repeats} after {args.warmup} warm-up",
+        "tok/s", rows, baseline,
+    )
+    if int8 is not None:
+        tokenizer = get_tokenizer()
+        fp32_loss = verdict_loss(ours, cfg, tokenizer, device)
+        int8_loss = verdict_loss(int8, cfg, tokenizer, device)
+        print(f"\nthe-verdict loss fp32 {fp32_loss:.4f} (perplexity {perplexity(fp32_loss):.2f}), "
+              f"int8 {int8_loss:.4f} (perplexity {perplexity(int8_loss):.2f}): "
+              f"perplexity {100 * (perplexity(int8_loss) / perplexity(fp32_loss) - 1):+.2f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Training step speed: diygpt vs the book's reference code vs transformers, one run.
+
+    python bench/train_speed.py [--preset book-124m] [--batch-size 2] [--steps 5] [--compile]
+
+A step is the book's: zero_grad, forward, cross entropy, backward, AdamW step, on the
+same batch of the-verdict's tokens. Peers run under the same --dtype autocast. Median of whole steps after warm-up; tokens per second
+is batch * context / step time. On CUDA add --dtype bf16 --compile --fused-adamw --pad-vocab
+for the fast GPU path (with MFU).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import _common
+import torch
+import torch.nn.functional as F
+
+import book_reference
+from diygpt.config import get_preset
+from diygpt.model import GPTModel
+from diygpt.precision import Precision, enable_tf32
+from diygpt.speed import compile_model, flops_per_token, make_adamw, pad_vocab, peak_flops
+from diygpt.tokenizer import get_tokenizer
+
+
+def step_fn(model, optimizer, x, y, precision: Precision, hf: bool = False):
+    def step():
+        optimizer.zero_grad()
+        with precision.autocast():
+            logits = model(x).logits if hf else model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        precision.backward(loss)
+        precision.step(optimizer)
+        return loss.item()
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--preset", default="book-124m")
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--fused-adamw", action="store_true")
+    ap.add_argument("--pad-vocab", action="store_true")
+    ap.add_argument("--tf32", action="store_true")
+    ap.add_argument("--peers", default="book,hf", help="comma list of book, hf (or none)")
+    ap.add_argument("--variants", default="sdpa,eager", help="diygpt attention kernels to time")
+    _common.add_common_args(ap)
+    args = ap.parse_args()
+    _common.apply_common_args(args)
+    device = torch.device(args.device)
+    if args.tf32:
+        enable_tf32()
+    cfg = get_preset(args.preset)
+    t = cfg.context_length
+    ids = get_tokenizer().encode_ordinary(_common.VERDICT.read_text(encoding="utf-8"))
+    need = args.batch_size * t + 1
+    ids = (ids * (need // len(ids) + 1))[:need]
+    data = torch.tensor(ids, device=device)
+    x, y = data[:-1].view(args.batch_size, t), data[1:].view(args.batch_size, t)
+    tokens = x.numel()
+    fast = Precision(device, args.dtype)
+    speedups = [name for name in ("compile", "fused_adamw", "pad_vocab", "tf32") if getattr(args, name)]
+    label = f"{args.dtype}{' + ' + ' + '.join(speedups) if speedups else ''}"
+
+    rows: list[tuple[str, float]] = []
+
+    def time_it(name, model, optimizer, precision, hf=False):
+        torch.manual_seed(0)
+        step = step_fn(model, optimizer, x, y, precision, hf)
+        rows.append((name, tokens / _common.median_seconds(step, args.warmup, args.steps)))
+        del model, optimizer
+
+    peers = [p for p in args.peers.split(",") if p and p != "none"]
+    if "hf" in peers:
+        torch.manual_seed(123)
+        hf = _common.hf_gpt2(cfg).to(device).train()
+        time_it(f"transformers GPT2LMHeadModel ({args.dtype})", hf,
+                torch.optim.AdamW(hf.parameters(), lr=4e-4, weight_decay=0.1), fast, hf=True)
+        del hf
+    if "book" in peers:
+        torch.manual_seed(123)
+        book = book_reference.BookGPTModel(cfg.to_dict()).to(device).train()
+        time_it(f"book reference GPTModel ({args.dtype})", book,
+                torch.optim.AdamW(book.parameters(), lr=4e-4, weight_decay=0.1), fast)
+        del book
+    for attn in [v for v in args.variants.split(",") if v]:
+        torch.manual_seed(123)
+        model = GPTModel(cfg.with_updates(attn_impl=attn)).to(device).train()
+        if args.pad_vocab:
+            pad_vocab(model)
+        opt = make_adamw(model.parameters(), 4e-4, 0.1, fused=args.fused_adamw)
+        wrapped = compile_model(model) if args.compile else model
+        time_it(f"diygpt --attn {attn} ({label})", wrapped, opt, fast)
+    _common.print_table(
+        f"training step, {args.preset} (ctx {t}, batch {args.batch_size}, AdamW), "
+        f"{device.type}, median of {args.steps} steps after {args.warmup} warm-up",
+        "tok/s", rows, rows[0][0],
+    )
+    peak = peak_flops(device)
+    if peak is not None:
+        best = max(rate for name, rate in rows if name.startswith("diygpt"))
+        print(f"\nMFU of the fastest diygpt row: {best * flops_per_token(cfg) / peak:.1%} "
+              f"of {peak / 1e12:.0f} TFLOP/s")
+
+
+if __name__ == "__main__":
+    main()

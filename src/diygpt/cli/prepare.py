@@ -1,0 +1,53 @@
+"""``diygpt prepare``: tokenize a corpus once into a uint16 token file."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+
+from diygpt.cli.options import positive_int
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prepare", help="tokenize text files into a uint16 token file",
+        description="Tokenize text file(s) or folder(s) of .txt files with GPT-2's BPE on "
+        "several threads, streaming in blocks so memory does not grow with the corpus. "
+        "Writes a flat array of uint16 token ids (documents separated by <|endoftext|>), "
+        "readable with numpy.memmap(PATH, dtype=numpy.uint16).",
+    )
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help="text file(s), or folder(s) of .txt files (UTF-8)")
+    p.add_argument("--out", required=True, metavar="FILE", help="output token file, e.g. train.bin")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="encoding threads (default: all CPU cores)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar on stderr")
+    p.add_argument("--tokenizer-dir", default=None, metavar="DIR",
+                   help="folder with GPT-2's encoder.json and vocab.bpe (default: "
+                   "$DIYGPT_TOKENIZER_DIR, then tiktoken's cache)")
+    p.set_defaults(func=run)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def run(args: argparse.Namespace) -> int:
+    from diygpt.prepare import prepare_tokens
+    from diygpt.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer(args.tokenizer_dir)
+    t0 = time.perf_counter()
+    stats = prepare_tokens(args.data, args.out, tokenizer, args.threads, progress=args.progress)
+    seconds = time.perf_counter() - t0
+    mb = stats.bytes_read / 1e6
+    print(
+        f"{stats.tokens} tokens from {mb:.1f} MB in {stats.files} file(s) -> {args.out} "
+        f"({mb / max(seconds, 1e-9):.1f} MB/s, peak RSS {peak_rss_mb():.0f} MB)"
+    )
+    return 0

@@ -1,0 +1,82 @@
+"""``diygpt train``'s speed flags, and turning them into a wrapped model, optimizer and precision.
+
+Without any of them training is the book's: fp32, eager PyTorch, the default AdamW, and
+the log line exactly ``Ep 1 (Step 000000): Train loss 9.740, Val loss 10.112``. With any of
+them the log line also shows tok/s (and MFU on a known GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported only when a command runs, so --help stays instant
+    import torch
+    from torch import nn
+
+    from diygpt.precision import Precision
+    from diygpt.speed import SpeedMeter
+
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+
+
+def add_speed_flags(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group("speed (all off by default: the book's fp32 eager loop)")
+    s.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
+                   help="autocast the forward pass to bf16 or fp16 (fp16 adds a GradScaler); "
+                   "weights and optimizer stay fp32 (default fp32)")
+    s.add_argument("--compile", action="store_true", help="torch.compile the model")
+    s.add_argument("--pad-vocab", action="store_true",
+                   help="compute 50304 logits (a multiple of 64) and drop the extra 47; "
+                   "checkpoints keep the 50257-row shape")
+    s.add_argument("--fused-adamw", action="store_true",
+                   help="AdamW's fused single-kernel update")
+    s.add_argument("--tf32", action="store_true",
+                   help="allow TF32 tensor cores for fp32 matmuls (CUDA)")
+
+
+def speed_flags_used(args: argparse.Namespace) -> bool:
+    return (args.dtype != "fp32" or args.compile or args.pad_vocab or args.fused_adamw
+            or args.tf32)
+
+
+@dataclass
+class TrainingSetup:
+    model: nn.Module  # what the Trainer calls: maybe compiled
+    optimizer: torch.optim.Optimizer
+    precision: Precision
+    meter: SpeedMeter | None
+
+
+def prepare_model(args: argparse.Namespace, model: nn.Module) -> None:
+    """The flags that change the plain model or global settings, before DDP/FSDP wrapping."""
+    from diygpt.precision import enable_tf32
+    from diygpt.speed import pad_vocab
+
+    if args.tf32:
+        enable_tf32()
+    if args.pad_vocab:
+        pad_vocab(model)
+
+
+def setup_training(
+    args: argparse.Namespace, model: nn.Module, device: torch.device
+) -> TrainingSetup:
+    """The optimizer, precision and tok/s meter; the model compiled if asked (after wrapping)."""
+    from diygpt.checkpoints import unwrap_model
+    from diygpt.precision import Precision
+    from diygpt.speed import (
+        SpeedMeter,
+        compile_model,
+        flops_per_token,
+        make_adamw,
+        peak_flops,
+    )
+
+    optimizer = make_adamw(model.parameters(), args.lr, args.weight_decay, fused=args.fused_adamw)
+    meter = None
+    if speed_flags_used(args):
+        meter = SpeedMeter(flops_per_token(unwrap_model(model).cfg), peak_flops(device))
+    wrapped = compile_model(model) if args.compile else model
+    return TrainingSetup(wrapped, optimizer, Precision(device, args.dtype), meter)

@@ -1,0 +1,152 @@
+"""Opt-in training speed-ups, applied to a built model from outside it.
+
+- :func:`pad_vocab`: the output projection computes a multiple-of-64 number of logits
+  (50257 -> 50304), which GPU matmul kernels tile far better; the extra logits are sliced
+  off, so the loss, gradients and saved checkpoints are those of the unpadded model.
+- :func:`compile_model`: ``torch.compile`` (fuses the elementwise ops between matmuls).
+- :func:`make_adamw`: AdamW, optionally the fused single-kernel implementation.
+- :class:`SpeedMeter`: tokens per second over training steps and, on a known GPU, MFU.
+
+None of these runs unless asked for; the default path keeps the book's exact ops.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diygpt.config import GPTConfig
+
+PAD_MULTIPLE = 64
+
+
+class PaddedHead(nn.Linear):
+    """``out_head`` with ``padded_size`` rows whose forward returns only ``vocab_size`` logits.
+
+    The state dict holds just the first ``vocab_size`` rows (the book's shape) and loading
+    a book-shaped weight pads it with zeros, so checkpoints move freely between padded and
+    unpadded models. The padding rows never receive a gradient (their logits are dropped).
+    """
+
+    def __init__(self, in_features: int, vocab_size: int, padded_size: int) -> None:
+        super().__init__(in_features, padded_size, bias=False)
+        self.vocab_size = vocab_size
+        self.register_state_dict_post_hook(_trim_padding)
+        self.register_load_state_dict_pre_hook(_add_padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)[..., : self.vocab_size]  # (B, T, padded) -> (B, T, V)
+
+
+def _trim_padding(module: PaddedHead, state_dict: dict, prefix: str, *args) -> None:
+    key = prefix + "weight"
+    if key in state_dict:
+        state_dict[key] = state_dict[key][: module.vocab_size]
+
+
+def _add_padding(module: PaddedHead, state_dict: dict, prefix: str, *args) -> None:
+    key = prefix + "weight"
+    weight = state_dict.get(key)
+    if weight is not None and weight.shape[0] == module.vocab_size:
+        pad = weight.new_zeros(module.out_features - module.vocab_size, weight.shape[1])
+        state_dict[key] = torch.cat([weight, pad])
+
+
+def padded_size(vocab_size: int, multiple: int = PAD_MULTIPLE) -> int:
+    return -(-vocab_size // multiple) * multiple
+
+
+def pad_vocab(model: nn.Module, multiple: int = PAD_MULTIPLE) -> nn.Module:
+    """Swap ``model.out_head`` for a :class:`PaddedHead` holding the same weights (in place)."""
+    head = model.out_head
+    if isinstance(head, PaddedHead):
+        return model
+    vocab, dim = head.weight.shape
+    padded = PaddedHead(dim, vocab, padded_size(vocab, multiple)).to(head.weight)
+    with torch.no_grad():
+        padded.weight.zero_()
+        padded.weight[:vocab].copy_(head.weight)
+    model.out_head = padded
+    return model
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """The compiled wrapper; checkpoints still save the plain model (``unwrap_model``)."""
+    return torch.compile(model)
+
+
+def make_adamw(
+    params: Iterable[torch.Tensor], lr: float, weight_decay: float, fused: bool = False
+) -> torch.optim.AdamW:
+    """The book's AdamW; ``fused`` updates all parameters in one kernel per step."""
+    if fused:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def flops_per_token(cfg: GPTConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B.
+
+    6 per weight of every matmul (the blocks and the output head; embedding lookups are
+    free) plus attention's 12 * layers * emb_dim * seq_len.
+    """
+    t = cfg.context_length if seq_len is None else seq_len
+    c = cfg.emb_dim
+    matmul_params = cfg.n_layers * 12 * c * c + cfg.vocab_size * c
+    return 6.0 * matmul_params + 12.0 * cfg.n_layers * c * t
+
+
+# Dense bf16/fp16 tensor-core peaks from the datasheets, FLOP/s.
+_GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+              "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
+
+
+def peak_flops(device: torch.device | str) -> float | None:
+    """The GPU's dense bf16 peak, or None when unknown (and always on CPU)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in _GPU_PEAKS.items() if key in name), None)
+
+
+class SpeedMeter:
+    """Accumulates (tokens, seconds) of training steps; reports tok/s and MFU per interval."""
+
+    def __init__(self, flops_per_token: float, peak: float | None = None) -> None:
+        self.flops_per_token = flops_per_token
+        self.peak = peak
+        self.tokens = 0
+        self.seconds = 0.0
+        self._t0: float | None = None
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def stop(self, tokens: int) -> None:
+        """Call after a step's result has been read (``loss.item()`` waits for the GPU)."""
+        if self._t0 is not None:
+            self.seconds += time.perf_counter() - self._t0
+            self.tokens += tokens
+            self._t0 = None
+
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def mfu(self) -> float | None:
+        if self.peak is None:
+            return None
+        return self.tokens_per_second() * self.flops_per_token / self.peak
+
+    def report(self) -> str:
+        """``, 115 tok/s`` (plus ``, MFU 41.2%`` on a known GPU) since the last report."""
+        text = f", {self.tokens_per_second():.0f} tok/s"
+        mfu = self.mfu()
+        if mfu is not None:
+            text += f", MFU {mfu:.1%}"
+        self.tokens, self.seconds = 0, 0.0
+        return text

@@ -1,0 +1,93 @@
+"""KV-cached generation equals the uncached path; int8 generation stays close to fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diygpt.checkpoints import save_run
+from diygpt.cli.main import main
+from diygpt.config import get_preset
+from diygpt.generation import generate
+from diygpt.losses import calc_loss_batch
+from diygpt.model import GPTModel
+from diygpt.quantize import Int8Linear, model_bytes, quantize_int8, quantize_rows
+
+CFG = get_preset("tiny").with_updates(vocab_size=300, context_length=16, qkv_bias=True)
+
+
+def _model(attn: str = "sdpa") -> GPTModel:
+    torch.manual_seed(0)
+    return GPTModel(CFG.with_updates(attn_impl=attn)).eval()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("new_tokens", [5, 40])  # 40 > context 16: the window slides
+def test_cached_greedy_equals_uncached(attn, new_tokens):
+    model = _model(attn)
+    idx = torch.randint(0, CFG.vocab_size, (2, 4))
+    cached = generate(model, idx, new_tokens, CFG.context_length, use_cache=True)
+    uncached = generate(model, idx, new_tokens, CFG.context_length, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_quantize_rows_round_trip_error_is_within_half_a_step():
+    w = torch.randn(8, 32)
+    q, scales = quantize_rows(w)
+    assert q.dtype == torch.int8
+    assert ((q.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-6).all()
+
+
+def test_int8_model_is_smaller_and_its_loss_is_close():
+    model = _model()
+    idx = torch.randint(0, CFG.vocab_size, (2, 17))
+    with torch.no_grad():
+        before = calc_loss_batch(idx[:, :-1], idx[:, 1:], model, "cpu").item()
+        size = model_bytes(model)
+        quantize_int8(model)
+        after = calc_loss_batch(idx[:, :-1], idx[:, 1:], model, "cpu").item()
+    assert isinstance(model.out_head, Int8Linear)
+    assert isinstance(model.trf_blocks[0].att.W_query, Int8Linear)
+    assert model_bytes(model) < size
+    assert after == pytest.approx(before, rel=0.02)
+    out = generate(model, idx[:, :4], 20, CFG.context_length)
+    assert out.shape == (2, 24)
+
+
+def test_generate_cli_int8(tmp_path, capsys):
+    torch.manual_seed(0)
+    save_run(tmp_path, GPTModel(get_preset("tiny")), None, {})
+    argv = ["generate", "--checkpoint", str(tmp_path), "--prompt", "Every effort moves you",
+            "--max-new-tokens", "5", "--device", "cpu"]
+    assert main([*argv, "--quantize", "int8"]) == 0
+    assert capsys.readouterr().out.startswith("Every effort moves you")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_static_cache_greedy_equals_generate(attn):
+    from diygpt.static_decode import static_generate
+
+    model = _model(attn)
+    idx = torch.randint(0, CFG.vocab_size, (2, 3))
+    expected = generate(model, idx, 13, CFG.context_length)  # fills the 16-token window
+    assert torch.equal(static_generate(model, idx, 13), expected)
+
+
+def test_static_decode_compiles_the_step_for_cuda_graphs(monkeypatch):
+    from diygpt import static_decode
+    from diygpt.errors import GenerationError
+
+    seen = {}
+
+    def fake_compile(fn, **kwargs):
+        seen.update(kwargs)
+        return fn
+
+    monkeypatch.setattr(static_decode.torch, "compile", fake_compile)
+    model = _model()
+    idx = torch.randint(0, CFG.vocab_size, (1, 4))
+    out = static_decode.static_generate(model, idx, 5, compile=True)
+    assert seen == {"mode": "reduce-overhead", "fullgraph": True}
+    assert torch.equal(out, generate(model, idx, 5, CFG.context_length))
+    with pytest.raises(GenerationError):
+        static_decode.static_generate(model, idx, 20)  # 24 tokens > window 16

@@ -1,0 +1,140 @@
+"""Speed options on CPU: padded vocab, autocast/GradScaler, compile wiring, MFU, speed log."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diygpt.checkpoints import load_model, save_run
+from diygpt.cli.main import main
+from diygpt.config import get_preset
+from diygpt.model import GPTModel
+from diygpt.precision import Precision
+from diygpt.speed import SpeedMeter, flops_per_token, pad_vocab, padded_size
+
+TINY = get_preset("tiny").with_updates(vocab_size=300, context_length=16)
+
+
+def _model(seed: int = 0) -> GPTModel:
+    torch.manual_seed(seed)
+    return GPTModel(TINY).eval()
+
+
+def test_padded_size():
+    assert padded_size(50257) == 50304
+    assert padded_size(64) == 64
+
+
+def test_pad_vocab_keeps_logits_and_checkpoint_shape(tmp_path):
+    model = _model()
+    idx = torch.randint(0, TINY.vocab_size, (2, 8))
+    before = model(idx)
+    pad_vocab(model)
+    assert model.out_head.weight.shape[0] == 320
+    assert torch.equal(model(idx), before)  # (B, T, 300): same logits, real vocab only
+    assert model.state_dict()["out_head.weight"].shape == (300, TINY.emb_dim)
+
+    save_run(tmp_path, model, None, {})
+    plain = load_model(tmp_path)  # an unpadded model loads the padded model's checkpoint
+    assert torch.equal(plain(idx), before)
+    again = pad_vocab(_model(seed=1))
+    again.load_state_dict(plain.state_dict())  # and a padded model loads an unpadded one
+    assert torch.equal(again(idx), before)
+
+
+def test_padding_rows_get_no_gradient():
+    model = pad_vocab(_model()).train()
+    idx = torch.randint(0, TINY.vocab_size, (2, 8))
+    model(idx).logsumexp(-1).mean().backward()
+    grad = model.out_head.weight.grad
+    assert grad[TINY.vocab_size:].abs().sum() == 0
+    assert grad[: TINY.vocab_size].abs().sum() > 0
+
+
+def _one_step(dtype: str) -> float:
+    model = _model().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    precision = Precision("cpu", dtype)
+    idx = torch.randint(0, TINY.vocab_size, (2, 9))
+    with precision.autocast():
+        logits = model(idx[:, :-1])
+    assert logits.dtype == (torch.float32 if dtype == "fp32" else precision.dtype)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), idx[:, 1:].flatten())
+    precision.backward(loss)
+    precision.unscale(opt)
+    precision.step(opt)
+    return loss.item()
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_autocast_step_runs_and_is_close_to_fp32(dtype):
+    assert _one_step(dtype) == pytest.approx(_one_step("fp32"), abs=0.05)
+
+
+def test_fp16_uses_a_grad_scaler_and_fp32_none():
+    assert Precision("cpu", "fp16").scaler is not None
+    assert Precision("cpu", "fp32").scaler is None
+    assert Precision("cpu", "fp32").is_default
+
+
+def test_flops_per_token_of_gpt2_small():
+    cfg = get_preset("gpt2-small")
+    # 6 * (85M block weights + 38.6M head) + attention: about 0.85 GFLOP per token at ctx 1024.
+    assert flops_per_token(cfg) == pytest.approx(6 * (12 * 12 * 768**2 + 50257 * 768)
+                                                  + 12 * 12 * 768 * 1024)
+
+
+def test_speed_meter_reports_and_resets():
+    meter = SpeedMeter(flops_per_token=1e9, peak=1e12)
+    meter.tokens, meter.seconds = 1000, 2.0
+    assert meter.report() == ", 500 tok/s, MFU 50.0%"
+    assert meter.tokens == 0
+    assert SpeedMeter(1e9).mfu() is None
+
+
+def _train(tmp_path, verdict_path, *extra: str, capsys) -> list[str]:
+    argv = [
+        "train", "--data", str(verdict_path), "--preset", "tiny", "--max-steps", "4",
+        "--eval-freq", "2", "--eval-iter", "1", "--batch-size", "2", "--no-progress",
+        "--sample-prompt", "", "--device", "cpu", "--out", str(tmp_path / "run"), *extra,
+    ]
+    assert main(argv) == 0
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("Ep ")]
+
+
+def test_default_log_line_is_the_books(tmp_path, verdict_path, capsys):
+    lines = _train(tmp_path, verdict_path, capsys=capsys)
+    assert lines and all(line.endswith(tuple("0123456789")) and "tok/s" not in line
+                         for line in lines)
+
+
+def test_train_bf16_pad_vocab_fused_logs_tok_s_and_saves_book_shape(tmp_path, verdict_path, capsys):
+    lines = _train(tmp_path, verdict_path, "--dtype", "bf16", "--pad-vocab", "--fused-adamw",
+                   capsys=capsys)
+    assert lines and all(line.endswith(" tok/s") for line in lines)
+    model = load_model(tmp_path / "run")
+    assert model.out_head.weight.shape == (50257, 64)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["train_args"]["dtype"] == "bf16"
+
+
+def test_train_compile_wiring(tmp_path, verdict_path, capsys, monkeypatch):
+    """--compile wraps the model for the step and saves it unwrapped (compile itself mocked)."""
+    calls = []
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self._orig_mod = model
+
+        def forward(self, *args, **kwargs):
+            calls.append(1)
+            return self._orig_mod(*args, **kwargs)
+
+    monkeypatch.setattr("diygpt.speed.torch.compile", Wrapper)
+    _train(tmp_path, verdict_path, "--compile", capsys=capsys)
+    assert calls
+    assert "model.safetensors" in {p.name for p in (tmp_path / "run").iterdir()}
+    load_model(tmp_path / "run")  # no _orig_mod. prefixes
