@@ -77,3 +77,13 @@ def test_lr_schedule_shape():
     assert lrs[4] == pytest.approx(1.0) and lrs[20] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
     assert lr_at_step(7, 3e-4) == 3e-4
+
+
+def test_the_books_function_names_are_importable():
+    import diygpt
+
+    for name in ("GPTModel", "create_dataloader_v1", "calc_loss_batch", "calc_loss_loader",
+                 "train_model_simple", "evaluate_model", "generate_and_print_sample",
+                 "generate_text_simple", "generate", "text_to_token_ids", "token_ids_to_text",
+                 "plot_losses", "load_pretrained"):
+        assert callable(getattr(diygpt, name)), name

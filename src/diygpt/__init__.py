@@ -11,7 +11,31 @@ from diygpt.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
 
 __version__ = "0.1.0"
 
+# The book's training helpers pull in matplotlib and tqdm; import them only when asked for.
+_LAZY = {
+    "train_model_simple": "diygpt.training",
+    "Trainer": "diygpt.training",
+    "TrainConfig": "diygpt.train_config",
+    "evaluate_model": "diygpt.evaluation",
+    "generate_and_print_sample": "diygpt.evaluation",
+    "plot_losses": "diygpt.plotting",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'diygpt' has no attribute {name!r}")
+
 __all__ = [
+    "TrainConfig",
+    "Trainer",
+    "evaluate_model",
+    "generate_and_print_sample",
+    "plot_losses",
+    "train_model_simple",
     "PRESETS",
     "DiygptError",
     "GPTConfig",

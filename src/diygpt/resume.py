@@ -202,3 +202,36 @@ def find_resume_checkpoint(run_dir: str | os.PathLike) -> Path:
             "and on Ctrl-C or SIGTERM)"
         )
     return found
+
+
+def history_state(history, base_lrs: list[float], metrics: Path) -> dict[str, Any]:
+    """The counters, loss history and schedule a resume needs, as JSON-ready values.
+
+    ``metrics_bytes`` lets a resume cut metrics.jsonl back to what it held at this step.
+    """
+    h = history
+    return {
+        "global_step": h.global_step, "tokens_seen": h.tokens_seen, "epochs_done": h.epochs_done,
+        "resume": {
+            "base_lrs": base_lrs,
+            "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
+            "history": {
+                "train_losses": h.train_losses, "val_losses": h.val_losses,
+                "track_tokens_seen": h.track_tokens_seen, "steps": h.steps,
+            },
+        },
+    }
+
+
+def restore_history(history, state: dict[str, Any]) -> tuple[list[float], int]:
+    """Fill ``history`` from :func:`history_state`'s output; returns (base_lrs, metrics_bytes).
+
+    Raises KeyError, TypeError or ValueError on a damaged state.
+    """
+    info = state["resume"]
+    for key, values in info["history"].items():
+        setattr(history, key, list(values))
+    history.global_step = int(state["global_step"])
+    history.tokens_seen = int(state["tokens_seen"])
+    history.epochs_done = int(state["epochs_done"])
+    return [float(x) for x in info["base_lrs"]], int(info["metrics_bytes"])

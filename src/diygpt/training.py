@@ -12,7 +12,6 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,15 +21,17 @@ from tqdm import tqdm
 
 from diygpt.checkpointing import check_writable
 from diygpt.checkpoints import load_into, save_run, unwrap_model
-from diygpt.errors import CheckpointError, ConfigError, TrainingError
-from diygpt.generation import generate_text_simple
-from diygpt.losses import calc_loss_batch, calc_loss_loader
+from diygpt.errors import CheckpointError, TrainingError
+from diygpt.evaluation import evaluate_model, format_eval_line, sample_text
+from diygpt.losses import calc_loss_batch
 from diygpt.plotting import plot_losses
 from diygpt.precision import Precision
 from diygpt.resume import (
     LoadedCheckpoint,
     ResumePoint,
     capture_rng,
+    history_state,
+    restore_history,
     restore_rng,
     skip_batches,
     write_training_checkpoint,
@@ -38,96 +39,10 @@ from diygpt.resume import (
 from diygpt.schedule import lr_at_step
 from diygpt.signals import Interrupted, StopRequest
 from diygpt.speed import SpeedMeter
-from diygpt.tokenizer import text_to_token_ids, token_ids_to_text
+from diygpt.train_config import History, TrainConfig
 
 if TYPE_CHECKING:
     from diygpt.distributed import Parallel
-
-NAN_POLICIES = ("stop", "skip")
-
-
-@dataclass
-class TrainConfig:
-    num_epochs: int = 10
-    eval_freq: int = 5
-    eval_iter: int = 5
-    start_context: str | None = "Every effort moves you"
-    sample_tokens: int = 50
-    max_steps: int | None = None
-    warmup_steps: int = 0
-    cosine: bool = False
-    min_lr: float = 0.0
-    grad_clip: float | None = None
-    grad_accum: int = 1
-    out_dir: str | None = None
-    progress: bool = True
-    save_every: int | None = None  # checkpoint every N steps into out_dir/ckpt-<step>
-    keep_last: int = 2
-    nan_policy: str = "stop"  # a non-finite loss or grad norm: "stop" or "skip" the step
-
-    def __post_init__(self) -> None:
-        if self.num_epochs < 0:
-            raise ConfigError(f"epochs must be >= 0, got {self.num_epochs}")
-        if self.eval_freq <= 0 or self.eval_iter <= 0:
-            raise ConfigError("eval-freq and eval-iter must be positive")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ConfigError(f"max-steps must be positive, got {self.max_steps}")
-        if self.grad_accum <= 0:
-            raise ConfigError(f"grad-accum must be positive, got {self.grad_accum}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ConfigError(f"grad-clip must be positive, got {self.grad_clip}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup-steps must be >= 0, got {self.warmup_steps}")
-        if self.save_every is not None and (self.save_every <= 0 or self.out_dir is None):
-            raise ConfigError("save-every must be positive and needs an output folder")
-        if self.keep_last <= 0:
-            raise ConfigError(f"keep-last must be positive, got {self.keep_last}")
-        if self.nan_policy not in NAN_POLICIES:
-            raise ConfigError(f"nan-policy must be one of {', '.join(NAN_POLICIES)}")
-
-
-@dataclass
-class History:
-    train_losses: list[float] = field(default_factory=list)
-    val_losses: list[float] = field(default_factory=list)
-    track_tokens_seen: list[int] = field(default_factory=list)
-    steps: list[int] = field(default_factory=list)
-    global_step: int = -1
-    tokens_seen: int = 0
-    epochs_done: int = 0
-
-
-def evaluate_model(
-    model: nn.Module, train_loader, val_loader, device, eval_iter: int
-) -> tuple[float, float]:
-    """Mean loss of the first ``eval_iter`` batches of each loader, in eval mode."""
-    model.eval()
-    with torch.no_grad():
-        train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
-        val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
-    model.train()
-    return train_loss, val_loss
-
-
-def sample_text(
-    model: nn.Module, tokenizer, device, start_context: str, max_new_tokens: int = 50
-) -> str:
-    """The book's greedy epoch sample, newlines shown as spaces."""
-    model.eval()
-    context_size = model.pos_emb.weight.shape[0]
-    encoded = text_to_token_ids(start_context, tokenizer).to(device)
-    token_ids = generate_text_simple(model, encoded, max_new_tokens, context_size)
-    model.train()
-    return token_ids_to_text(token_ids, tokenizer).replace("\n", " ")
-
-
-def generate_and_print_sample(model: nn.Module, tokenizer, device, start_context: str) -> None:
-    print(sample_text(model, tokenizer, device, start_context))
-
-
-def format_eval_line(epoch: int, step: int, train_loss: float, val_loss: float) -> str:
-    return f"Ep {epoch} (Step {step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
-
 
 class Trainer:
     """Runs the loop; the model is passed in plain (or already wrapped) and never modified."""
@@ -341,21 +256,8 @@ class Trainer:
             raise Interrupted(signum, step, str(ckpt) if ckpt else None)
 
     def training_state(self) -> dict:
-        h = self.history
         metrics = Path(self.cfg.out_dir or ".") / "metrics.jsonl"
-        return {
-            **self.run_state,
-            "global_step": h.global_step, "tokens_seen": h.tokens_seen,
-            "epochs_done": h.epochs_done,
-            "resume": {
-                "base_lrs": self.base_lrs,
-                "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
-                "history": {
-                    "train_losses": h.train_losses, "val_losses": h.val_losses,
-                    "track_tokens_seen": h.track_tokens_seen, "steps": h.steps,
-                },
-            },
-        }
+        return {**self.run_state, **history_state(self.history, self.base_lrs, metrics)}
 
     def save_checkpoint(self) -> Path | None:
         """Write ``out_dir/ckpt-<step>`` atomically (once per step) and return it.
@@ -392,14 +294,7 @@ class Trainer:
             else:
                 load_into(self.model, ckpt.weights, str(ckpt.folder))
                 self.optimizer.load_state_dict(ckpt.optimizer)
-            info = state["resume"]
-            self.base_lrs = [float(x) for x in info["base_lrs"]]
-            for key, values in info["history"].items():
-                setattr(h, key, list(values))
-            h.global_step = int(state["global_step"])
-            h.tokens_seen = int(state["tokens_seen"])
-            h.epochs_done = int(state["epochs_done"])
-            metrics_bytes = int(info["metrics_bytes"])
+            self.base_lrs, metrics_bytes = restore_history(h, state)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{ckpt.folder}: damaged training state ({exc})") from None
         self.epoch = ckpt.point.epoch
