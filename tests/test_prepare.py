@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+from cli_helpers import TINY, run_cli
 
 from diygpt.cli.main import main
+from diygpt.data import load_training_data
 from diygpt.prepare import load_tokens, prepare_tokens, read_blocks
 from diygpt.tokenizer import EOT_ID
 
@@ -49,3 +51,18 @@ def test_cli_reports_rate_and_bad_input_is_one_line(tmp_path, verdict_path, caps
     bad.write_bytes(b"ok\n\xff\xfe\n")
     assert main(["prepare", "--data", str(bad), "--out", str(out)]) == 2
     assert "not valid UTF-8" in capsys.readouterr().err
+
+
+def test_train_reads_prepared_token_files(tmp_path, tokenizer, data, capsys):
+    out = tmp_path / "train.bin"
+    prepare_tokens([data], out, tokenizer, progress=False)
+    loaded = load_training_data([out], tokenizer, 0.9)
+    ids = tokenizer.encode(data.read_text(encoding="utf-8"))
+    split = int(0.9 * len(ids))
+    assert loaded.train_ids.tolist() == ids[:split] and loaded.val_ids.tolist() == ids[split:]
+    rc, stdout, err = run_cli(capsys, "train", "--data", out, *TINY, "--max-steps", "2",
+                              "--eval-freq", "1", "--eval-iter", "1", "--sample-prompt", "",
+                              "--no-progress", "--out", tmp_path / "run")
+    assert rc == 0 and stdout.startswith("Ep 1 (Step 000000): Train loss "), err
+    mixed = run_cli(capsys, "train", "--data", out, data, *TINY, "--out", tmp_path / "r2")
+    assert mixed[0] == 2 and "not both" in mixed[2]

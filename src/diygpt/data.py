@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -93,6 +96,8 @@ class GPTDatasetV1(Dataset):
             raise DataError(f"max_length and stride must be positive, got {max_length} and {stride}")
         if token_ids is None:
             token_ids = tokenizer.encode(txt, allowed_special={ENDOFTEXT})
+        if isinstance(token_ids, np.ndarray):  # e.g. a uint16 memmap from `diygpt prepare`
+            token_ids = token_ids.astype(np.int32)
         ids = torch.as_tensor(token_ids)
         # int32 halves the memory of int64 and holds any GPT-2 id; batches are widened to int64.
         self.tokens = ids.to(torch.int32) if ids.dtype != torch.int32 else ids
@@ -170,19 +175,47 @@ def prepare_loaders(
     num_workers: int = 0,
     warn=None,
 ) -> tuple[DataLoader, DataLoader]:
-    """Split text as the book does and build its train and validation loaders, with checks.
+    """Split text as the book does (by characters) and build its train and validation loaders.
+
+    See :func:`loaders_from_tokens` for the checks.
+    """
+    train_text, val_text = split_text(text, train_ratio)
+    train_ids = tokenizer.encode(train_text, allowed_special={ENDOFTEXT})
+    val_ids = tokenizer.encode(val_text, allowed_special={ENDOFTEXT}) if val_text else []
+    return loaders_from_tokens(
+        train_ids, val_ids, batch_size, max_length, stride, shuffle, drop_last, num_workers, warn
+    )
+
+
+def split_tokens(token_ids, train_ratio: float = 0.9):
+    """Split a token array (e.g. from ``diygpt prepare``) at ``int(train_ratio * len)``."""
+    if not 0.0 < train_ratio <= 1.0:
+        raise DataError(f"train ratio must be in (0, 1], got {train_ratio}")
+    split_idx = int(train_ratio * len(token_ids))
+    return token_ids[:split_idx], token_ids[split_idx:]
+
+
+def loaders_from_tokens(
+    train_ids,
+    val_ids,
+    batch_size: int,
+    max_length: int,
+    stride: int | None = None,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    num_workers: int = 0,
+    warn=None,
+) -> tuple[DataLoader, DataLoader]:
+    """The train and validation loaders over two token arrays, with checks.
 
     The validation loader never shuffles and never drops its last batch. Text too short for
     one training window, or too few windows for one batch, raises DataError; an empty
     validation split only warns (its loss is reported as nan).
     """
     stride = max_length if stride is None else stride
-    train_text, val_text = split_text(text, train_ratio)
-    train_ids = tokenizer.encode(train_text, allowed_special={ENDOFTEXT})
-    val_ids = tokenizer.encode(val_text, allowed_special={ENDOFTEXT}) if val_text else []
     check_enough_tokens(len(train_ids), max_length, "the training split")
-    train_ds = GPTDatasetV1(None, tokenizer, max_length, stride, token_ids=train_ids)
-    val_ds = GPTDatasetV1(None, tokenizer, max_length, stride, token_ids=val_ids)
+    train_ds = GPTDatasetV1(None, None, max_length, stride, token_ids=train_ids)
+    val_ds = GPTDatasetV1(None, None, max_length, stride, token_ids=val_ids)
     if drop_last and len(train_ds) < batch_size:
         raise DataError(
             f"batch size {batch_size} is larger than the {len(train_ds)} training windows, so "
@@ -196,3 +229,40 @@ def prepare_loaders(
     train_loader = make_loader(train_ds, batch_size, shuffle, drop_last, num_workers)
     val_loader = make_loader(val_ds, batch_size, False, False, num_workers)
     return train_loader, val_loader
+
+
+@dataclass
+class TrainingData:
+    """Token ids of the train and validation splits, and a fingerprint of the source."""
+
+    train_ids: Sequence[int] | np.ndarray
+    val_ids: Sequence[int] | np.ndarray
+    digest: str
+
+
+def load_training_data(
+    paths: PathLike | Sequence[PathLike], tokenizer, train_ratio: float = 0.9
+) -> TrainingData:
+    """Text files (split by characters, as the book does) or ``.bin`` token files from
+    ``diygpt prepare`` (split by tokens), ready for :func:`loaders_from_tokens`.
+
+    The digest lets a resume refuse data that changed since its checkpoint.
+    """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    token_files = [p for p in paths if str(p).endswith(".bin")]
+    if not token_files:
+        text = read_text(paths)
+        train_text, val_text = split_text(text, train_ratio)
+        return TrainingData(
+            tokenizer.encode(train_text, allowed_special={ENDOFTEXT}),
+            tokenizer.encode(val_text, allowed_special={ENDOFTEXT}) if val_text else [],
+            hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        )
+    if len(token_files) != len(paths):
+        raise DataError("give either text files or .bin token files (from `diygpt prepare`), not both")
+    from diygpt.prepare import load_tokens
+
+    arrays = [load_tokens(p) for p in token_files]
+    ids = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+    train_ids, val_ids = split_tokens(ids, train_ratio)
+    return TrainingData(train_ids, val_ids, hashlib.sha256(memoryview(ids)).hexdigest())

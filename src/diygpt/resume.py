@@ -12,7 +12,6 @@ no pickle.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 from dataclasses import dataclass
@@ -184,11 +183,6 @@ def read_training_checkpoint(folder: str | os.PathLike) -> LoadedCheckpoint:
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{folder}: damaged resume information ({exc})") from None
     return LoadedCheckpoint(folder, state, weights, opt_state, point)
-
-
-def text_digest(text: str) -> str:
-    """Fingerprint of the training text: a resume on different text cannot be exact."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def find_resume_checkpoint(run_dir: str | os.PathLike) -> Path:

@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     d = p.add_argument_group("data")
     d.add_argument("--data", nargs="+", default=None, metavar="PATH",
-                   help="text file(s), or folder(s) of .txt files (UTF-8); required unless --resume")
+                   help="text file(s) or folder(s) of .txt files (UTF-8), or .bin token file(s) "
+                   "from `diygpt prepare`; required unless --resume")
     d.add_argument("--train-ratio", type=finite_float, default=0.9,
                    help="fraction of characters used for training, the rest validates (default 0.9)")
     d.add_argument("--stride", type=positive_int, default=None,
@@ -128,11 +129,11 @@ def _train(args: argparse.Namespace, env, device) -> int:
     import torch
 
     from diygpt.cli.resume_args import merge_resume_args
-    from diygpt.data import prepare_loaders, read_text
+    from diygpt.data import load_training_data, loaders_from_tokens
     from diygpt.distributed import wrap_model
     from diygpt.errors import CheckpointError, ConfigError, DataError
     from diygpt.model import GPTModel
-    from diygpt.resume import find_resume_checkpoint, read_training_checkpoint, text_digest
+    from diygpt.resume import find_resume_checkpoint, read_training_checkpoint
     from diygpt.signals import Interrupted
     from diygpt.tokenizer import get_tokenizer
     from diygpt.training import TrainConfig, Trainer
@@ -164,8 +165,8 @@ def _train(args: argparse.Namespace, env, device) -> int:
     )
     warn = _warn if env.is_main else _quiet
     tokenizer = get_tokenizer(args.tokenizer_dir)
-    text = read_text(args.data)
-    digest = text_digest(text)
+    data = load_training_data(args.data, tokenizer, args.train_ratio)
+    digest = data.digest
     if ckpt is not None and ckpt.state.get("data_sha256", digest) != digest:
         raise DataError(
             f"the training text changed since {ckpt.folder} was saved; an exact resume needs "
@@ -173,8 +174,8 @@ def _train(args: argparse.Namespace, env, device) -> int:
         )
 
     torch.manual_seed(args.seed)
-    train_loader, val_loader = prepare_loaders(
-        text, tokenizer, args.batch_size, cfg.context_length, args.stride, args.train_ratio,
+    train_loader, val_loader = loaders_from_tokens(
+        data.train_ids, data.val_ids, args.batch_size, cfg.context_length, args.stride,
         shuffle=args.shuffle, drop_last=args.drop_last, warn=warn,
     )
     # The book seeds again right before building the model, so its weights do not depend on
