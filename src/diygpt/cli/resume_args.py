@@ -19,7 +19,7 @@ CHANGEABLE = frozenset({
     "resume", "device", "tokenizer_dir", "progress", "save_every", "keep_last", "nan_policy",
     "epochs", "max_steps", "fsdp",
 })
-_NOT_SETTINGS = ("func", "argv")
+NOT_SETTINGS = ("func", "argv", "parser")  # namespace entries that are not training settings
 
 
 def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
@@ -65,7 +65,7 @@ def merge_resume_args(
     if "out" in typed and Path(args.out).resolve() != Path(args.resume).resolve():
         raise ConfigError("--out and --resume name different folders; give only --resume RUN")
     merged = {k: v for k, v in vars(args).items()}
-    merged.update({k: v for k, v in saved.items() if k not in _NOT_SETTINGS})
+    merged.update({k: v for k, v in saved.items() if k not in NOT_SETTINGS})
     merged.update({k: getattr(args, k) for k in typed & CHANGEABLE})
     merged["resume"], merged["out"] = args.resume, str(args.resume)
     return argparse.Namespace(**merged)

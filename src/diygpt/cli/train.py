@@ -99,12 +99,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun, shard weights, gradients and optimizer state across "
                    "ranks (FSDP2) instead of replicating them (DDP); see docs/distributed.md")
-    p.set_defaults(func=run)
-    global _PARSER
-    _PARSER = p
-
-
-_PARSER: argparse.ArgumentParser | None = None
+    # `--resume` needs the parser to tell which flags the user typed.
+    p.set_defaults(func=run, parser=p)
 
 
 def _warn(line: str) -> None:
@@ -128,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, env, device) -> int:
     import torch
 
-    from diygpt.cli.resume_args import merge_resume_args
+    from diygpt.cli.resume_args import NOT_SETTINGS, merge_resume_args
     from diygpt.data import load_training_data, loaders_from_tokens
     from diygpt.distributed import wrap_model
     from diygpt.errors import CheckpointError, ConfigError, DataError
@@ -141,7 +137,7 @@ def _train(args: argparse.Namespace, env, device) -> int:
     ckpt = None
     if args.resume:
         ckpt = read_training_checkpoint(find_resume_checkpoint(args.resume))
-        args = merge_resume_args(args, ckpt.state.get("train_args"), _PARSER)
+        args = merge_resume_args(args, ckpt.state.get("train_args"), args.parser)
     elif not args.data:
         raise ConfigError("--data is required (or --resume RUN to continue a run)")
     else:
@@ -192,7 +188,7 @@ def _train(args: argparse.Namespace, env, device) -> int:
         f"diygpt: {n_params / 1e6:.1f}M parameters on {device}{ranks}; "
         f"{len(train_loader)} train / {len(val_loader)} val batches per epoch"
     )
-    train_args = {k: v for k, v in vars(args).items() if k not in ("func", "argv")}
+    train_args = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
     train_args["data"] = [str(Path(d).resolve()) for d in args.data]  # resumable from anywhere
     run_state = {"train_args": train_args, "data_sha256": digest}
     trainer = Trainer(
