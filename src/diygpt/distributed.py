@@ -100,8 +100,17 @@ def init_distributed(device_name: str | None = None) -> tuple[DistEnv, torch.dev
     return env, device
 
 
-def shutdown() -> None:
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group.
+
+    After a normal end (``wait``), a barrier first lets the other ranks finish their last
+    collectives (FSDP's gather for rank 0's save) before this rank tears gloo's worker
+    threads down; a rank that finished first could otherwise abort at exit. After an error
+    the other ranks may never reach a barrier, so the group is left without one.
+    """
     if dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -116,9 +116,12 @@ def run(args: argparse.Namespace) -> int:
 
     env, device = distributed.init_distributed(args.device)  # torchrun's env, if any
     try:
-        return _train(args, env, device)
-    finally:
-        distributed.shutdown()
+        rc = _train(args, env, device)
+    except BaseException:
+        distributed.shutdown(wait=False)
+        raise
+    distributed.shutdown()
+    return rc
 
 
 def _train(args: argparse.Namespace, env, device) -> int:
