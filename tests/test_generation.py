@@ -32,6 +32,14 @@ def test_top_k_keeps_k_logits_and_greedy_is_argmax():
     assert sample_next(LOGITS).item() == 3
 
 
+def test_vanishing_temperature_is_greedy_not_nan():
+    # 1e-41 is a float32 denormal: logits / T overflows to inf (found by hypothesis).
+    for t in (1e-41, 1e-30):
+        for top_p in (None, 0.9):
+            assert sample_next(LOGITS, temperature=t, top_p=top_p).item() == 3
+    assert sample_next(-LOGITS.abs() - 1, temperature=1e-41).item() == 1  # all -inf after /T
+
+
 def test_top_p_keeps_the_nucleus():
     probs = torch.softmax(LOGITS, -1)[0]
     kept = torch.isfinite(apply_top_p(LOGITS, 0.5))[0]

@@ -4,6 +4,7 @@ error, never a traceback and never a hang. Few examples and a deadline keep them
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,12 @@ from hypothesis import strategies as st
 
 from diygpt.errors import GenerationError
 
-# The deadline is a hang guard, generous because CI machines are shared.
+# The deadline is a hang guard, generous because CI machines are shared. Under CI the
+# examples are derandomized, so a landing is judged on the same inputs every time; run the
+# suite locally (random seeds) to hunt for new failures.
 FAST = settings(
-    max_examples=15, deadline=30_000, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=15, deadline=30_000, suppress_health_check=[HealthCheck.function_scoped_fixture],
+    derandomize=bool(os.environ.get("CI")),
 )
 numbers = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**6, 10**6), st.none()

@@ -76,7 +76,14 @@ def sample_next(
     if top_k is not None:
         logits = apply_top_k(logits, top_k)
     if temperature > 0.0:
-        logits = logits / temperature
+        scaled = logits / temperature
+        overflow = ~torch.isfinite(scaled.amax(dim=-1, keepdim=True))  # (B, 1)
+        if bool(overflow.any()):
+            # A temperature so small that logits / T overflows means greedy for that row.
+            greedy = torch.full_like(scaled, float("-inf"))
+            greedy.scatter_(-1, torch.argmax(logits, dim=-1, keepdim=True), 0.0)
+            scaled = torch.where(overflow, greedy, scaled)
+        logits = scaled
         if top_p is not None and top_p < 1.0:
             logits = apply_top_p(logits, top_p)
         probs = torch.softmax(logits, dim=-1)
