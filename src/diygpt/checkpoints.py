@@ -90,11 +90,20 @@ def require_safe_torch(path: Path) -> None:
         )
 
 
-def safe_torch_load(path: Path) -> Any:
-    """``torch.load`` that accepts tensors and plain containers only; any failure is one line."""
+def safe_torch_load(path: Path, mmap: bool = False) -> Any:
+    """``torch.load`` that accepts tensors and plain containers only; any failure is one line.
+
+    With ``mmap`` a zip-format file (every ``torch.save`` since PyTorch 1.6) is memory-mapped
+    instead of read; an older file is read into memory.
+    """
     require_safe_torch(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as exc:
+            if not (mmap and "mmap" in str(exc)):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
@@ -102,7 +111,21 @@ def safe_torch_load(path: Path) -> Any:
                 f"{path}: refused to load: the file holds Python objects other than tensors "
                 "(a pickle could run code); only plain state dicts are accepted"
             ) from None
-        raise CheckpointError(f"{path}: cannot read checkpoint ({first})") from None
+        if isinstance(exc, OSError) and exc.strerror:
+            raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch weights file (truncated or wrong format?): {first}"
+        ) from None
+
+
+def state_dict_from(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded ``.pth``: a plain state dict, or the book's
+    ``{"model_state_dict": ..., "optimizer_state_dict": ...}``."""
+    if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
+        obj = obj["model_state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a model state dict of tensors")
+    return obj
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -115,12 +138,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return clean_state_dict(load_file(str(path)))
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: cannot read safetensors file ({exc})") from None
-    obj = safe_torch_load(path)
-    if isinstance(obj, dict) and "model_state_dict" in obj:
-        obj = obj["model_state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: not a model state dict")
-    return clean_state_dict(obj)
+    return clean_state_dict(state_dict_from(safe_torch_load(path), path))
 
 
 def load_into(

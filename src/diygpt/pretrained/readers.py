@@ -13,9 +13,8 @@ import struct
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from diygpt.checkpoints import require_safe_torch
+from diygpt.checkpoints import safe_torch_load, state_dict_from
 from diygpt.errors import CheckpointError
 from diygpt.pretrained.source import ByteSpan, DictSource, MemmapSource, TensorSource
 
@@ -75,39 +74,11 @@ def open_safetensors(path: Path) -> MemmapSource:
 
 
 def open_torch_file(path: Path) -> DictSource:
-    """Load a ``.pth``/``.bin`` state dict with ``weights_only`` (never runs pickled code).
-
-    Files in the zip format (every ``torch.save`` since PyTorch 1.6) are memory-mapped;
-    older ones are read into memory. A training checkpoint whose state dict sits under
-    ``model_state_dict`` (as the book saves them with the optimizer) is accepted too.
-    """
+    """Load a ``.pth``/``.bin`` state dict with ``weights_only`` (never runs pickled code),
+    memory-mapped where the file allows; a book training checkpoint (``model_state_dict``
+    beside the optimizer) is accepted too."""
     path = Path(path)
-    require_safe_torch(path)  # weights_only is not a safe guard before torch 2.6
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as exc:
-        if "mmap" not in str(exc):
-            raise _torch_error(path, exc) from None
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc2:  # noqa: BLE001 - any failure means an unreadable file
-            raise _torch_error(path, exc2) from None
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
-    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
-        raise _torch_error(path, exc) from None
-    if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
-        obj = obj["model_state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: not a state dict of tensors")
-    return DictSource(path, obj)
-
-
-def _torch_error(path: Path, exc: BaseException) -> CheckpointError:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return CheckpointError(
-        f"{path}: not a readable PyTorch weights file (truncated or wrong format?): {first}"
-    )
+    return DictSource(path, state_dict_from(safe_torch_load(path, mmap=True), path))
 
 
 def open_file(path: Path) -> TensorSource:
