@@ -79,7 +79,9 @@ def load_model_from_args(args: argparse.Namespace, device):
         cfg = get_preset(args.preset) if args.preset else None
         model = load_model(args.checkpoint, cfg, device, attn_impl=args.attn)
         if args.dtype:
-            model = model.to(dtype=parse_dtype(args.dtype))
+            from diygpt.precision import parse_precision
+
+            model = model.to(dtype=parse_precision(args.dtype))
         return model
     from diygpt.pretrained import load_pretrained
 
@@ -89,12 +91,6 @@ def load_model_from_args(args: argparse.Namespace, device):
     if args.attn:
         model.set_attn_impl(args.attn)
     return model
-
-
-def parse_dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def build_config(args: argparse.Namespace) -> GPTConfig:
