@@ -1,5 +1,5 @@
-"""Batch-1 greedy generation speed on CPU or GPU: diygpt (KV cache, fp32 and int8) vs
-transformers ``generate``, same weights, same prompt, in one run.
+"""Batch-1 greedy generation speed on CPU or GPU: diygpt (KV cache, fp32 and int8, each
+also with ``--compile``) vs transformers ``generate``, same weights, same prompt, in one run.
 
     python bench/generate_speed.py [--new-tokens 200] [--repeats 3] [--checkpoint RUN]
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import time
 
 import _common
 import torch
@@ -22,7 +23,6 @@ from diygpt.generation import generate
 from diygpt.losses import calc_loss_loader, perplexity
 from diygpt.model import GPTModel
 from diygpt.quantize import quantize_int8
-from diygpt.static_decode import static_generate
 from diygpt.tokenizer import get_tokenizer
 
 PROMPT = [15496, 11, 314, 716]  # "Hello, I am": 4 tokens
@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None, help="a run folder instead of random weights")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-compile", action="store_true", help="leave out the --compile rows")
     _common.add_common_args(ap)
     args = ap.parse_args()
     _common.apply_common_args(args)
@@ -64,8 +65,16 @@ def main() -> None:
     cfg = ours.cfg
     idx = torch.tensor([PROMPT], device=device)
 
-    def run_ours(model):
-        return lambda: generate(model, idx, n, cfg.context_length)
+    def run_ours(model, compile=False):
+        return lambda: generate(model, idx, n, cfg.context_length, compile=compile)
+
+    def timed_compiled(model, label):
+        start = time.perf_counter()
+        with torch.no_grad():
+            same = torch.equal(run_ours(model, True)(), run_ours(model)())
+        first = time.perf_counter() - start
+        t = _common.median_seconds(run_ours(model, True), args.warmup, args.repeats)
+        rows.append((f"{label} --compile (first call {first:.0f} s; tokens as without: {same})", n / t))
 
     int8 = quantize_int8(copy.deepcopy(ours)) if device.type == "cpu" else None
     rows: list[tuple[str, float]] = []
@@ -80,16 +89,13 @@ def main() -> None:
         rows.append(("transformers generate (fp32, its KV cache)", n / t))
     t = _common.median_seconds(run_ours(ours), args.warmup, args.repeats)
     rows.append(("diygpt generate (fp32, KV cache)", n / t))
+    if not args.skip_compile:
+        timed_compiled(ours, "diygpt generate")
     if int8 is not None:
         t = _common.median_seconds(run_ours(int8), args.warmup, args.repeats)
         rows.append(("diygpt generate --quantize int8", n / t))
-    if device.type == "cuda":  # fixed-shape steps: compiled and replayed as a CUDA graph
-        with torch.no_grad():
-            assert torch.equal(static_generate(ours, idx, n), generate(ours, idx, n, cfg.context_length))
-        for compiled in (False, True):
-            t = _common.median_seconds(lambda c=compiled: static_generate(ours, idx, n, c),
-                                       max(args.warmup, 2 if compiled else 1), args.repeats)
-            rows.append((f"diygpt static cache{' + compile (CUDA graphs)' if compiled else ''}", n / t))
+        if not args.skip_compile:
+            timed_compiled(int8, "diygpt generate --quantize int8")
     baseline = rows[0][0]
     _common.print_table(
         f"greedy generation, {'checkpoint ' + args.checkpoint if args.checkpoint else 'gpt2-small shape'}"

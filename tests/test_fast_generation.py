@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -73,21 +75,77 @@ def test_static_cache_greedy_equals_generate(attn):
     assert torch.equal(static_generate(model, idx, 13), expected)
 
 
-def test_static_decode_compiles_the_step_for_cuda_graphs(monkeypatch):
+def test_static_decode_compile_settings_per_device(monkeypatch):
     from diygpt import static_decode
     from diygpt.errors import GenerationError
 
     seen = {}
 
     def fake_compile(fn, **kwargs):
-        seen.update(kwargs)
+        seen[len(seen)] = kwargs
         return fn
 
     monkeypatch.setattr(static_decode.torch, "compile", fake_compile)
-    model = _model()
-    idx = torch.randint(0, CFG.vocab_size, (1, 4))
-    out = static_decode.static_generate(model, idx, 5, compile=True)
-    assert seen == {"mode": "reduce-overhead", "fullgraph": True}
+    static_decode.compiled_step.cache_clear()
+    try:
+        static_decode.compiled_step("cuda")
+        static_decode.compiled_step("cpu")
+        model = _model()
+        idx = torch.randint(0, CFG.vocab_size, (1, 4))
+        out = static_decode.static_generate(model, idx, 5, compile=True)
+    finally:
+        static_decode.compiled_step.cache_clear()
+    assert seen[0] == {"mode": "reduce-overhead", "fullgraph": True}  # CUDA graphs
+    cpu = seen[1]
+    assert cpu["fullgraph"] and cpu["dynamic"] is False
+    # every one-row matmul, the 50257-wide output head included, becomes a fused reduction
+    limit = cpu["options"]["post_grad_fusion_options"]["decompose_mm_pass"]
+    assert limit["cpu_max_other_dimension_decomposition"] >= 50257
     assert torch.equal(out, generate(model, idx, 5, CFG.context_length))
     with pytest.raises(GenerationError):
         static_decode.static_generate(model, idx, 20)  # 24 tokens > window 16
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_decode_equals_generate_also_past_the_window():
+    model = _model()
+    idx = torch.randint(0, CFG.vocab_size, (2, 3))
+    expected = generate(model, idx, 20, CFG.context_length)  # 23 tokens > window 16
+    # the same tokens through the real torch.compile: static cache, then the sliding fallback
+    assert torch.equal(generate(model, idx, 20, CFG.context_length, compile=True), expected)
+
+    from diygpt.static_decode import StaticDecoder
+
+    with torch.no_grad():
+        decoder = StaticDecoder(model, 2, CFG.context_length)
+        decoder.prefill(idx)
+        stepped = decoder.step(expected[:, 3:4])
+        direct = model(expected[:, :4])[:, -1]
+    assert torch.allclose(stepped, direct, atol=1e-5)
+
+
+def test_generate_cli_compile_flag(tmp_path, capsys, monkeypatch):
+    from diygpt import static_decode
+
+    calls = []
+    monkeypatch.setattr(static_decode, "compiled_step", lambda kind: calls.append(kind)
+                        or static_decode.static_forward)
+    torch.manual_seed(0)
+    save_run(tmp_path, GPTModel(get_preset("tiny")), None, {})
+    argv = ["generate", "--checkpoint", str(tmp_path), "--prompt", "Every effort moves you",
+            "--max-new-tokens", "5", "--device", "cpu"]
+    assert main([*argv, "--compile"]) == 0
+    assert calls == ["cpu"]
+    assert capsys.readouterr().out.startswith("Every effort moves you")
+    assert main([*argv, "--compile", "--no-cache"]) == 2
+    assert "--compile" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_int8_decode_keeps_the_int8_kernel():
+    model = quantize_int8(_model())
+    idx = torch.randint(0, CFG.vocab_size, (1, 3))
+    expected = generate(model, idx, 10, CFG.context_length)
+    assert torch.equal(generate(model, idx, 10, CFG.context_length, compile=True), expected)

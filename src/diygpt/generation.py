@@ -2,9 +2,8 @@
 
 ``generate`` keeps the book's semantics and its use of the random generator (one
 ``torch.multinomial`` draw over the full vocabulary per step), so a seed gives the book's
-tokens. The cached path feeds only the new token per step; when the text outgrows the
-context window the positions shift, so it re-reads the cropped window exactly as the
-uncached path does.
+tokens. Three ways to get each step's logits: the book's (re-read the whole window), the
+KV cache (the default: feed only the new token) and a compiled fixed-shape step.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from torch import nn
 
 from diygpt.errors import GenerationError
 from diygpt.model import KVCache
+from diygpt.static_decode import StaticDecoder
 
 
 def check_sampling_args(
@@ -96,6 +96,49 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return p.device, p.dtype
 
 
+class _CachedLogits:
+    """Last-position logits (B, V) of the text so far, reading only the new token per step.
+
+    When the text outgrows the window the positions shift, so it re-reads the cropped
+    window, exactly as the uncached path does.
+    """
+
+    def __init__(self, model: nn.Module, context_size: int) -> None:
+        self.model, self.context_size = model, context_size
+        self.cache: KVCache | None = None
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.cache is None or idx.shape[1] > self.context_size:
+            device, dtype = _model_device_dtype(self.model)
+            self.cache = KVCache(self.model.cfg, idx.shape[0], self.context_size, device, dtype)
+            logits = self.model(idx[:, -self.context_size:], cache=self.cache, last_only=True)
+        else:
+            logits = self.model(idx[:, -1:], cache=self.cache, last_only=True)
+        return logits[:, -1, :]
+
+
+class _StaticLogits:
+    """The same through a fixed-shape, compiled decode step (:mod:`diygpt.static_decode`)."""
+
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int, context_size: int) -> None:
+        self.decoder = StaticDecoder(model, batch_size, max_len, compile=True)
+        self.fallback = _CachedLogits(model, context_size)  # once the text outgrows the cache
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        d, t = self.decoder, idx.shape[1]
+        if d.pos == 0 and t <= d.cache.max_len:
+            return d.prefill(idx)
+        if d.pos == t - 1 and not d.full:
+            return d.step(idx[:, -1:])
+        return self.fallback(idx)
+
+
+def _static_cache_len(prompt_len: int, max_new_tokens: int, context_size: int) -> int:
+    # Rounded up so that nearby lengths share one compiled shape.
+    needed = prompt_len + max_new_tokens
+    return min(context_size, -(-needed // 64) * 64)
+
+
 @torch.no_grad()
 def stream_generate(
     model: nn.Module,
@@ -108,30 +151,32 @@ def stream_generate(
     eos_id: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B, 1) one step at a time.
 
     Stops after ``max_new_tokens`` or once every row has produced ``eos_id`` (the end
     token itself is not yielded when all rows end together; rows that finished earlier
-    are padded with it).
+    are padded with it). ``compile`` runs each one-token step through ``torch.compile``
+    on a static cache: a slow first call, then faster steps (see BENCHMARKS.md).
     """
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     check_prompt(model, idx)
     context_size = min(int(context_size), model.context_length)
-    device, dtype = _model_device_dtype(model)
+    device, _ = _model_device_dtype(model)
     idx = idx.to(device)
-    cache: KVCache | None = None
+    if not use_cache:
+        def next_logits(idx: torch.Tensor) -> torch.Tensor:
+            return model(idx[:, -context_size:])[:, -1, :]
+    elif compile:
+        max_len = _static_cache_len(idx.shape[1], max_new_tokens, context_size)
+        next_logits = _StaticLogits(model, idx.shape[0], max_len, context_size)
+    else:
+        next_logits = _CachedLogits(model, context_size)
     finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
-        if not use_cache:
-            logits = model(idx[:, -context_size:])
-        elif cache is None or idx.shape[1] > context_size:
-            # First step, or the window slid: positions changed, so re-read the window.
-            cache = KVCache(model.cfg, idx.shape[0], context_size, device, dtype)
-            logits = model(idx[:, -context_size:], cache=cache, last_only=True)
-        else:
-            logits = model(idx[:, -1:], cache=cache, last_only=True)
-        idx_next = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+        logits = next_logits(idx)
+        idx_next = sample_next(logits.float(), temperature, top_k, top_p, generator)
         if eos_id is not None:
             hit = idx_next == eos_id
             if bool((finished | hit).all()):
@@ -153,13 +198,14 @@ def generate(
     top_p: float | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """The book's ``generate``: returns the prompt (B, T) followed by the new tokens."""
     device, _ = _model_device_dtype(model)
     out = [idx.to(device)]
     for idx_next in stream_generate(
         model, idx, max_new_tokens, context_size, temperature, top_k, top_p, eos_id,
-        use_cache, generator,
+        use_cache, generator, compile,
     ):
         out.append(idx_next)
     return torch.cat(out, dim=1)

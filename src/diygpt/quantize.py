@@ -10,6 +10,10 @@ fewer bytes than fp32. Two kernels, picked at load time:
 - ``int8pack`` (elsewhere): ``_weight_int8pack_mm``, bf16 activations x int8 weights scaled
   per row (weight-only, the kernel gpt-fast uses).
 
+Under ``torch.compile`` (``generate --compile``) neither kernel is used: the layer is
+written as plain ops (fp32 activations x dequantised int8 weights, weight-only), which
+inductor turns into one fused pass over the int8 bytes.
+
 Embeddings and LayerNorms stay fp32 (a lookup reads one row only).
 
 For inference only: a quantized model cannot be trained or saved as a checkpoint.
@@ -18,6 +22,7 @@ For inference only: a quantized model cannot be trained or saved as a checkpoint
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +58,28 @@ def _fbgemm_pack(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | Non
         return None
 
 
+# fbgemm's packed weights are TorchScript objects that torch.compile cannot trace; layers
+# refer to theirs by a number, and a custom op looks it up at run time.
+_PACKED: dict[int, object] = {}
+
+
+def _register_packed(layer: nn.Module, packed: object) -> int:
+    key = id(layer)
+    _PACKED[key] = packed
+    weakref.finalize(layer, _PACKED.pop, key, None)
+    return key
+
+
+@torch.library.custom_op("diygpt::fbgemm_linear", mutates_args=())
+def _fbgemm_linear(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic(x, _PACKED[key])
+
+
+@_fbgemm_linear.register_fake
+def _(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
 class Int8Linear(nn.Module):
     """A frozen ``nn.Linear`` whose weight is int8 with one scale per output feature."""
 
@@ -61,22 +88,33 @@ class Int8Linear(nn.Module):
         q, scales = quantize_rows(linear.weight)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight", q)  # (N, K) int8
-        self.register_buffer("scales", scales.to(_ACT_DTYPE))  # (N,)
+        self.register_buffer("scales", scales)  # (N,) fp32
         bias = None if linear.bias is None else linear.bias.detach().float().clone()
         self.register_buffer("bias", bias)
         on_cpu = linear.weight.device.type == "cpu"
-        self._packed = _fbgemm_pack(q, scales.float(), bias) if on_cpu else None
+        packed = _fbgemm_pack(q, scales.float(), bias) if on_cpu else None
+        self._fbgemm_key = _register_packed(self, packed) if packed is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        if self._packed is not None and x.dtype == torch.float32:
-            y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features), self._packed)
+        if self._fbgemm_key is not None and x.dtype == torch.float32:
+            x2 = x.reshape(-1, self.in_features)  # (B*T, K)
+            if torch.compiler.is_compiling():  # an opaque op inside the compiled graph
+                y = torch.ops.diygpt.fbgemm_linear(x2, self._fbgemm_key, self.out_features)
+            else:
+                y = torch.ops.quantized.linear_dynamic(x2, _PACKED[self._fbgemm_key])
             return y.view(*lead, self.out_features)  # bias added by the kernel
+        if torch.compiler.is_compiling():
+            # Traced by torch.compile elsewhere: a multiply-and-sum, which inductor fuses
+            # into one pass over the int8 weight, dequantising as it reads.
+            w = self.weight.to(x.dtype)  # (N, K)
+            y = (x.unsqueeze(-2) * w).sum(-1) * self.scales.to(x.dtype)  # (..., N)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
         x2 = x.reshape(-1, self.in_features).to(_ACT_DTYPE)  # (B*T, K)
         if _has_int8_kernel() and x2.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales.to(_ACT_DTYPE))
         else:  # other devices: dequantize on the fly (correct, not fast)
-            y = F.linear(x2, self.weight.to(_ACT_DTYPE) * self.scales[:, None])
+            y = F.linear(x2, self.weight.to(_ACT_DTYPE) * self.scales.to(_ACT_DTYPE)[:, None])
         y = y.to(x.dtype).view(*lead, self.out_features)  # (B, T, N)
         return y if self.bias is None else y + self.bias
 

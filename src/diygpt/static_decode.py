@@ -1,17 +1,25 @@
-"""Greedy decoding with a static KV cache, so the decode step can be compiled or CUDA-graphed.
+"""Fixed-shape decoding with a static KV cache, so the one-token step can be compiled.
 
-``stream_generate`` slices its cache to the tokens so far, so every step has new shapes.
-Here each step has the same shapes (gpt-fast's recipe): the cache is the full window, the
-new token's position is a tensor, and attention masks out the unwritten slots. With
-``compile=True`` the one-token step runs through ``torch.compile(mode="reduce-overhead")``,
-which on CUDA replays it as a CUDA graph: no Python or kernel-launch cost per layer.
+``KVCache`` in the model grows its view of the cache every step, so every step has new
+shapes. Here each step has the same shapes (gpt-fast's recipe): the cache is a fixed
+window, the new token's position is a tensor, and attention masks out the unwritten
+slots. ``torch.compile`` then turns the whole step into one program:
 
-It reads the GPTModel's own modules (no copy, no change to the model) and gives the same
-greedy tokens as :func:`diygpt.generation.generate` while the text fits the window.
+- on CUDA with ``mode="reduce-overhead"``, replayed as a CUDA graph (no Python or
+  kernel-launch cost per layer);
+- on CPU, with inductor's mm decomposition widened to every one-row product, so each
+  ``x @ W.T`` becomes a vectorised, multi-threaded reduction streaming ``W`` once (about
+  twice the bandwidth of the BLAS gemv for batch 1), fused with the LayerNorm, GELU and
+  int8 dequantisation around it.
+
+It reads the GPTModel's own modules (no copy, no change to the model). The compiled CPU
+step sums in a different order than BLAS, so its logits differ in the last bits; greedy
+tokens equal :func:`diygpt.generation.generate`'s unless two logits nearly tie.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -20,18 +28,25 @@ from torch import nn
 
 from diygpt.errors import GenerationError
 
+# Inductor's pass rewrites mm/addmm as multiply + sum when the left side has one row and
+# the other sizes are under this bound (its CPU default is 2048, which leaves out the
+# 50257-wide output head and GPT-2 large/xl's layers).
+_CPU_DECOMPOSE_MM = {"decompose_mm_pass": {"cpu_max_other_dimension_decomposition": 1 << 20}}
 
-class StaticCache(nn.Module):
-    """Keys and values (layers, B, H, max_len, D), written in place at tensor positions."""
+
+class StaticCache:
+    """Keys and values per layer, each (B, H, max_len, D), written in place at tensor positions."""
 
     def __init__(self, model: nn.Module, batch_size: int, max_len: int) -> None:
-        super().__init__()
         cfg, p = model.cfg, next(model.parameters())
-        shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, cfg.head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=p.device, dtype=p.dtype))
-        self.register_buffer("v", torch.zeros(shape, device=p.device, dtype=p.dtype))
-        causal = torch.ones(max_len, max_len, dtype=torch.bool, device=p.device).tril()
-        self.register_buffer("causal", causal)  # row i: the slots position i may attend to
+        shape = (batch_size, cfg.n_heads, max_len, cfg.head_dim)
+        # One tensor per layer: a compiled step then writes one slot in place, where a
+        # slice of a single (layers, ...) buffer makes it copy the whole buffer each step.
+        self.k = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(cfg.n_layers)]
+        # Row i: the slots position i may attend to.
+        self.causal = torch.ones(max_len, max_len, dtype=torch.bool, device=p.device).tril()
+        self.max_len = max_len
 
 
 def _attend(att: nn.Module, x: torch.Tensor, cache: StaticCache, layer: int,
@@ -58,10 +73,55 @@ def static_forward(model: nn.Module, idx: torch.Tensor, pos: torch.Tensor,
     return model.out_head(model.final_norm(x[:, -1]))  # (B, V)
 
 
-def decode_step_fn(compile: bool) -> Callable[..., torch.Tensor]:
-    if not compile:
-        return static_forward
-    return torch.compile(static_forward, mode="reduce-overhead", fullgraph=True)
+@functools.cache
+def compiled_step(device_type: str) -> Callable[..., torch.Tensor]:
+    """``static_forward`` compiled for one-token steps on this kind of device (made once)."""
+    if device_type == "cuda":
+        return torch.compile(static_forward, mode="reduce-overhead", fullgraph=True)
+    return torch.compile(static_forward, fullgraph=True, dynamic=False,
+                         options={"post_grad_fusion_options": _CPU_DECOMPOSE_MM})
+
+
+class StaticDecoder:
+    """Prefill once, then one fixed-shape (optionally compiled) step per new token."""
+
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int,
+                 compile: bool = True) -> None:
+        if not 1 <= max_len <= model.context_length:
+            raise GenerationError(
+                f"a static cache holds 1 to {model.context_length} tokens, got {max_len}"
+            )
+        self.model = model
+        self.cache = StaticCache(model, batch_size, max_len)
+        self.device = next(model.parameters()).device
+        self.step_fn = compiled_step(self.device.type) if compile else static_forward
+        self.pos = 0
+
+    @property
+    def full(self) -> bool:
+        return self.pos >= self.cache.max_len
+
+    def prefill(self, idx: torch.Tensor) -> torch.Tensor:
+        """Read the prompt (B, T) from position 0 (uncompiled: its shape varies) -> logits (B, V)."""
+        t = idx.shape[1]
+        if t > self.cache.max_len:
+            raise GenerationError(f"a prompt of {t} tokens does not fit the {self.cache.max_len}-slot cache")
+        logits = static_forward(self.model, idx, torch.arange(t, device=self.device), self.cache)
+        self.pos = t
+        return logits
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Feed one new token per row (B, 1) -> logits (B, V) for the token after it."""
+        if self.full:
+            raise GenerationError("the static cache is full")
+        pos = torch.tensor([self.pos], device=self.device)
+        # Dense strides: a column sliced from the growing text has a new stride each step,
+        # which would make torch.compile recompile.
+        token = token.clone(memory_format=torch.contiguous_format)
+        # Copy out: a CUDA-graph replay reuses its output buffer on the next step.
+        logits = self.step_fn(self.model, token, pos, self.cache).clone()
+        self.pos += 1
+        return logits
 
 
 @torch.no_grad()
@@ -69,8 +129,7 @@ def static_generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int,
                     compile: bool = False) -> torch.Tensor:
     """Greedy continuation of ``idx`` (B, T) -> (B, T + max_new_tokens), in eval mode.
 
-    The prompt is read in one (uncompiled) pass; each new token then costs one
-    fixed-shape step. The whole text must fit the model's context window.
+    The whole text must fit the model's context window.
     """
     model.eval()
     b, t = idx.shape
@@ -79,16 +138,13 @@ def static_generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int,
         raise GenerationError(
             f"static decoding needs 1 to {model.context_length} tokens in all, got {total}"
         )
-    device = next(model.parameters()).device
-    idx = idx.to(device)
-    cache = StaticCache(model, b, model.context_length)
-    step = decode_step_fn(compile)
-    out = torch.empty(b, total, dtype=idx.dtype, device=device)
+    decoder = StaticDecoder(model, b, model.context_length, compile)
+    idx = idx.to(decoder.device)
+    out = torch.empty(b, total, dtype=idx.dtype, device=decoder.device)
     out[:, :t] = idx
-    logits = static_forward(model, idx, torch.arange(t, device=device), cache)
+    logits = decoder.prefill(idx)
     for i in range(t, total):
         out[:, i] = logits.argmax(-1)
         if i + 1 < total:
-            pos = torch.tensor([i], device=device)
-            logits = step(model, out[:, i : i + 1], pos, cache).clone()
+            logits = decoder.step(out[:, i : i + 1])
     return out

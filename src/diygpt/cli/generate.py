@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 weights in every matmul (dynamic int8 on x86): 4x fewer bytes read per token "
                    "(CPU; see BENCHMARKS.md for speed and perplexity cost)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the one-token decode step with torch.compile (static KV cache): "
+                   "slow first call (tens of seconds on CPU, needs a C++ compiler), faster steps after")
     add_device_flags(p)
     p.set_defaults(func=run)
 
@@ -77,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     if not args.prompt:
         raise GenerationError("the prompt is empty: pass --prompt TEXT")
+    if args.compile and not args.use_cache:
+        raise GenerationError("--compile works on the KV cache: drop --no-cache")
     device = select_device(args.device)
     model = load_model_from_args(args, device)
     if args.quantize == "int8":
@@ -99,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     for next_id in stream_generate(
         model, idx, args.max_new_tokens, model.context_length, args.temperature,
         args.top_k, args.top_p, EOT_ID if args.eos else None, use_cache=args.use_cache,
+        compile=args.compile,
     ):
         printer.feed(int(next_id[0, 0]))
     printer.close()
