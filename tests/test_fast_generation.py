@@ -115,6 +115,21 @@ def test_compiled_decode_equals_generate_also_past_the_window():
     # the same tokens through the real torch.compile: static cache, then the sliding fallback
     assert torch.equal(generate(model, idx, 20, CFG.context_length, compile=True), expected)
 
+    from torch._dynamo.utils import counters
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    torch._dynamo.reset()
+    counters.clear()
+    # batch 1, compiled afresh (no on-disk cache hit) so that the graph passes run and count:
+    # every linear of the step (6 per block, the head) becomes a fused reduction, not a gemv
+    with inductor_config.patch(fx_graph_cache=False), \
+            functorch_config.patch(enable_autograd_cache=False):
+        one = generate(model, idx[:1], 5, CFG.context_length, compile=True)
+    assert torch.equal(one, generate(model, idx[:1], 5, CFG.context_length))
+    decomposed = counters["inductor"]["decompose_mm"] + counters["inductor"]["decompose_addmm"]
+    assert decomposed == 6 * CFG.n_layers + 1
+
     from diygpt.static_decode import StaticDecoder
 
     with torch.no_grad():

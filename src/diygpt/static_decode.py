@@ -31,7 +31,19 @@ from diygpt.errors import GenerationError
 # Inductor's pass rewrites mm/addmm as multiply + sum when the left side has one row and
 # the other sizes are under this bound (its CPU default is 2048, which leaves out the
 # 50257-wide output head and GPT-2 large/xl's layers).
-_CPU_DECOMPOSE_MM = {"decompose_mm_pass": {"cpu_max_other_dimension_decomposition": 1 << 20}}
+_CPU_MM_BOUND = 1 << 20
+_CPU_DECOMPOSE_MM = {"decompose_mm_pass": {"cpu_max_other_dimension_decomposition": _CPU_MM_BOUND}}
+
+
+def _widen_cpu_mm_decomposition() -> None:
+    # The pass copies its bound from the config once, when inductor first imports it, so
+    # the compile option alone does not reach it if inductor was imported before.
+    try:
+        from torch._inductor.fx_passes import decompose_mem_bound_mm as mm_pass
+    except ImportError:  # another torch layout: the option above still applies
+        return
+    bound = getattr(mm_pass, "cpu_max_other_dimension_decomposition", _CPU_MM_BOUND)
+    mm_pass.cpu_max_other_dimension_decomposition = max(bound, _CPU_MM_BOUND)
 
 
 class StaticCache:
@@ -78,6 +90,7 @@ def compiled_step(device_type: str) -> Callable[..., torch.Tensor]:
     """``static_forward`` compiled for one-token steps on this kind of device (made once)."""
     if device_type == "cuda":
         return torch.compile(static_forward, mode="reduce-overhead", fullgraph=True)
+    _widen_cpu_mm_decomposition()
     return torch.compile(static_forward, fullgraph=True, dynamic=False,
                          options={"post_grad_fusion_options": _CPU_DECOMPOSE_MM})
 
