@@ -198,7 +198,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(data, tmp_path, c
     assert latest_checkpoint(tmp_path / "run").name == "ckpt-000000"
 
 
-def _tiny_trainer(data: Path, policy: str):
+def _tiny_trainer(data: Path, policy: str, in_backward: bool | None = None):
     from diygpt.config import get_preset
     from diygpt.data import prepare_loaders
     from diygpt.model import GPTModel
@@ -211,12 +211,13 @@ def _tiny_trainer(data: Path, policy: str):
     model = GPTModel(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tc = TrainConfig(num_epochs=1, eval_freq=100, eval_iter=1, start_context=None, max_steps=4,
-                     progress=False, nan_policy=policy)
+                     progress=False, nan_policy=policy, optim_in_backward=in_backward)
     return Trainer(model, opt, tl, vl, "cpu", tc)
 
 
-def test_inf_gradient_is_caught_before_the_update(data):
-    trainer = _tiny_trainer(data, "stop")
+@pytest.mark.parametrize("in_backward", [False, True], ids=["after-backward", "in-backward"])
+def test_inf_gradient_is_caught_before_the_update(data, in_backward):
+    trainer = _tiny_trainer(data, "stop", in_backward)
     weight = trainer.model.tok_emb.weight
     calls = {"n": 0}
 

@@ -27,6 +27,8 @@ class TrainConfig:
     save_every: int | None = None  # checkpoint every N steps into out_dir/ckpt-<step>
     keep_last: int = 2
     nan_policy: str = "stop"  # a non-finite loss or grad norm: "stop" or "skip" the step
+    # AdamW stepped inside backward (see optim_in_backward): None = where exact, on the CPU
+    optim_in_backward: bool | None = None
 
     def __post_init__(self) -> None:
         if self.num_epochs < 0:

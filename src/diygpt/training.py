@@ -24,6 +24,7 @@ from diygpt.checkpoints import load_into, save_run, unwrap_model
 from diygpt.errors import CheckpointError, TrainingError
 from diygpt.evaluation import evaluate_model, format_eval_line, sample_text
 from diygpt.losses import calc_loss_batch
+from diygpt.optim_in_backward import OptimInBackward, attached
 from diygpt.plotting import plot_losses
 from diygpt.precision import Precision
 from diygpt.resume import (
@@ -88,6 +89,7 @@ class Trainer:
         self.precision = precision or Precision(device)
         # Only with a meter does the eval line get tok/s (and MFU) appended.
         self.meter = meter
+        self.in_backward: OptimInBackward | None = None  # fit() sets it where it applies
 
     # -- output --------------------------------------------------------------------------
     def log(self, line: str) -> None:
@@ -128,6 +130,8 @@ class Trainer:
         elif self.cfg.grad_accum == 1:
             with self.precision.autocast():
                 loss = calc_loss_batch(input_batch, target_batch, self.model, self.device)
+            if self.in_backward is not None:  # AdamW steps inside backward: optim_in_backward.py
+                return self.in_backward.step(loss, self._non_finite)
             self.precision.backward(loss)
         else:
             # Weight each micro-batch by its rows so the sum is the full batch's mean loss.
@@ -160,7 +164,7 @@ class Trainer:
         self.precision.step(self.optimizer)
         return loss.detach()
 
-    def _non_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    def _non_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor, partial=False) -> None:
         step = self.history.global_step + 1
         what = (
             f"non-finite loss ({loss.item()})" if not torch.isfinite(loss)
@@ -175,7 +179,8 @@ class Trainer:
         )
         raise TrainingError(
             f"{what} at step {step} (epoch {self.epoch + 1}); stopped before updating the "
-            f"weights; {kept}; try a lower --lr, --grad-clip, or --nan-policy skip"
+            f"{'weights that backward had not reached' if partial else 'weights'}; {kept}; "
+            "try a lower --lr, --grad-clip, or --nan-policy skip"
         )
 
     # -- the loop ----------------------------------------------------------------------------
@@ -191,7 +196,7 @@ class Trainer:
         t0, tokens0 = time.perf_counter(), h.tokens_seen
         start_epoch = self._resume_point.epoch if self._resume_point else 0
         try:
-            with self._stop:
+            with self._stop, attached(self):
                 for epoch in range(start_epoch, c.num_epochs):
                     self.epoch = epoch
                     self.model.train()

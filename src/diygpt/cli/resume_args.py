@@ -17,7 +17,7 @@ from diygpt.errors import CheckpointError, ConfigError
 # only lengthen the run (--epochs and --max-steps, which also stretch a cosine schedule).
 CHANGEABLE = frozenset({
     "resume", "device", "tokenizer_dir", "progress", "save_every", "keep_last", "nan_policy",
-    "epochs", "max_steps", "fsdp",
+    "epochs", "max_steps", "fsdp", "optim_in_backward",
 })
 NOT_SETTINGS = ("func", "argv", "parser")  # namespace entries that are not training settings
 

@@ -1,0 +1,169 @@
+"""AdamW stepped inside the backward pass, so the gradients never all live at once.
+
+PyTorch's recipe "fuse the optimizer step into the backward pass": a hook on each
+parameter (``register_post_accumulate_grad_hook``) updates it as soon as its gradient is
+complete and then drops that gradient. For book-124m in fp32 that is 650 MB of gradients
+(162.4M parameters) that are never held together.
+
+The one ordinary optimizer is kept, so its state_dict, the checkpoints and resume are
+unchanged: in the hook of parameter p we call ``optimizer.step()`` and then set
+``p.grad = None``. Adam and AdamW update only parameters whose ``.grad`` is not None
+(``Adam._init_group``), and at that moment every other gradient is None: those finished
+earlier were dropped, the rest are not produced yet (``zero_grad(set_to_none=True)`` ran
+before the forward pass). Each parameter's update is elementwise and reads only its own
+state (step count, moments), and the learning rate is set before backward, so weights and
+optimizer state come out bit-identical to backward-then-step
+(tests/test_optim_in_backward.py).
+
+It is exact only where a step does not need all gradients first. The Trainer steps after
+backward, as before, with gradient clipping (a global norm), gradient accumulation, fp16's
+GradScaler (an unscale and inf check over all gradients), DDP/FSDP (gradients reduced
+across ranks), ``nan_policy="skip"`` (a bad step must be skippable whole), an optimizer
+other than Adam/AdamW, or a compiled model.
+
+The NaN guard (``nan_policy="stop"``): a non-finite loss is seen before backward, which is
+then not run, so nothing is updated, as before. A finite loss with a non-finite gradient
+norm still stops the run, but the parameters that backward reached before the bad gradient
+(those nearer the output) already hold this step's update in memory; the bad gradient and
+all later ones are never applied, and nothing is saved after the step, so the last
+checkpoint is the same as before.
+
+By default (``optim_in_backward=None``) it is used where it applies and the model is on the
+CPU, where it was measured to cost no speed. ``True`` asks for it on any device: each parameter is then stepped on its own, without foreach's
+batching, and its gradient's finiteness read, one host sync per parameter on a GPU; so on a
+GPU it is not the default. ``False`` turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from diygpt.training import Trainer
+
+# A parameter holding this share of all the weights is stepped later: see OptimInBackward.
+DEFER_SHARE = 0.1
+
+
+class OptimInBackward:
+    """Hooks on every trainable parameter of ``optimizer`` that step it inside backward.
+
+    A parameter holding at least ``defer_share`` of all the weights (book-124m's untied
+    output head and token embedding, a quarter each) is stepped later: once half of the
+    parameters have had theirs, or at the end of backward. AdamW's update makes temporaries
+    twice its size, and the output head's gradient is complete first, while nearly all
+    activations are still held.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, defer_share: float = DEFER_SHARE) -> None:
+        self.optimizer = optimizer
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        self._defer_numel = defer_share * sum(p.numel() for p in params)
+        self._deferred: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._norms: list[torch.Tensor] = []
+        self._finite = True
+        self._flush_at = len(params) // 2
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
+
+    def _hook(self, param: torch.Tensor) -> None:
+        norm = torch.linalg.vector_norm(param.grad)
+        self._norms.append(norm)
+        # Once one gradient is bad, no later parameter is updated in this step.
+        self._finite = self._finite and bool(torch.isfinite(norm))
+        if param.numel() >= self._defer_numel:
+            self._deferred.append((param, param.grad))  # hidden from the steps in between
+        elif self._finite:
+            self.optimizer.step()  # updates only this parameter: all other grads are None
+        param.grad = None
+        if len(self._norms) == self._flush_at:
+            self._step_deferred()
+
+    def _step_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for param, grad in deferred:
+            if self._finite:
+                param.grad = grad
+                self.optimizer.step()
+                param.grad = None
+
+    def backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss.backward()``, stepping each parameter on the way; the total gradient norm.
+
+        The norm is that of ``get_total_norm`` over all gradients (the last bits may differ,
+        being summed in another order); it is non-finite if any gradient was.
+        """
+        self._norms, self._finite, self._deferred = [], True, []
+        try:
+            loss.backward()
+            norms = self._norms
+            self._step_deferred()
+        finally:
+            self._norms, self._deferred = [], []
+        if not norms:
+            return torch.zeros((), device=loss.device)
+        return torch.linalg.vector_norm(torch.stack(norms))
+
+    def step(self, loss: torch.Tensor, on_non_finite: Callable[..., None]) -> torch.Tensor:
+        """Backward and update for an already computed ``loss``; the Trainer's NaN guard.
+
+        ``on_non_finite(loss, grad_norm, partial)`` is called for a non-finite loss (then
+        backward does not run) or gradient norm (``partial``: some parameters were updated).
+        """
+        if not bool(torch.isfinite(loss.detach())):
+            on_non_finite(loss, loss, False)
+            return loss.detach()
+        grad_norm = self.backward(loss)
+        if not bool(torch.isfinite(grad_norm)):
+            on_non_finite(loss, grad_norm, True)
+        return loss.detach()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def blocker(trainer: Trainer) -> str | None:
+    """Why stepping inside backward would not be exact for this trainer, or None."""
+    c = trainer.cfg
+    reasons = (
+        (trainer.parallel is not None, "distributed training"),
+        (c.grad_clip is not None, "--grad-clip"),
+        (c.grad_accum > 1, "--grad-accum"),
+        (trainer.precision.scaler is not None, "fp16's GradScaler"),
+        (c.nan_policy != "stop", f"--nan-policy {c.nan_policy}"),
+        (not isinstance(trainer.optimizer, (torch.optim.Adam, torch.optim.AdamW)),
+         "an optimizer other than Adam/AdamW"),
+        (hasattr(trainer.model, "_orig_mod"), "--compile"),
+    )
+    return next((why for blocked, why in reasons if blocked), None)
+
+
+def _on_cpu(optimizer: torch.optim.Optimizer) -> bool:
+    return all(p.device.type == "cpu" for g in optimizer.param_groups for p in g["params"])
+
+
+@contextlib.contextmanager
+def attached(trainer: Trainer) -> Iterator[OptimInBackward | None]:
+    """``trainer.in_backward`` set for the duration where it is used (see the module doc)."""
+    wanted = trainer.cfg.optim_in_backward
+    why = blocker(trainer)
+    if wanted is None:
+        wanted = _on_cpu(trainer.optimizer)
+    elif wanted and why is not None and trainer.is_main:
+        print(f"diygpt: note: --optim-in-backward does not apply with {why}; the optimizer "
+              "steps after backward", file=sys.stderr)
+    if not wanted or why is not None:
+        yield None
+        return
+    trainer.in_backward = OptimInBackward(trainer.optimizer)
+    try:
+        yield trainer.in_backward
+    finally:
+        trainer.in_backward.remove()
+        trainer.in_backward = None
