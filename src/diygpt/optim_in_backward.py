@@ -29,7 +29,8 @@ all later ones are never applied, and nothing is saved after the step, so the la
 checkpoint is the same as before.
 
 By default (``optim_in_backward=None``) it is used where it applies and the model is on the
-CPU, where it was measured to cost no speed. ``True`` asks for it on any device: each parameter is then stepped on its own, without foreach's
+CPU, where it was measured to cost no speed. ``True`` asks for it on any device (``diygpt
+train --low-memory`` does): each parameter is then stepped on its own, without foreach's
 batching, and its gradient's finiteness read, one host sync per parameter on a GPU; so on a
 GPU it is not the default. ``False`` turns it off.
 """

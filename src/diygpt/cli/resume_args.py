@@ -17,7 +17,7 @@ from diygpt.errors import CheckpointError, ConfigError
 # only lengthen the run (--epochs and --max-steps, which also stretch a cosine schedule).
 CHANGEABLE = frozenset({
     "resume", "device", "tokenizer_dir", "progress", "save_every", "keep_last", "nan_policy",
-    "epochs", "max_steps", "fsdp", "optim_in_backward",
+    "epochs", "max_steps", "fsdp", "optim_in_backward", "low_memory", "malloc_tuning",
 })
 NOT_SETTINGS = ("func", "argv", "parser")  # namespace entries that are not training settings
 

@@ -101,6 +101,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "once; bit-identical to stepping after backward. Default: on for the CPU; "
                      "ignored with --grad-clip, --grad-accum, fp16, --compile, torchrun or "
                      "--nan-policy skip")
+    mem.add_argument("--low-memory", action="store_true",
+                     help="recompute each block's activations during backward instead of keeping "
+                     "them (same numbers, about a quarter slower) and step AdamW inside backward "
+                     "on any device")
+    mem.add_argument("--no-malloc-tuning", dest="malloc_tuning", action="store_false",
+                     help="leave glibc's allocator alone; by default AdamW's moments get "
+                     "mappings of their own, apart from the activations, and the heap's free "
+                     "pages are handed back after each forward pass (with --low-memory also "
+                     "before the embeddings' updates)")
     add_speed_flags(p)
     add_device_flags(p)
     p.add_argument("--fsdp", action="store_true",
@@ -138,6 +147,7 @@ def _train(args: argparse.Namespace, env, device) -> int:
     from diygpt.data import load_training_data, loaders_from_tokens
     from diygpt.distributed import wrap_model
     from diygpt.errors import CheckpointError, ConfigError, DataError
+    from diygpt.memory import recompute_blocks, tune_malloc
     from diygpt.model import GPTModel
     from diygpt.resume import find_resume_checkpoint, read_training_checkpoint
     from diygpt.signals import Interrupted
@@ -161,6 +171,9 @@ def _train(args: argparse.Namespace, env, device) -> int:
     cfg = build_config(args)
     if args.lr <= 0 or args.weight_decay < 0:
         raise ConfigError("--lr must be > 0 and --weight-decay >= 0")
+    if args.low_memory and args.compile:
+        raise ConfigError("--low-memory does not go with --compile (recomputation wraps the "
+                          "blocks' forward, which is not tested compiled)")
     train_cfg = TrainConfig(
         num_epochs=args.epochs, eval_freq=args.eval_freq, eval_iter=args.eval_iter,
         start_context=args.sample_prompt or None, max_steps=args.max_steps,
@@ -168,7 +181,8 @@ def _train(args: argparse.Namespace, env, device) -> int:
         grad_clip=args.grad_clip, grad_accum=args.grad_accum, out_dir=args.out,
         progress=args.progress, save_every=args.save_every, keep_last=args.keep_last,
         nan_policy=args.nan_policy,
-        optim_in_backward=args.optim_in_backward,
+        optim_in_backward=True if args.low_memory and args.optim_in_backward is None
+        else args.optim_in_backward,
     )
     warn = _warn if env.is_main else _quiet
     tokenizer = get_tokenizer(args.tokenizer_dir)
@@ -190,10 +204,14 @@ def _train(args: argparse.Namespace, env, device) -> int:
     torch.manual_seed(args.seed)
     model = GPTModel(cfg).to(device)
     n_params = model.num_parameters()
+    if args.low_memory:
+        recompute_blocks(model)
     prepare_model(args, model)  # --pad-vocab, --tf32: on the plain model, before any wrapper
     # DDP or FSDP under torchrun, before the optimizer (FSDP swaps in sharded parameters).
     model, parallel = wrap_model(model, env, device, fsdp=args.fsdp)
     fast = setup_training(args, model, device)  # optimizer, --dtype, --compile, tok/s meter
+    if args.malloc_tuning:
+        tune_malloc(fast.model, fast.optimizer, trim_before_big_steps=args.low_memory)
     ranks = f" x {env.world_size} ranks ({'FSDP' if args.fsdp else 'DDP'})" if parallel else ""
     warn(
         f"diygpt: {n_params / 1e6:.1f}M parameters on {device}{ranks}; "

@@ -1,0 +1,122 @@
+"""Lower peak memory for training without changing a single number.
+
+Two tools, applied from outside the model:
+
+- :func:`tune_malloc` (on by default in ``diygpt train``; ``--no-malloc-tuning``): glibc's
+  allocator keeps freed activation memory resident. Its mmap threshold grows to 32 MiB, so
+  every activation below that comes from the heap, and AdamW's moments, made at the first
+  step, land among them. Giving the moments mappings of their own and trimming the heap
+  twice a step takes ~300 MB off the seed run's peak.
+- :func:`recompute_blocks` (``--low-memory``): activation checkpointing of each transformer
+  block. Only a block's input is kept for backward; its forward runs again during backward
+  with the RNG state of the first run, so dropout draws the same masks and the gradients
+  are bit-identical. Costs one more forward pass of the blocks.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import sys
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from diygpt.optim_in_backward import DEFER_SHARE
+
+M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+STEADY_THRESHOLD = 32 << 20  # the ceiling of glibc's own dynamic threshold (64-bit)
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - present in glibc only (musl's mallopt is a no-op)
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def _mallopt(param: int, value: int) -> bool:
+    """glibc's mallopt; False elsewhere, or if the user set ``MALLOC_MMAP_THRESHOLD_``."""
+    libc = _glibc()
+    if libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    return libc.mallopt(param, value) == 1
+
+
+def _malloc_trim() -> None:
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def tune_malloc(
+    model: nn.Module, optimizer: torch.optim.Optimizer, trim_before_big_steps: bool = False
+) -> bool:
+    """Cut what glibc's allocator keeps resident around a training step; True if glibc.
+
+    - AdamW's moments are made at the first step, in the middle of the activations' heap,
+      which then grows around them, and the holes freed activations leave stay resident.
+      With the mmap threshold at 1 MiB until every parameter has its state they get
+      mappings of their own; then it goes to 32 MiB, glibc's usual steady state, where
+      activations are recycled in the heap. Costs the first step only.
+    - ``malloc_trim(0)`` after each training forward pass hands the heap's free pages back
+      before the backward pass peaks (measured at 1-3% of a step on a 2-core CPU).
+    - ``trim_before_big_steps``: also before the update of a parameter holding a tenth or
+      more of all weights, whose AdamW temporaries are twice its size (with the update
+      inside backward that comes once the activations are gone). That releases the whole
+      backward pass's heap, which the next forward pass faults in again: ~8% of a step.
+    """
+    if not _mallopt(M_MMAP_THRESHOLD, 1 << 20):
+        return False
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    total = sum(p.numel() for p in params)
+    big = [p for p in params if p.numel() >= DEFER_SHARE * total]
+    seen = [len(optimizer.state)]
+
+    def state_made(opt: torch.optim.Optimizer, args, kwargs) -> None:
+        # Done once every parameter has state, or a step made none (some get no gradient).
+        count = len(opt.state)
+        if count == seen[0] or all(len(opt.state.get(p, ())) for p in params):
+            _mallopt(M_MMAP_THRESHOLD, STEADY_THRESHOLD)
+            handle.remove()
+        seen[0] = count
+
+    def before_step(opt: torch.optim.Optimizer, args, kwargs) -> None:
+        if any(p.grad is not None for p in big):
+            _malloc_trim()
+
+    def after_forward(module: nn.Module, args, output) -> None:
+        if module.training and torch.is_grad_enabled():
+            _malloc_trim()
+
+    handle = optimizer.register_step_post_hook(state_made)
+    model.register_forward_hook(after_forward)
+    if trim_before_big_steps:
+        optimizer.register_step_pre_hook(before_step)
+    return True
+
+
+def recompute_blocks(model: nn.Module) -> None:
+    """Recompute each transformer block's activations in backward instead of keeping them.
+
+    Only while gradients are recorded and no KV cache is passed (evaluation and generation
+    run as before). The model's parameters, state_dict and class are untouched: each block's
+    ``forward`` is wrapped on the instance.
+    """
+    for block in model.trf_blocks:
+        if not isinstance(block.forward, functools.partial):  # once
+            block.forward = functools.partial(_checkpointed, block.forward)
+
+
+def _checkpointed(forward, x: torch.Tensor, cache=None, layer: int = 0) -> torch.Tensor:
+    if cache is not None or not torch.is_grad_enabled():
+        return forward(x, cache, layer)
+    return checkpoint(forward, x, None, layer, use_reentrant=False, preserve_rng_state=True)

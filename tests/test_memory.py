@@ -1,0 +1,154 @@
+"""--low-memory (activation recomputation) and the allocator setting: same numbers, less memory."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+from cli_helpers import one_line_error, run_cli, train_tiny
+
+from diygpt import GPTModel, memory
+from diygpt.data import prepare_loaders
+from diygpt.generation import generate_text_simple
+from diygpt.memory import recompute_blocks
+from diygpt.optim_in_backward import OptimInBackward
+from diygpt.training import TrainConfig, Trainer
+
+SMALL = {"vocab_size": 50257, "context_length": 32, "emb_dim": 32, "n_heads": 2,
+         "n_layers": 3, "drop_rate": 0.1, "qkv_bias": False}
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_recomputed_blocks_train_bit_identically(verdict_text, tokenizer, attn):
+    states, losses = [], []
+    for recompute in (False, True):
+        torch.manual_seed(3)
+        train, val = prepare_loaders(verdict_text[:6000], tokenizer, 4, 32, shuffle=True)
+        torch.manual_seed(3)
+        model = GPTModel({**SMALL, "attn_impl": attn})
+        if recompute:
+            recompute_blocks(model)
+            recompute_blocks(model)  # a second call changes nothing
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
+        cfg = TrainConfig(num_epochs=1, max_steps=5, eval_freq=2, eval_iter=2,
+                          start_context="Every effort", sample_tokens=5, progress=False)
+        lines = []
+        h = Trainer(model, opt, train, val, "cpu", cfg, tokenizer, log=lines.append).fit()
+        states.append(model.state_dict())
+        losses.append((h.train_losses, h.val_losses, lines))
+    assert losses[0] == losses[1]
+    for name, value in states[0].items():
+        assert torch.equal(value, states[1][name]), name
+
+
+def test_recompute_keeps_only_block_inputs():
+    torch.manual_seed(0)
+    x = torch.randint(0, 50257, (2, 32))
+    saved = []
+    for recompute in (False, True):
+        model = GPTModel(SMALL)
+        if recompute:
+            recompute_blocks(model)
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept = {}
+
+        def pack(t, kept=kept, weights=weights):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in weights:
+                kept[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x)
+        out.sum().backward()
+        saved.append(sum(kept.values()))
+    assert saved[1] < saved[0] / 2
+
+
+def test_recompute_is_off_without_grad_and_with_a_cache(tokenizer):
+    torch.manual_seed(0)
+    model = GPTModel(SMALL).eval()
+    prompt = torch.tensor([tokenizer.encode("Every effort moves you")])
+    expected = generate_text_simple(model, prompt, 6, 32)
+    recompute_blocks(model)
+    assert torch.equal(generate_text_simple(model, prompt, 6, 32), expected)
+    assert "trf_blocks.0.att.W_query.weight" in model.state_dict()
+
+
+GLIBC = platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.parametrize(("in_backward", "big"), [(False, False), (False, True), (True, True)])
+def test_malloc_tuning_hooks(monkeypatch, in_backward, big):
+    calls = []
+    monkeypatch.setattr(memory, "_mallopt", lambda param, value: calls.append(value) or True)
+    monkeypatch.setattr(memory, "_malloc_trim", lambda: calls.append("trim"))
+    torch.manual_seed(0)
+    model = GPTModel(SMALL)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    assert memory.tune_malloc(model, opt, trim_before_big_steps=big)
+    assert calls == [1 << 20]
+    x = torch.randint(0, 50257, (2, 8))
+    hooks = OptimInBackward(opt) if in_backward else None
+    for step in range(2):
+        calls.clear()
+        opt.zero_grad()
+        loss = model(x).sum()
+        if hooks:
+            hooks.backward(loss)
+        else:
+            loss.backward()
+            opt.step()
+        # A trim after the forward pass, then (with big) one before each step of the two
+        # embeddings (a quarter of the weights each), or before the one step after
+        # backward; the threshold goes to its steady value after the first step, once.
+        expected = ["trim"] * (1 + big * (2 if in_backward else 1))
+        assert calls == expected + [memory.STEADY_THRESHOLD] * (step == 0)
+    calls.clear()
+    with torch.no_grad():
+        model.eval()(x)
+    assert calls == []  # evaluation is left alone
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc only")
+def test_malloc_setting_left_to_the_user(monkeypatch):
+    model = GPTModel(SMALL)
+    opt = torch.optim.AdamW(model.parameters())
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert memory.tune_malloc(model, opt) is False
+    assert not opt._optimizer_step_post_hooks and not model._forward_hooks
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    assert memory.tune_malloc(model, opt) is True
+    memory._malloc_trim()
+
+
+def test_cli_low_memory_gives_the_same_weights(data, tmp_path, capsys):
+    weights = []
+    for extra in ([], ["--low-memory", "--no-malloc-tuning"]):
+        out = tmp_path / f"run{len(weights)}"
+        rc, stdout, err = train_tiny(capsys, data, out, "--max-steps", "3", "--drop-rate", "0.1",
+                                     *extra)
+        assert rc == 0, err
+        weights.append(((out / "model.safetensors").read_bytes(), stdout))
+    assert weights[0] == weights[1]
+
+
+def test_cli_low_memory_refuses_compile(data, tmp_path, capsys):
+    line = one_line_error(capsys, "train", "--data", data, "--low-memory", "--compile",
+                          "--out", tmp_path / "run")
+    assert "--low-memory does not go with --compile" in line
+
+
+def test_resume_with_low_memory_is_exact(data, tmp_path, capsys):
+    common = ["--drop-rate", "0.1", "--no-malloc-tuning"]
+    rc, _, err = train_tiny(capsys, data, tmp_path / "straight", "--max-steps", "5", *common)
+    assert rc == 0, err
+    rc, _, err = train_tiny(capsys, data, tmp_path / "run", "--max-steps", "3", "--save-every",
+                            "3", "--no-optim-in-backward", *common)
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, "train", "--resume", tmp_path / "run", "--max-steps", "5",
+                         "--low-memory")
+    assert rc == 0, err
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == \
+        (tmp_path / "straight" / "model.safetensors").read_bytes()
