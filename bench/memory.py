@@ -1,24 +1,39 @@
 """Peak RSS of the seed's training run: ``diygpt train`` vs the book's reference loop.
 
-    python bench/memory.py [--max-steps 10] [--attn eager]
+    python bench/memory.py [--max-steps 10] [--attn eager] [--variant="--low-memory"]
 
 Each runs in its own process (peak RSS is per process): the seed's settings (book-124m,
 batch 2, ctx 256, AdamW, dropout 0.1, eval every 5 steps on 5 batches), stopped after
 --max-steps steps. Peak memory is reached in the first steps, so a short run shows it.
+``diygpt train`` runs once with its defaults and once more per --variant, with those flags
+added; by default two variants: ``--no-optim-in-backward --no-malloc-tuning`` (the step
+and allocator as they were) and ``--low-memory``. Write ``--variant="--flag ..."`` (with
+the ``=``, since the value starts with a dash); a variant may start with environment
+settings (``--variant="MALLOC_ARENA_MAX=2 --low-memory"``).
+
+Each row also gives the training speed: tokens per second over the optimizer steps after
+the first (which allocates AdamW's moments), evaluations left out, by wall time or with
+--cpu-time by the process's CPU time. On a shared machine compare speeds only within one
+run of this script; --threads 1 --cpu-time --repeat 3 steady them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 
 import _common
+import torch
 
 BOOK_LOOP = """
-import sys, torch
+import sys, time, torch
 sys.path.insert(0, sys.argv[3])
 import book_reference
 from diygpt.config import get_preset
@@ -38,10 +53,13 @@ step = -1
 for x, y in train:
     if step + 1 >= int(sys.argv[2]):
         break
+    t0 = clock()
     opt.zero_grad()
     loss = calc_loss_batch(x, y, model, "cpu")
     loss.backward()
     opt.step()
+    loss.item()
+    STEPS.append((clock() - t0, x.numel()))
     step += 1
     if step % 5 == 0:
         model.eval()
@@ -51,12 +69,24 @@ for x, y in train:
 """
 
 
-# Runs argv[2:] as `python -m diygpt ...` or as code, then writes its own peak RSS (MB).
+# Runs argv[2:] as `python -m diygpt ...` or as code, then writes its own peak RSS (MB) and
+# the (seconds, tokens) of each optimizer step.
 WRAP = """
-import resource, runpy, sys
+import json, os, resource, runpy, sys, time
 out, kind, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
+STEPS = []
+clock = time.process_time if os.environ.get("BENCH_CPU_TIME") else time.perf_counter
 try:
     if kind == "module":
+        from diygpt.training import Trainer
+        step = Trainer.train_step
+        def timed(self, x, y):
+            t0 = clock()
+            loss = step(self, x, y)
+            loss.item()
+            STEPS.append((clock() - t0, x.numel()))
+            return loss
+        Trainer.train_step = timed
         sys.argv = ["diygpt", *rest]
         try:
             runpy.run_module("diygpt", run_name="__main__")
@@ -66,39 +96,92 @@ try:
         sys.argv = ["-c", *rest[1:]]
         exec(rest[0])
 finally:
-    open(out, "w").write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    json.dump({"peak_mb": peak, "steps": STEPS}, open(out, "w"))
 """
 
 
-def peak_rss_of(kind: str, args: list[str], tmp: str) -> float:
-    """Peak RSS in MB of a fresh Python process running ``diygpt ARGS`` or code + argv."""
-    env = {**os.environ, "PYTHONPATH": str(_common.ROOT / "src")}
-    out = os.path.join(tmp, "rss.txt")
+def run_measured(kind: str, args: list[str], tmp: str, env_extra: dict[str, str],
+                 threads: int | None, cpu_time: bool) -> tuple[float, float]:
+    """(peak RSS in MB, tok/s after the first step) of a fresh Python process running
+    ``diygpt ARGS`` or code + argv."""
+    env = {**os.environ, "PYTHONPATH": str(_common.ROOT / "src"), **env_extra}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    if cpu_time:
+        env["BENCH_CPU_TIME"] = "1"
+    out = os.path.join(tmp, "rss.json")
     subprocess.run([sys.executable, "-c", WRAP, out, kind, *args], env=env, check=True,
                    stdout=subprocess.DEVNULL)
     with open(out) as f:
-        return float(f.read())
+        result = json.load(f)
+    steps = result["steps"][1:]
+    rate = sum(n for _, n in steps) / sum(t for t, _ in steps) if steps else float("nan")
+    return result["peak_mb"], rate
+
+
+def split_variant(text: str) -> tuple[dict[str, str], list[str]]:
+    """``"NAME=value ... --flag ..."`` -> (environment, flags)."""
+    words = shlex.split(text)
+    env = {}
+    while words and "=" in words[0] and not words[0].startswith("-"):
+        name, value = words.pop(0).split("=", 1)
+        env[name] = value
+    return env, words
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--max-steps", type=int, default=10)
     ap.add_argument("--attn", default="eager")
+    ap.add_argument("--variant", action="append", default=None, metavar="FLAGS",
+                    help="more diygpt train flags for one more row (repeatable; \"\" for none)")
+    ap.add_argument("--no-book", dest="book", action="store_false",
+                    help="skip the book's loop (then ratios are to the first diygpt row)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="OMP_NUM_THREADS for every run (default: torch's choice)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time steps by the process's CPU seconds, not wall seconds: steadier "
+                    "on a shared machine (with --threads 1)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the whole set this many times, interleaved; report the medians")
     args = ap.parse_args()
+    default = ["--no-optim-in-backward --no-malloc-tuning", "--low-memory"]
+    variants = ["", *(default if args.variant is None else args.variant)]
+    runs: dict[str, list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        ours = peak_rss_of("module", [
-            "train", "--data", str(_common.VERDICT),
-            "--preset", "book-124m", "--epochs", "10", "--batch-size", "2", "--lr", "0.0004",
-            "--weight-decay", "0.1", "--eval-freq", "5", "--eval-iter", "5", "--no-shuffle",
-            "--no-drop-last", "--seed", "123", "--attn", args.attn, "--sample-prompt", "",
-            "--max-steps", str(args.max_steps), "--no-progress", "--out", tmp,
-        ], tmp)
-        book = peak_rss_of("code", [BOOK_LOOP, str(_common.VERDICT), str(args.max_steps),
-                                    str(_common.ROOT / "tests")], tmp)
-    print(f"\n### peak RSS, seed run settings, first {args.max_steps} steps\n\n{_common.machine()}\n")
-    print("| implementation | peak RSS MB | vs book |\n| --- | ---: | ---: |")
-    print(f"| book reference loop | {book:.0f} | 1.00x |")
-    print(f"| diygpt train --attn {args.attn} | {ours:.0f} | {ours / book:.2f}x |")
+        for _ in range(args.repeat):
+            if args.book:
+                runs.setdefault("book reference loop", []).append(run_measured("code", [
+                    BOOK_LOOP, str(_common.VERDICT), str(args.max_steps),
+                    str(_common.ROOT / "tests"),
+                ], tmp, {}, args.threads, args.cpu_time))
+            for i, extra in enumerate(dict.fromkeys(variants)):
+                env, flags = split_variant(extra)
+                out = os.path.join(tmp, f"run{i}")
+                name = f"{' '.join(f'{k}={v}' for k, v in env.items())} diygpt train " \
+                    f"--attn {args.attn} {' '.join(flags)}"
+                runs.setdefault(name.strip(), []).append(run_measured("module", [
+                    "train", "--data", str(_common.VERDICT),
+                    "--preset", "book-124m", "--epochs", "10", "--batch-size", "2",
+                    "--lr", "0.0004", "--weight-decay", "0.1", "--eval-freq", "5",
+                    "--eval-iter", "5", "--no-shuffle", "--no-drop-last", "--seed", "123",
+                    "--attn", args.attn, "--sample-prompt", "",
+                    "--max-steps", str(args.max_steps), "--no-progress", "--out", out, *flags,
+                ], tmp, env, args.threads, args.cpu_time))
+                shutil.rmtree(out, ignore_errors=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # for the machine line
+    _common.CLOCK_NAME = "process CPU time" if args.cpu_time else _common.CLOCK_NAME
+    print(f"\n### peak RSS and speed, seed run settings, first {args.max_steps} steps"
+          f"{f', median of {args.repeat} runs' if args.repeat > 1 else ''}\n\n{_common.machine()}\n")
+    rows = [(name, statistics.median(m for m, _ in r), statistics.median(t for _, t in r))
+            for name, r in runs.items()]
+    base_name, base, base_rate = rows[0]
+    print(f"| implementation | peak RSS MB | vs {base_name} | tok/s | vs |\n"
+          "| --- | ---: | ---: | ---: | ---: |")
+    for name, mb, rate in rows:
+        print(f"| {name} | {mb:.0f} | {mb / base:.2f}x | {rate:.0f} | {rate / base_rate:.2f}x |")
 
 
 if __name__ == "__main__":
