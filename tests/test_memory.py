@@ -79,15 +79,15 @@ def test_recompute_is_off_without_grad_and_with_a_cache(tokenizer):
 GLIBC = platform.libc_ver()[0] == "glibc"
 
 
-@pytest.mark.parametrize(("in_backward", "big"), [(False, False), (False, True), (True, True)])
-def test_malloc_tuning_hooks(monkeypatch, in_backward, big):
+@pytest.mark.parametrize(("in_backward", "trim"), [(True, False), (False, True), (True, True)])
+def test_malloc_tuning_hooks(monkeypatch, in_backward, trim):
     calls = []
     monkeypatch.setattr(memory, "_mallopt", lambda param, value: calls.append(value) or True)
     monkeypatch.setattr(memory, "_malloc_trim", lambda: calls.append("trim"))
     torch.manual_seed(0)
     model = GPTModel(SMALL)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    assert memory.tune_malloc(model, opt, trim_before_big_steps=big)
+    assert memory.tune_malloc(model, opt, trim=trim)
     assert calls == [1 << 20]
     x = torch.randint(0, 50257, (2, 8))
     hooks = OptimInBackward(opt) if in_backward else None
@@ -100,10 +100,10 @@ def test_malloc_tuning_hooks(monkeypatch, in_backward, big):
         else:
             loss.backward()
             opt.step()
-        # A trim after the forward pass, then (with big) one before each step of the two
+        # With trim: one after the forward pass, then one before each step of the two
         # embeddings (a quarter of the weights each), or before the one step after
-        # backward; the threshold goes to its steady value after the first step, once.
-        expected = ["trim"] * (1 + big * (2 if in_backward else 1))
+        # backward. The threshold goes to its steady value after the first step, once.
+        expected = ["trim"] * trim * (3 if in_backward else 2)
         assert calls == expected + [memory.STEADY_THRESHOLD] * (step == 0)
     calls.clear()
     with torch.no_grad():

@@ -5,8 +5,8 @@ Two tools, applied from outside the model:
 - :func:`tune_malloc` (on by default in ``diygpt train``; ``--no-malloc-tuning``): glibc's
   allocator keeps freed activation memory resident. Its mmap threshold grows to 32 MiB, so
   every activation below that comes from the heap, and AdamW's moments, made at the first
-  step, land among them. Giving the moments mappings of their own and trimming the heap
-  twice a step takes ~300 MB off the seed run's peak.
+  step, land among them. Giving the moments mappings of their own takes ~120 MB off the
+  seed run's peak; with ``--low-memory`` the heap is also trimmed (slower, ~600 MB less).
 - :func:`recompute_blocks` (``--low-memory``): activation checkpointing of each transformer
   block. Only a block's input is kept for backward; its forward runs again during backward
   with the RNG state of the first run, so dropout draws the same masks and the gradients
@@ -57,9 +57,7 @@ def _malloc_trim() -> None:
         libc.malloc_trim(0)
 
 
-def tune_malloc(
-    model: nn.Module, optimizer: torch.optim.Optimizer, trim_before_big_steps: bool = False
-) -> bool:
+def tune_malloc(model: nn.Module, optimizer: torch.optim.Optimizer, trim: bool = False) -> bool:
     """Cut what glibc's allocator keeps resident around a training step; True if glibc.
 
     - AdamW's moments are made at the first step, in the middle of the activations' heap,
@@ -67,12 +65,12 @@ def tune_malloc(
       With the mmap threshold at 1 MiB until every parameter has its state they get
       mappings of their own; then it goes to 32 MiB, glibc's usual steady state, where
       activations are recycled in the heap. Costs the first step only.
-    - ``malloc_trim(0)`` after each training forward pass hands the heap's free pages back
-      before the backward pass peaks (measured at 1-3% of a step on a 2-core CPU).
-    - ``trim_before_big_steps``: also before the update of a parameter holding a tenth or
-      more of all weights, whose AdamW temporaries are twice its size (with the update
-      inside backward that comes once the activations are gone). That releases the whole
-      backward pass's heap, which the next forward pass faults in again: ~8% of a step.
+    - ``trim`` (``--low-memory``): ``malloc_trim(0)`` hands the heap's free pages back after
+      each training forward pass, before the backward pass peaks, and before the update of
+      a parameter holding a tenth or more of all weights, whose AdamW temporaries are twice
+      its size (with the update inside backward that comes once the activations are gone).
+      The pages given back are faulted in again by the next pass: on a 2-core CPU the first
+      trim cost ~5% of a step, both ~13%.
     """
     if not _mallopt(M_MMAP_THRESHOLD, 1 << 20):
         return False
@@ -98,8 +96,8 @@ def tune_malloc(
             _malloc_trim()
 
     handle = optimizer.register_step_post_hook(state_made)
-    model.register_forward_hook(after_forward)
-    if trim_before_big_steps:
+    if trim:
+        model.register_forward_hook(after_forward)
         optimizer.register_step_pre_hook(before_step)
     return True
 

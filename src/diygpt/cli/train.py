@@ -103,13 +103,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "--nan-policy skip")
     mem.add_argument("--low-memory", action="store_true",
                      help="recompute each block's activations during backward instead of keeping "
-                     "them (same numbers, about a quarter slower) and step AdamW inside backward "
-                     "on any device")
+                     "them, step AdamW inside backward on any device, and trim glibc's heap "
+                     "twice a step: same numbers, about a quarter slower")
     mem.add_argument("--no-malloc-tuning", dest="malloc_tuning", action="store_false",
                      help="leave glibc's allocator alone; by default AdamW's moments get "
-                     "mappings of their own, apart from the activations, and the heap's free "
-                     "pages are handed back after each forward pass (with --low-memory also "
-                     "before the embeddings' updates)")
+                     "mappings of their own, apart from the activations (and with --low-memory "
+                     "the heap's free pages are handed back twice a step)")
     add_speed_flags(p)
     add_device_flags(p)
     p.add_argument("--fsdp", action="store_true",
@@ -211,7 +210,7 @@ def _train(args: argparse.Namespace, env, device) -> int:
     model, parallel = wrap_model(model, env, device, fsdp=args.fsdp)
     fast = setup_training(args, model, device)  # optimizer, --dtype, --compile, tok/s meter
     if args.malloc_tuning:
-        tune_malloc(fast.model, fast.optimizer, trim_before_big_steps=args.low_memory)
+        tune_malloc(fast.model, fast.optimizer, trim=args.low_memory)
     ranks = f" x {env.world_size} ranks ({'FSDP' if args.fsdp else 'DDP'})" if parallel else ""
     warn(
         f"diygpt: {n_params / 1e6:.1f}M parameters on {device}{ranks}; "
