@@ -30,7 +30,6 @@ import sys
 import tempfile
 
 import _common
-import torch
 
 BOOK_LOOP = """
 import sys, time, torch
@@ -138,11 +137,7 @@ def main() -> None:
                     help="more diygpt train flags for one more row (repeatable; \"\" for none)")
     ap.add_argument("--no-book", dest="book", action="store_false",
                     help="skip the book's loop (then ratios are to the first diygpt row)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="OMP_NUM_THREADS for every run (default: torch's choice)")
-    ap.add_argument("--cpu-time", action="store_true",
-                    help="time steps by the process's CPU seconds, not wall seconds: steadier "
-                    "on a shared machine (with --threads 1)")
+    _common.add_common_args(ap)  # --threads (OMP_NUM_THREADS of every run), --cpu-time
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the whole set this many times, interleaved; report the medians")
     args = ap.parse_args()
@@ -170,9 +165,7 @@ def main() -> None:
                     "--max-steps", str(args.max_steps), "--no-progress", "--out", out, *flags,
                 ], tmp, env, args.threads, args.cpu_time))
                 shutil.rmtree(out, ignore_errors=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)  # for the machine line
-    _common.CLOCK_NAME = "process CPU time" if args.cpu_time else _common.CLOCK_NAME
+    _common.apply_common_args(args)  # for the machine line and the clock's name
     print(f"\n### peak RSS and speed, seed run settings, first {args.max_steps} steps"
           f"{f', median of {args.repeat} runs' if args.repeat > 1 else ''}\n\n{_common.machine()}\n")
     rows = [(name, statistics.median(m for m, _ in r), statistics.median(t for _, t in r))

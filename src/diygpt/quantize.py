@@ -10,9 +10,10 @@ fewer bytes than fp32. Two kernels, picked at load time:
 - ``int8pack`` (elsewhere): ``_weight_int8pack_mm``, bf16 activations x int8 weights scaled
   per row (weight-only, the kernel gpt-fast uses).
 
-Under ``torch.compile`` (``generate --compile``) neither kernel is used: the layer is
-written as plain ops (fp32 activations x dequantised int8 weights, weight-only), which
-inductor turns into one fused pass over the int8 bytes.
+Under ``torch.compile`` (``generate --compile``) fbgemm stays, as an opaque op
+(``diygpt::fbgemm_linear``) in the compiled graph; without fbgemm the layer is written as
+plain ops (fp32 activations x dequantised int8 weights, weight-only), which inductor turns
+into one fused pass over the int8 bytes.
 
 Embeddings and LayerNorms stay fp32 (a lookup reads one row only).
 
@@ -100,7 +101,7 @@ class Int8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().float().clone()
         self.register_buffer("bias", bias)
         on_cpu = linear.weight.device.type == "cpu"
-        packed = _fbgemm_pack(q, scales.float(), bias) if on_cpu else None
+        packed = _fbgemm_pack(q, scales, bias) if on_cpu else None
         self._fbgemm_key = _register_packed(self, packed) if packed is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

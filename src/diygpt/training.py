@@ -164,7 +164,7 @@ class Trainer:
         self.precision.step(self.optimizer)
         return loss.detach()
 
-    def _non_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor, partial=False) -> None:
+    def _non_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor, partial: bool = False) -> None:
         step = self.history.global_step + 1
         what = (
             f"non-finite loss ({loss.item()})" if not torch.isfinite(loss)
