@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 ASSETS ?= ../shared/assets
 export DIYGPT_TOKENIZER_DIR ?= $(abspath $(ASSETS)/gpt2)
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint gpu-stage clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench scripts
+
+# The assets for a lent GPU machine, which gets the working tree but not ../shared:
+# then run `bash bench/gpu.sh` there with .assets carried (see the script's header).
+gpu-stage:
+	mkdir -p .assets/gpt2
+	cp -f $(ASSETS)/the-verdict.txt .assets/
+	cp -f $(ASSETS)/gpt2/encoder.json $(ASSETS)/gpt2/vocab.bpe .assets/gpt2/
 
 clean:
 	rm -rf $(VENV) runs build dist src/*.egg-info

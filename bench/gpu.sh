@@ -1,32 +1,72 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue #5 in one call (run from the repository root on a CUDA
-# machine with the project installed, e.g. `bash bench/gpu.sh 2>&1 | tee gpu.txt`).
-#   1. training throughput + MFU, gpt2-small at ctx 1024: bf16 autocast, SDPA (flash)
-#      attention, fused AdamW, TF32, torch.compile, vocab padded to 50304; peers
-#      transformers and the book's code under the same autocast, not compiled
-#   2. the same without compile/padding, to show what each costs
-#   3. batch-1 greedy generation tok/s, diygpt KV cache vs transformers generate
-#   4. the CLI path: `diygpt train --dtype bf16 --compile ...` prints tok/s and MFU
-set -euo pipefail
-PY=${PY:-python}
-BATCH=${BATCH:-16}
-export PYTHONPATH=${PYTHONPATH:-src}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+# Every GPU check and measurement of issue #5 in one call: about 8 minutes on one H200.
+#
+# On a lent device machine the assets do not travel (../shared stays here), so first, here:
+#     make gpu-stage            # copies them into .assets/, which git ignores
+# then one device call:  run(command="bash bench/gpu.sh", carry=[".assets"], timeout_s=540)
+# On any CUDA machine with ../shared beside the checkout:  bash bench/gpu.sh
+#
+# Steps, most important first. Each has its own time limit, and a failed step does not stop
+# the others; a summary of exit codes ends the output. STEPS picks some (e.g. STEPS="gen" to
+# rerun one). Output goes to the terminal and, where $OUT is set, to $OUT/gpu.txt.
+#   tests     correctness on CUDA: tests/test_cuda.py and every test that takes the `device`
+#             fixture (cached = uncached greedy, static/CUDA-graph decode, autocast steps,
+#             AdamW-in-backward bit-identical, bf16 CLI run with MFU in its log line)
+#   train     training tok/s and MFU, gpt2-small at ctx 1024: bf16 autocast, SDPA flash
+#             attention, fused AdamW, TF32, torch.compile, vocab padded to 50304; peer:
+#             transformers under the same autocast (target: 550k tok/s)
+#   gen       batch-1 greedy generation: KV cache, and compiled into CUDA graphs, against
+#             transformers generate (target: 1500 tok/s)
+#   fsdp      FSDP2 under torchrun with nccl against one process (scripts/fsdp_gpu_check.py)
+#   ablation  training without compile and padding, to show what they add
+#   cli       (only when named in STEPS) `diygpt train` with every speed flag, 30 steps
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+BATCH=${BATCH:-32}
+STEPS=${STEPS:-tests train gen fsdp ablation}
+
+if [[ -z "${DIYGPT_ASSETS:-}" ]]; then
+  for dir in .assets ../shared/assets; do
+    if [[ -f $dir/the-verdict.txt ]]; then DIYGPT_ASSETS=$(cd "$dir" && pwd); break; fi
+  done
+fi
+if [[ ! -f "${DIYGPT_ASSETS:-}/the-verdict.txt" ]]; then
+  echo "bench/gpu.sh: no assets: run 'make gpu-stage' and carry .assets, or set DIYGPT_ASSETS" >&2
+  exit 2
+fi
+export DIYGPT_ASSETS DIYGPT_TOKENIZER_DIR=${DIYGPT_TOKENIZER_DIR:-$DIYGPT_ASSETS/gpt2}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if [[ -n "${OUT:-}" ]]; then exec > >(tee -a "$OUT/gpu.txt") 2>&1; fi
+
+SUMMARY=()
+run_step() {  # run_step NAME SECONDS COMMAND...: runs it if STEPS names it
+  local name=$1 limit=$2 start=$SECONDS rc
+  shift 2
+  [[ " $STEPS " == *" $name "* ]] || return 0
+  echo; echo "== $name (limit ${limit} s)"
+  timeout "$limit" "$@"; rc=$?
+  SUMMARY+=("$name: exit $rc$([[ $rc == 124 ]] && echo ' (time limit)'), $((SECONDS - start)) s")
+}
+
 date -u
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+$PY -c "import torch, transformers; print('torch', torch.__version__, '| transformers',
+transformers.__version__, '| cuda', torch.cuda.is_available())" || true
 
-echo "== 1. training, fast path"
-$PY bench/train_speed.py --preset gpt2-small --batch-size "$BATCH" --variants sdpa \
-  --dtype bf16 --compile --fused-adamw --pad-vocab --tf32 --warmup 5 --steps 20
-
-echo "== 2. training, bf16 + fused AdamW + TF32 only (no compile, no padding)"
-$PY bench/train_speed.py --preset gpt2-small --batch-size "$BATCH" --variants sdpa \
-  --dtype bf16 --fused-adamw --tf32 --peers none --warmup 3 --steps 10
-
-echo "== 3. generation, batch 1, 200 new tokens"
-$PY bench/generate_speed.py --new-tokens 200 --warmup 2 --repeats 5
-
-echo "== 4. CLI: 30 steps on the-verdict with every speed flag"
-$PY -m diygpt train --data ../shared/assets/the-verdict.txt --preset gpt2-small \
-  --context-length 1024 --batch-size 2 --max-steps 30 --eval-freq 10 --eval-iter 1 \
-  --dtype bf16 --compile --fused-adamw --pad-vocab --tf32 --sample-prompt "" \
+run_step tests 240 $PY -m pytest -q -p no:cacheprovider -k cuda tests
+run_step train 180 $PY bench/train_speed.py --preset gpt2-small --batch-size "$BATCH" \
+  --variants sdpa --peers hf --dtype bf16 --compile --fused-adamw --pad-vocab --tf32 \
+  --warmup 5 --steps 20
+run_step gen 150 $PY bench/generate_speed.py --new-tokens 200 --warmup 2 --repeats 5
+run_step fsdp 120 $PY scripts/fsdp_gpu_check.py --data "$DIYGPT_ASSETS/the-verdict.txt" \
+  --out /tmp/diygpt-fsdp-check
+run_step ablation 60 $PY bench/train_speed.py --preset gpt2-small --batch-size "$BATCH" \
+  --variants sdpa --peers none --dtype bf16 --fused-adamw --tf32 --warmup 3 --steps 10
+run_step cli 180 $PY -m diygpt train --data "$DIYGPT_ASSETS/the-verdict.txt" \
+  --preset gpt2-small --context-length 1024 --train-ratio 0.7 --batch-size 2 --max-steps 30 --eval-freq 10 \
+  --eval-iter 1 --dtype bf16 --compile --fused-adamw --pad-vocab --tf32 --sample-prompt "" \
   --no-progress --out /tmp/diygpt-gpu-run
+
+echo; echo "== summary"
+printf '%s\n' "${SUMMARY[@]}"

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("DIYGPT_ASSETS", ROOT.parent / "shared" / "assets"))
@@ -14,6 +15,16 @@ VERDICT = ASSETS / "the-verdict.txt"
 
 # Every test, and every CLI subprocess a test starts, reads the tokenizer from the assets.
 os.environ.setdefault("DIYGPT_TOKENIZER_DIR", str(TOKENIZER_DIR))
+
+
+# Tests that take ``device`` run on the CPU everywhere, and on CUDA too where there is one
+# (bench/gpu.sh runs them on a lent GPU): the accelerator paths' correctness checks.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="session")

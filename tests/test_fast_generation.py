@@ -18,16 +18,16 @@ from diygpt.quantize import Int8Linear, model_bytes, quantize_int8, quantize_row
 CFG = get_preset("tiny").with_updates(vocab_size=300, context_length=16, qkv_bias=True)
 
 
-def _model(attn: str = "sdpa") -> GPTModel:
+def _model(attn: str = "sdpa", device: str = "cpu") -> GPTModel:
     torch.manual_seed(0)
-    return GPTModel(CFG.with_updates(attn_impl=attn)).eval()
+    return GPTModel(CFG.with_updates(attn_impl=attn)).to(device).eval()
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("new_tokens", [5, 40])  # 40 > context 16: the window slides
-def test_cached_greedy_equals_uncached(attn, new_tokens):
-    model = _model(attn)
-    idx = torch.randint(0, CFG.vocab_size, (2, 4))
+def test_cached_greedy_equals_uncached(attn, new_tokens, device):
+    model = _model(attn, device)
+    idx = torch.randint(0, CFG.vocab_size, (2, 4), device=device)
     cached = generate(model, idx, new_tokens, CFG.context_length, use_cache=True)
     uncached = generate(model, idx, new_tokens, CFG.context_length, use_cache=False)
     assert torch.equal(cached, uncached)
@@ -66,11 +66,11 @@ def test_generate_cli_int8(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_static_cache_greedy_equals_generate(attn):
+def test_static_cache_greedy_equals_generate(attn, device):
     from diygpt.static_decode import static_generate
 
-    model = _model(attn)
-    idx = torch.randint(0, CFG.vocab_size, (2, 3))
+    model = _model(attn, device)
+    idx = torch.randint(0, CFG.vocab_size, (2, 3), device=device)
     expected = generate(model, idx, 13, CFG.context_length)  # fills the 16-token window
     assert torch.equal(static_generate(model, idx, 13), expected)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from diygpt.cli.main import main
 from diygpt.config import get_preset
 from diygpt.model import GPTModel
 from diygpt.precision import Precision
-from diygpt.speed import SpeedMeter, flops_per_token, pad_vocab, padded_size
+from diygpt.speed import SpeedMeter, flops_per_token, pad_vocab, padded_size, peak_flops
 
 TINY = get_preset("tiny").with_updates(vocab_size=300, context_length=16)
 
@@ -53,11 +54,11 @@ def test_padding_rows_get_no_gradient():
     assert grad[: TINY.vocab_size].abs().sum() > 0
 
 
-def _one_step(dtype: str) -> float:
-    model = _model().train()
+def _one_step(dtype: str, device: str) -> float:
+    model = _model().to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    precision = Precision("cpu", dtype)
-    idx = torch.randint(0, TINY.vocab_size, (2, 9))
+    precision = Precision(device, dtype)
+    idx = torch.randint(0, TINY.vocab_size, (2, 9)).to(device)
     with precision.autocast():
         logits = model(idx[:, :-1])
     assert logits.dtype == (torch.float32 if dtype == "fp32" else precision.dtype)
@@ -69,8 +70,8 @@ def _one_step(dtype: str) -> float:
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_autocast_step_runs_and_is_close_to_fp32(dtype):
-    assert _one_step(dtype) == pytest.approx(_one_step("fp32"), abs=0.05)
+def test_autocast_step_runs_and_is_close_to_fp32(dtype, device):
+    assert _one_step(dtype, device) == pytest.approx(_one_step("fp32", device), abs=0.05)
 
 
 def test_fp16_uses_a_grad_scaler_and_fp32_none():
@@ -94,11 +95,11 @@ def test_speed_meter_reports_and_resets():
     assert SpeedMeter(1e9).mfu() is None
 
 
-def _train(tmp_path, verdict_path, *extra: str, capsys) -> list[str]:
+def _train(tmp_path, verdict_path, *extra: str, capsys, device: str = "cpu") -> list[str]:
     argv = [
         "train", "--data", str(verdict_path), "--preset", "tiny", "--max-steps", "4",
         "--eval-freq", "2", "--eval-iter", "1", "--batch-size", "2", "--no-progress",
-        "--sample-prompt", "", "--device", "cpu", "--out", str(tmp_path / "run"), *extra,
+        "--sample-prompt", "", "--device", device, "--out", str(tmp_path / "run"), *extra,
     ]
     assert main(argv) == 0
     return [line for line in capsys.readouterr().out.splitlines() if line.startswith("Ep ")]
@@ -110,11 +111,15 @@ def test_default_log_line_is_the_books(tmp_path, verdict_path, capsys):
                          for line in lines)
 
 
-def test_train_bf16_pad_vocab_fused_logs_tok_s_and_saves_book_shape(tmp_path, verdict_path, capsys):
+def test_train_bf16_pad_vocab_fused_logs_tok_s_and_saves_book_shape(tmp_path, verdict_path, capsys,
+                                                                    device):
     lines = _train(tmp_path, verdict_path, "--dtype", "bf16", "--pad-vocab", "--fused-adamw",
-                   capsys=capsys)
-    assert lines and all(line.endswith(" tok/s") for line in lines)
-    model = load_model(tmp_path / "run")
+                   capsys=capsys, device=device)
+    # MFU only where the GPU's peak is known (never on the CPU)
+    suffix = ", MFU " if peak_flops(device) is not None else " tok/s"
+    assert lines and all(re.search(r" tok/s(, MFU \d+\.\d%)?$", line) and suffix in line
+                         for line in lines)
+    model = load_model(tmp_path / "run")  # on the CPU, whatever device trained it
     assert model.out_head.weight.shape == (50257, 64)
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["train_args"]["dtype"] == "bf16"

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -44,6 +45,8 @@ def test_offline_without_files_says_how_to_supply_them(tmp_path):
         "try:\n    get_tokenizer()\nexcept TokenizerError as e:\n    print('ERR', e)\n"
     )
     env = {"PATH": "/usr/bin:/bin", "TIKTOKEN_CACHE_DIR": str(tmp_path), "HOME": str(tmp_path)}
+    if "PYTHONPATH" in os.environ:  # diygpt run from a checkout (src/) rather than installed
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=120)
     assert "ERR" in out.stdout, out.stderr
