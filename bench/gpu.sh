@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
-# Every GPU check and measurement of issue #5 in one call: about 8 minutes on one H200.
+# Every GPU check and measurement of issue #5 in one call: at most BUDGET (520) seconds.
 #
 # On a lent device machine the assets do not travel (../shared stays here), so first, here:
 #     make gpu-stage            # copies them into .assets/, which git ignores
-# then one device call:  run(command="bash bench/gpu.sh", carry=[".assets"], timeout_s=540)
+# then one device call:  run(command="bash bench/gpu.sh", carry=[".assets"], timeout_s=560)
 # On any CUDA machine with ../shared beside the checkout:  bash bench/gpu.sh
 #
-# Steps, most important first. Each has its own time limit, and a failed step does not stop
-# the others; a summary of exit codes ends the output. STEPS picks some (e.g. STEPS="gen" to
-# rerun one). Output goes to the terminal and, where $OUT is set, to $OUT/gpu.txt.
-#   tests     correctness on CUDA: tests/test_cuda.py and every test that takes the `device`
-#             fixture (cached = uncached greedy, static/CUDA-graph decode, autocast steps,
-#             AdamW-in-backward bit-identical, bf16 CLI run with MFU in its log line)
+# Steps, the issue's measurements first. Each has its own time limit, and a failed step does
+# not stop the others; a summary of exit codes ends the output. STEPS picks some (e.g.
+# STEPS="gen" to rerun one). Output goes to the terminal and, where $OUT is set, to
+# $OUT/gpu.txt.
 #   train     training tok/s and MFU, gpt2-small at ctx 1024: bf16 autocast, SDPA flash
 #             attention, fused AdamW, TF32, torch.compile, vocab padded to 50304; peer:
 #             transformers under the same autocast (target: 550k tok/s)
 #   gen       batch-1 greedy generation: KV cache, and compiled into CUDA graphs, against
 #             transformers generate (target: 1500 tok/s)
+#   tests     correctness on CUDA: tests/test_cuda.py and every test that takes the `device`
+#             fixture (cached = uncached greedy, static/CUDA-graph decode, autocast steps,
+#             AdamW-in-backward bit-identical, bf16 CLI run with MFU in its log line)
 #   fsdp      FSDP2 under torchrun with nccl against one process (scripts/fsdp_gpu_check.py)
 #   ablation  training without compile and padding, to show what they add
 #   cli       (only when named in STEPS) `diygpt train` with every speed flag, 30 steps
@@ -24,7 +25,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 BATCH=${BATCH:-32}
-STEPS=${STEPS:-tests train gen fsdp ablation}
+STEPS=${STEPS:-train gen tests fsdp ablation}
 
 if [[ -z "${DIYGPT_ASSETS:-}" ]]; then
   for dir in .assets ../shared/assets; do
@@ -37,16 +38,27 @@ if [[ ! -f "${DIYGPT_ASSETS:-}/the-verdict.txt" ]]; then
 fi
 export DIYGPT_ASSETS DIYGPT_TOKENIZER_DIR=${DIYGPT_TOKENIZER_DIR:-$DIYGPT_ASSETS/gpt2}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-if [[ -n "${OUT:-}" ]]; then exec > >(tee -a "$OUT/gpu.txt") 2>&1; fi
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}  # a failed nccl start says why
+TEE=
+if [[ -n "${OUT:-}" ]]; then exec > >(tee -a "$OUT/gpu.txt") 2>&1; TEE=$!; fi
 
+# The whole script keeps under BUDGET seconds (a device call's limit is 600): a step gets at
+# most what is left, and none starts with under 30 s left.
+BUDGET=${BUDGET:-520}
 SUMMARY=()
 run_step() {  # run_step NAME SECONDS COMMAND...: runs it if STEPS names it
-  local name=$1 limit=$2 start=$SECONDS rc
+  local name=$1 limit=$2 start=$SECONDS rc left
   shift 2
   [[ " $STEPS " == *" $name "* ]] || return 0
+  left=$((BUDGET - SECONDS))
+  if ((left < 30)); then
+    SUMMARY+=("$name: not run (budget spent)"); echo "== $name: not run (budget spent)"; return 0
+  fi
+  ((limit > left)) && limit=$left
   echo; echo "== $name (limit ${limit} s)"
-  timeout "$limit" "$@"; rc=$?
-  SUMMARY+=("$name: exit $rc$([[ $rc == 124 ]] && echo ' (time limit)'), $((SECONDS - start)) s")
+  timeout -k 10 "$limit" "$@"; rc=$?
+  SUMMARY+=("$name: exit $rc$( ((rc == 124)) && echo ' (time limit)'), $((SECONDS - start)) s")
+  echo "== $name: ${SUMMARY[-1]#*: }"
 }
 
 date -u
@@ -54,19 +66,20 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 $PY -c "import torch, transformers; print('torch', torch.__version__, '| transformers',
 transformers.__version__, '| cuda', torch.cuda.is_available())" || true
 
-run_step tests 240 $PY -m pytest -q -p no:cacheprovider -k cuda tests
 run_step train 180 $PY bench/train_speed.py --preset gpt2-small --batch-size "$BATCH" \
   --variants sdpa --peers hf --dtype bf16 --compile --fused-adamw --pad-vocab --tf32 \
   --warmup 5 --steps 20
-run_step gen 150 $PY bench/generate_speed.py --new-tokens 200 --warmup 2 --repeats 5
+run_step gen 200 $PY bench/generate_speed.py --new-tokens 200 --warmup 2 --repeats 5
+run_step tests 240 $PY -m pytest -q -p no:cacheprovider -k cuda tests
 run_step fsdp 120 $PY scripts/fsdp_gpu_check.py --data "$DIYGPT_ASSETS/the-verdict.txt" \
   --out /tmp/diygpt-fsdp-check
 run_step ablation 60 $PY bench/train_speed.py --preset gpt2-small --batch-size "$BATCH" \
   --variants sdpa --peers none --dtype bf16 --fused-adamw --tf32 --warmup 3 --steps 10
 run_step cli 180 $PY -m diygpt train --data "$DIYGPT_ASSETS/the-verdict.txt" \
-  --preset gpt2-small --context-length 1024 --train-ratio 0.7 --batch-size 2 --max-steps 30 --eval-freq 10 \
-  --eval-iter 1 --dtype bf16 --compile --fused-adamw --pad-vocab --tf32 --sample-prompt "" \
-  --no-progress --out /tmp/diygpt-gpu-run
+  --preset gpt2-small --context-length 1024 --train-ratio 0.7 --batch-size 2 --epochs 30 \
+  --max-steps 30 --eval-freq 10 --eval-iter 1 --dtype bf16 --compile --fused-adamw \
+  --pad-vocab --tf32 --sample-prompt "" --no-progress --out /tmp/diygpt-gpu-run
 
-echo; echo "== summary"
+echo; echo "== summary ($SECONDS s)"
 printf '%s\n' "${SUMMARY[@]}"
+if [[ -n $TEE ]]; then exec >&- 2>&-; wait "$TEE"; fi  # the log is whole before we exit

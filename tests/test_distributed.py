@@ -18,10 +18,12 @@ from distributed_helpers import (
 
 from diygpt.cli.main import main
 from diygpt.config import get_preset
-from diygpt.distributed import DistEnv, rank_slice, wrap_model
+from diygpt.distributed import DistEnv, Parallel, rank_slice, wrap_model
 from diygpt.errors import ConfigError
 from diygpt.fsdp import rekey_optimizer_state
+from diygpt.losses import calc_loss_batch
 from diygpt.model import GPTModel
+from diygpt.precision import Precision
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -57,6 +59,46 @@ def test_fsdp_without_torchrun_is_a_one_line_error(verdict_path, tmp_path, capsy
     assert code == 2
     assert "diygpt: error: --fsdp shards the model across processes started by torchrun" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_torchrun_step_uses_the_dtype_like_one_process(dtype, tmp_path):
+    """--dtype under torchrun: the rank's forward autocasts and fp16's backward is scaled,
+    giving the single-process step's gradients (here a group of one rank, in-process)."""
+    torch.manual_seed(0)
+    model = GPTModel(get_preset("tiny").with_updates(vocab_size=300, context_length=8,
+                                                     drop_rate=0.0))
+    x, y = torch.randint(0, 300, (5, 8)), torch.randint(0, 300, (5, 8))
+
+    def grads() -> list[torch.Tensor]:
+        out = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return out
+
+    expected = Precision("cpu", dtype)
+    for xs, ys in zip(x.chunk(2), y.chunk(2), strict=True):  # the Trainer's --grad-accum 2
+        with expected.autocast():
+            part = calc_loss_batch(xs, ys, model, "cpu") * (xs.shape[0] / 5)
+        expected.backward(part)
+    single = grads()
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store",
+                                         rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        Parallel(DistEnv(), torch.device("cpu")).forward_backward(
+            ddp, x, y, 2, "cpu", Precision("cpu", dtype))
+    finally:
+        torch.distributed.destroy_process_group()
+    ranked = grads()
+    # Bit for bit: so the forward autocast (bf16 or fp16) and fp16's loss scale were used.
+    for a, b in zip(single, ranked, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_fsdp_with_fp16_is_a_one_line_error(verdict_path, tmp_path, capsys):
+    assert main(tiny_args(verdict_path, str(tmp_path / "run"), "--fsdp", "--dtype", "fp16")) == 2
+    err = capsys.readouterr().err
+    assert "diygpt: error: --fsdp does not go with --dtype fp16" in err and "Traceback" not in err
 
 
 def test_optimizer_state_rekeys_both_ways():

@@ -44,7 +44,7 @@ def _assert_same_state(a: Trainer, b: Trainer) -> None:
             assert torch.equal(value, sb["state"][key][field]), (key, field)
 
 
-@pytest.mark.parametrize("opt_kwargs", [{}, {"foreach": True}, {"fused": True}],
+@pytest.mark.parametrize("opt_kwargs", [{"foreach": False}, {"foreach": True}, {"fused": True}],
                          ids=["single-tensor", "foreach", "fused"])
 def test_bit_identical_to_the_ordinary_loop(verdict_text, tokenizer, opt_kwargs, device):
     runs = {}

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from diygpt.checkpoints import load_model, save_run
 from diygpt.cli.main import main
@@ -143,3 +145,21 @@ def test_train_compile_wiring(tmp_path, verdict_path, capsys, monkeypatch):
     assert calls
     assert "model.safetensors" in {p.name for p in (tmp_path / "run").iterdir()}
     load_model(tmp_path / "run")  # no _orig_mod. prefixes
+
+
+def test_fp16_resume_is_exact_and_keeps_the_loss_scale(tmp_path, verdict_path, capsys):
+    whole = tmp_path / "whole"
+    _train(whole, verdict_path, "--dtype", "fp16", "--save-every", "2", "--max-steps", "6",
+           capsys=capsys)
+    part = tmp_path / "part"
+    _train(part, verdict_path, "--dtype", "fp16", "--save-every", "2", capsys=capsys)  # 4 steps
+    assert main(["train", "--resume", str(part / "run"), "--max-steps", "6", "--no-progress"]) == 0
+
+    def last(run: Path) -> tuple[dict, dict]:
+        ckpt = max((run / "run").glob("ckpt-*"))
+        return (json.loads((ckpt / "state.json").read_text())["grad_scaler"],
+                load_file(ckpt / "model.safetensors"))
+
+    (scaler_a, weights_a), (scaler_b, weights_b) = last(whole), last(part)
+    assert scaler_a == scaler_b and scaler_a["_growth_tracker"] > 0
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)

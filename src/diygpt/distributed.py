@@ -32,6 +32,7 @@ from diygpt.checkpoints import unwrap_model
 from diygpt.device import select_device
 from diygpt.errors import ConfigError
 from diygpt.losses import calc_loss_batch
+from diygpt.precision import Precision
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -185,8 +186,14 @@ class Parallel:
         targets: torch.Tensor,
         grad_accum: int,
         device: torch.device | str,
+        precision: Precision | None = None,
     ) -> torch.Tensor:
-        """Backward of this rank's share; returns the global batch's mean loss."""
+        """Backward of this rank's share; returns the global batch's mean loss.
+
+        ``precision`` (``--dtype``): its autocast for the forward pass and, for fp16, its
+        GradScaler's scaled backward, as in the single-process step.
+        """
+        precision = precision or Precision(device)
         xs, ys, weight = self._share(inputs, targets)  # (b, T) of the global (B, T)
         rows = xs.shape[0]
         micro = list(zip(xs.chunk(grad_accum), ys.chunk(grad_accum), strict=True))
@@ -194,8 +201,9 @@ class Parallel:
         for i, (mx, my) in enumerate(micro):
             # Only the last micro-batch all-reduces; the earlier ones accumulate locally.
             with skip_grad_sync(model, skip=i < len(micro) - 1):
-                part = calc_loss_batch(mx, my, model, device) * (weight * mx.shape[0] / rows)
-                part.backward()
+                with precision.autocast():
+                    part = calc_loss_batch(mx, my, model, device) * (weight * mx.shape[0] / rows)
+                precision.backward(part)
             loss = loss + part.detach()
         return self.all_mean(loss)
 

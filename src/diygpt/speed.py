@@ -100,9 +100,11 @@ def flops_per_token(cfg: GPTConfig, seq_len: int | None = None) -> float:
     return 6.0 * matmul_params + 12.0 * cfg.n_layers * c * t
 
 
-# Dense bf16/fp16 tensor-core peaks from the datasheets, FLOP/s.
-_GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-              "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
+# Dense bf16/fp16 tensor-core peaks from the datasheets, FLOP/s; the first key found in the
+# device's name wins (so "H100 PCIe" before "H100").
+_GPU_PEAKS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,
+              "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "4090": 165e12,
+              "3090": 71e12, "V100": 125e12}
 
 
 def peak_flops(device: torch.device | str) -> float | None:

@@ -59,6 +59,12 @@ class StaticCache:
         # Row i: the slots position i may attend to.
         self.causal = torch.ones(max_len, max_len, dtype=torch.bool, device=p.device).tril()
         self.max_len = max_len
+        if p.device.type == "cuda":
+            # A CUDA graph keeps these addresses: without the mark, inductor skips CUDA graphs
+            # for a step that writes its inputs in place (and copies the mask in each replay).
+            # guard=False: a new cache (next generate call) reuses the compiled step.
+            for t in (*self.k, *self.v, self.causal):
+                torch._dynamo.mark_static_address(t, guard=False)
 
 
 def _attend(att: nn.Module, x: torch.Tensor, cache: StaticCache, layer: int,
@@ -109,6 +115,9 @@ class StaticDecoder:
         self.device = next(model.parameters()).device
         self.step_fn = compiled_step(self.device.type) if compile else static_forward
         self.pos = 0
+        # The position as a device tensor, refilled each step: a new tensor from a Python int
+        # would be a host-to-device copy, which waits for the GPU to finish the last step.
+        self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
 
     @property
     def full(self) -> bool:
@@ -127,7 +136,7 @@ class StaticDecoder:
         """Feed one new token per row (B, 1) -> logits (B, V) for the token after it."""
         if self.full:
             raise GenerationError("the static cache is full")
-        pos = torch.tensor([self.pos], device=self.device)
+        pos = self._pos.fill_(self.pos)
         # Dense strides: a column sliced from the growing text has a new stride each step,
         # which would make torch.compile recompile.
         token = token.clone(memory_format=torch.contiguous_format)

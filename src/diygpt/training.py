@@ -125,7 +125,8 @@ class Trainer:
         self.optimizer.zero_grad()
         if self.parallel is not None:
             loss = self.parallel.forward_backward(
-                self.model, input_batch, target_batch, self.cfg.grad_accum, self.device
+                self.model, input_batch, target_batch, self.cfg.grad_accum, self.device,
+                self.precision,
             )
         elif self.cfg.grad_accum == 1:
             with self.precision.autocast():
@@ -282,6 +283,8 @@ class Trainer:
             capture_rng(self.train_loader.generator),
         )
         state = {"config": unwrap_model(self.model).cfg.to_dict(), **self.training_state()}
+        if self.precision.scaler is not None:  # fp16: its loss scale, so resume is exact
+            state["grad_scaler"] = self.precision.scaler.state_dict()
         self.last_checkpoint = write_training_checkpoint(
             self.cfg.out_dir, step, model, optimizer, state, point, self.cfg.keep_last
         )
@@ -300,6 +303,8 @@ class Trainer:
                 load_into(self.model, ckpt.weights, str(ckpt.folder))
                 self.optimizer.load_state_dict(ckpt.optimizer)
             self.base_lrs, metrics_bytes = restore_history(h, state)
+            if self.precision.scaler is not None and "grad_scaler" in state:
+                self.precision.scaler.load_state_dict(state["grad_scaler"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{ckpt.folder}: damaged training state ({exc})") from None
         self.epoch = ckpt.point.epoch
@@ -313,12 +318,12 @@ class Trainer:
 
     def _evaluate(self, epoch: int, lr: float) -> None:
         h = self.history
-        if self.parallel is not None:
-            train_loss, val_loss = self.parallel.evaluate(
-                self.model, self.train_loader, self.val_loader, self.cfg.eval_iter
-            )
-        else:
-            with self.precision.autocast():
+        with self.precision.autocast():
+            if self.parallel is not None:
+                train_loss, val_loss = self.parallel.evaluate(
+                    self.model, self.train_loader, self.val_loader, self.cfg.eval_iter
+                )
+            else:
                 train_loss, val_loss = evaluate_model(
                     self.model, self.train_loader, self.val_loader, self.device,
                     self.cfg.eval_iter,

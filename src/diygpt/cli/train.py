@@ -170,6 +170,9 @@ def _train(args: argparse.Namespace, env, device) -> int:
     cfg = build_config(args)
     if args.lr <= 0 or args.weight_decay < 0:
         raise ConfigError("--lr must be > 0 and --weight-decay >= 0")
+    if args.fsdp and args.dtype == "fp16":
+        raise ConfigError("--fsdp does not go with --dtype fp16 (each rank would judge overflow "
+                          "on its own shard of the gradients); use --dtype bf16")
     if args.low_memory and args.compile:
         raise ConfigError("--low-memory does not go with --compile (recomputation wraps the "
                           "blocks' forward, which is not tested compiled)")
