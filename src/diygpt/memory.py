@@ -67,8 +67,8 @@ def tune_malloc(model: nn.Module, optimizer: torch.optim.Optimizer, trim: bool =
       activations are recycled in the heap. Costs the first step only.
     - ``trim`` (``--low-memory``): ``malloc_trim(0)`` hands the heap's free pages back after
       each training forward pass, before the backward pass peaks, and before the update of
-      a parameter holding a tenth or more of all weights, whose AdamW temporaries are twice
-      its size (with the update inside backward that comes once the activations are gone).
+      a parameter holding a tenth or more of all weights (whole, or the first of its row
+      slices when AdamW steps inside backward), which comes once many activations are gone.
       The pages given back are faulted in again by the next pass: on a 2-core CPU the first
       trim cost ~5% of a step, both ~13%.
     """
@@ -87,8 +87,12 @@ def tune_malloc(model: nn.Module, optimizer: torch.optim.Optimizer, trim: bool =
             handle.remove()
         seen[0] = count
 
+    starts = {p.data_ptr() for p in big}
+
     def before_step(opt: torch.optim.Optimizer, args, kwargs) -> None:
-        if any(p.grad is not None for p in big):
+        # A big parameter is next: stepped whole, or its first row slice (optim_in_backward).
+        if any(p.grad is not None and p.data_ptr() in starts
+               for g in opt.param_groups for p in g["params"]):
             _malloc_trim()
 
     def after_forward(module: nn.Module, args, output) -> None:
