@@ -1,6 +1,7 @@
 """Lower peak memory for training without changing a single number.
 
-Two tools, applied from outside the model:
+Two tools, applied from outside the model (and see diygpt.lean, which keeps fewer
+activations, and optim_in_backward, which never holds all gradients):
 
 - :func:`tune_malloc` (on by default in ``diygpt train``; ``--no-malloc-tuning``): glibc's
   allocator keeps freed activation memory resident. Its mmap threshold grows to 32 MiB, so

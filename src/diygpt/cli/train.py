@@ -146,6 +146,7 @@ def _train(args: argparse.Namespace, env, device) -> int:
     from diygpt.data import load_training_data, loaders_from_tokens
     from diygpt.distributed import wrap_model
     from diygpt.errors import CheckpointError, ConfigError, DataError
+    from diygpt.lean import lean_activations
     from diygpt.memory import recompute_blocks, tune_malloc
     from diygpt.model import GPTModel
     from diygpt.resume import find_resume_checkpoint, read_training_checkpoint
@@ -206,6 +207,8 @@ def _train(args: argparse.Namespace, env, device) -> int:
     torch.manual_seed(args.seed)
     model = GPTModel(cfg).to(device)
     n_params = model.num_parameters()
+    if device.type == "cpu" and not args.compile:
+        lean_activations(model)  # GELU and dropout keep less for backward; same numbers
     if args.low_memory:
         recompute_blocks(model)
     prepare_model(args, model)  # --pad-vocab, --tf32: on the plain model, before any wrapper

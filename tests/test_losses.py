@@ -1,0 +1,46 @@
+"""The CPU's in-place cross entropy: the loss and gradient of F.cross_entropy, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diygpt import losses
+from diygpt.losses import cross_entropy
+
+
+def _loss_and_grad(fn, logits: torch.Tensor, targets: torch.Tensor, scale: float):
+    x = logits.clone().requires_grad_()
+    loss = fn(x, targets)
+    (loss * scale).backward()  # an upstream factor, as grad accumulation's weights give
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize(("rows", "vocab", "spread"), [(512, 50257, 3.0), (37, 300, 10.0),
+                                                      (5, 7, 0.1)])
+def test_same_loss_and_gradient_as_f_cross_entropy(rows, vocab, spread, monkeypatch):
+    # Slices of 8 rows (and so a short last slice) for the smaller shapes.
+    monkeypatch.setattr(losses, "CE_SLICE_BYTES", 8 * vocab * 4 if vocab < 50257
+                        else losses.CE_SLICE_BYTES)
+    torch.manual_seed(rows)
+    logits = torch.randn(rows, vocab) * spread
+    targets = torch.randint(0, vocab, (rows,))
+    for scale in (1.0, 0.37):
+        expected = _loss_and_grad(F.cross_entropy, logits, targets, scale)
+        got = _loss_and_grad(cross_entropy, logits, targets, scale)
+        assert torch.equal(got[0], expected[0])
+        assert torch.equal(got[1], expected[1])
+
+
+def test_uses_the_in_place_backward_only_where_it_applies():
+    logits = torch.randn(6, 11, requires_grad=True)
+    targets = torch.randint(0, 11, (6,))
+    assert type(cross_entropy(logits, targets).grad_fn).__name__ == "_CrossEntropyInPlaceBackward"
+    ignored = targets.clone()
+    ignored[0] = -100  # ignore_index: F.cross_entropy's own path, which leaves the row out
+    loss = cross_entropy(logits, ignored)
+    assert torch.equal(loss, F.cross_entropy(logits, ignored))
+    assert type(loss.grad_fn).__name__ != "_CrossEntropyInPlaceBackward"
+    with torch.no_grad():  # evaluation: nothing to save
+        assert cross_entropy(logits, targets).grad_fn is None
