@@ -63,7 +63,7 @@ class OptimInBackward:
     parameters have had theirs, or at the end of backward. AdamW's update makes temporaries
     twice its size, and the output head's gradient is complete first, while nearly all
     activations are still held. It is then stepped in row slices of ``SLICE_BYTES``, whose
-    temporaries fit the heap's free space: the seed run's peak went from 3805 to 3604 MB.
+    temporaries fit the heap's free space (BENCHMARKS.md, fourth pass, has the peaks).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, defer_share: float = DEFER_SHARE) -> None:
