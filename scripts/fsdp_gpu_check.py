@@ -33,8 +33,8 @@ def main() -> int:
         sys.exit("fsdp_gpu_check: needs a CUDA GPU")
     # The book's attention: SDPA's memory-efficient backward is not deterministic on CUDA.
     train = ["train", "--data", args.data, "--preset", "tiny", "--drop-rate", "0",
-             "--attn", "eager", "--batch-size", "8", "--grad-accum", "2", "--max-steps", "20", "--eval-freq", "10",
-             "--eval-iter", "2", "--no-progress", "--device", "cuda", "--seed", "123"]
+             "--attn", "eager", "--batch-size", "8", "--grad-accum", "2", "--max-steps", "20",
+             "--eval-freq", "10", "--eval-iter", "2", "--no-progress", "--device", "cuda", "--seed", "123"]
     out = Path(args.out)
     subprocess.run([sys.executable, "-m", "diygpt", *train, "--out", str(out / "single")], check=True)
     runs = [("fsdp-1", 1, ["--fsdp"])]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cli_helpers import run_cli
+from cli_helpers import run_cli, train_tiny
 
 from diygpt.checkpoints import load_model
 from diygpt.config import get_preset
@@ -65,10 +65,9 @@ def test_cuda_graph_decode_equals_generate_also_past_the_window():
 
 
 def _train(capsys, tmp_path, verdict_path, *flags: str) -> str:
-    rc, out, err = run_cli(
-        capsys, "train", "--data", verdict_path, "--preset", "tiny", "--max-steps", "6",
-        "--eval-freq", "3", "--eval-iter", "1", "--batch-size", "2", "--no-progress",
-        "--sample-prompt", "Every effort", "--device", "cuda", "--out", tmp_path / "run", *flags)
+    rc, out, err = train_tiny(capsys, verdict_path, tmp_path / "run", "--max-steps", "6",
+                              "--eval-freq", "3", "--sample-prompt", "Every effort",
+                              "--device", "cuda", *flags)
     assert rc == 0, err
     return out
 
