@@ -125,13 +125,13 @@ def test_malloc_setting_left_to_the_user(monkeypatch):
 
 def test_cli_low_memory_gives_the_same_weights(data, tmp_path, capsys):
     weights = []
-    for extra in ([], ["--low-memory", "--no-malloc-tuning"]):
+    for extra in ([], ["--low-memory", "--no-malloc-tuning"], ["--no-recompute"]):
         out = tmp_path / f"run{len(weights)}"
         rc, stdout, err = train_tiny(capsys, data, out, "--max-steps", "3", "--drop-rate", "0.1",
                                      *extra)
         assert rc == 0, err
         weights.append(((out / "model.safetensors").read_bytes(), stdout))
-    assert weights[0] == weights[1]
+    assert weights[0] == weights[1] == weights[2]
 
 
 def test_cli_low_memory_refuses_compile(data, tmp_path, capsys):
@@ -145,7 +145,7 @@ def test_resume_with_low_memory_is_exact(data, tmp_path, capsys):
     rc, _, err = train_tiny(capsys, data, tmp_path / "straight", "--max-steps", "5", *common)
     assert rc == 0, err
     rc, _, err = train_tiny(capsys, data, tmp_path / "run", "--max-steps", "3", "--save-every",
-                            "3", "--no-optim-in-backward", *common)
+                            "3", "--no-optim-in-backward", "--no-recompute", *common)
     assert rc == 0, err
     rc, _, err = run_cli(capsys, "train", "--resume", tmp_path / "run", "--max-steps", "5",
                          "--low-memory")

@@ -1,41 +1,67 @@
-"""The book's GELU and dropout with less kept for backward, bit for bit the same numbers.
+"""The book's LayerNorm, GELU and dropout with less kept for backward, bit for bit the same.
 
 Autograd keeps what each elementary op needs: the book's GELU formula keeps four tensors of
-its input's size (the input, ``tanh``'s output, ``0.5 * x`` and ``1 + tanh``), and dropout
-on the CPU keeps its float noise. For book-124m's batch that is 302 MB and 115 MB of the
-~980 MB a training forward pass keeps. Here:
+its input's size (the input, ``tanh``'s output, ``0.5 * x`` and ``1 + tanh``), dropout on
+the CPU keeps its float noise, LayerNorm keeps ``x - mean`` and the normalized ``x``, and
+the linear layer after each LayerNorm and GELU keeps its input. Here:
 
 - :class:`LeanGELU` keeps only the input and recomputes the rest in backward, then applies
   the same backward formulas autograd would, in the order its engine runs them (the three
   gradients reaching ``x`` are summed as its input buffer sums them).
 - :class:`LeanDropout` draws its noise as ``F.dropout`` does on the CPU (``bernoulli_``
   then ``div_``, same RNG use) and keeps a bool mask, from which backward remakes the noise.
+- With ``recompute`` (diygpt.recompute): LayerNorm's output and parts, GELU's output and
+  attention's weights after dropout are not kept at all but made again in backward from
+  what is kept anyway (LayerNorm's input, GELU's input, the softmax output and the mask).
+  For book-124m's batch this takes what a training forward pass keeps from 538 MB to 283
+  MB, for about 2-4% of a step's time (BENCHMARKS.md, fifth pass).
 
-:func:`lean_activations` puts them on a model's GELU and dropout modules from outside (the
-instances' ``forward``); ``diygpt train`` does so on the CPU unless it compiles.
+:func:`lean_activations` puts them on a model's modules from outside (the instances'
+``forward``); ``diygpt train`` does so on the CPU unless it compiles.
 tests/test_lean.py checks outputs, gradients and RNG state against the book's modules.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diygpt.model import _SQRT_2_OVER_PI, GELU
+from diygpt.model import _SQRT_2_OVER_PI, GELU, LayerNorm
+from diygpt.recompute import Recipe, mark, recomputing
+
+
+def _gelu_halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two factors of the book's GELU, op for op: 0.5 x and tanh's output."""
+    return 0.5 * x, torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3)))
+
+
+def _gelu_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the book's GELU of x, 0.5 x, tanh's output)."""
+    half_x, t = _gelu_halves(x)
+    return half_x * (1 + t), half_x, t
 
 
 class LeanGELU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
-        return GELU.forward(None, x)  # the book's formula, op for op
+        out = GELU.forward(None, x)  # the book's formula, op for op
+        # The next linear layer keeps GELU's output for its weight gradient; remade from x,
+        # with tanh's output, which backward needs next (made once for both).
+        ctx.recipe = Recipe(_gelu_parts, x)
+        ctx.recipe.uses += 1  # backward's own
+        mark(out, ctx.recipe)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
-        half_x = 0.5 * x
-        t = torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3)))
+        made = ctx.recipe.take_cached()
+        half_x, t = made[1:] if made is not None else _gelu_halves(x)
         grad_half_x, grad_t = grad * (1 + t), grad * half_x  # y = (0.5 x) * (1 + t)
         grad_inner = torch.ops.aten.tanh_backward(grad_t, t) * _SQRT_2_OVER_PI
         grad_cube = grad_inner * 0.044715
@@ -43,19 +69,65 @@ class LeanGELU(torch.autograd.Function):
         return (grad_inner + grad_cube * (3.0 * x.pow(2.0))) + grad_half_x * 0.5
 
 
+def _noise(kept: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
+    return kept.to(dtype).div_(1 - p)  # F.dropout's noise: 0 or 1 / (1 - p)
+
+
+def _dropout_parts(x: torch.Tensor, kept: torch.Tensor, p: float) -> tuple[torch.Tensor, ...]:
+    noise = _noise(kept, p, x.dtype)
+    return x * noise, noise
+
+
 class LeanDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
         noise = torch.empty_like(x, memory_format=torch.contiguous_format).bernoulli_(1 - p)
         noise.div_(1 - p)
-        ctx.save_for_backward(noise != 0)  # 1 byte an element instead of 4
+        kept = noise != 0  # 1 byte an element instead of 4
+        ctx.save_for_backward(kept)
         ctx.p = p
-        return x * noise
+        out = x * noise
+        # Attention's weights after dropout are kept by the product with the values; remade
+        # from the softmax output (kept by softmax) and the mask, with the noise, which
+        # backward needs next.
+        ctx.recipe = Recipe(_dropout_parts, x, kept, p)
+        ctx.recipe.uses += 1  # backward's own
+        mark(out, ctx.recipe)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (kept,) = ctx.saved_tensors
-        return grad * kept.to(grad.dtype).div_(1 - ctx.p), None
+        made = ctx.recipe.take_cached()
+        return grad * (made[1] if made is not None else _noise(kept, ctx.p, grad.dtype)), None
+
+
+def _layer_norm_parts(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float,
+    recipe: Recipe | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The book's LayerNorm, op for op: (output, x - mean, normalized x).
+
+    With ``recipe``, each part is marked as its product before any op can keep it.
+    """
+    mean = x.mean(dim=-1, keepdim=True)
+    var = x.var(dim=-1, keepdim=True, unbiased=False)
+    centered = x - mean
+    if recipe is not None:
+        mark(centered, recipe, 1)  # kept by the division
+    norm_x = centered / torch.sqrt(var + eps)
+    if recipe is not None:
+        mark(norm_x, recipe, 2)  # kept by the product with scale
+    out = scale * norm_x + shift
+    if recipe is not None:
+        mark(out, recipe, 0)  # kept by the next linear layers
+    return out, centered, norm_x
+
+
+def _layer_norm(module: LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    # remade from x, which var keeps anyway
+    recipe = Recipe(_layer_norm_parts, x, module.scale, module.shift, module.eps)
+    return _layer_norm_parts(x, module.scale, module.shift, module.eps, recipe)[0]
 
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:
@@ -71,8 +143,17 @@ def _dropout(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
     return F.dropout(x, module.p, module.training, module.inplace)
 
 
-def lean_activations(model: nn.Module) -> nn.Module:
-    """Use LeanGELU and LeanDropout in ``model``'s GELU and ``nn.Dropout`` modules.
+def _forward_recomputing(forward: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    with recomputing():
+        return forward(*args, **kwargs)
+
+
+def lean_activations(model: nn.Module, recompute: bool = True) -> nn.Module:
+    """Use LeanGELU and LeanDropout in ``model``'s GELU and ``nn.Dropout`` modules, and with
+    ``recompute`` remake LayerNorm's and GELU's outputs and attention's dropped weights in
+    backward.
 
     Parameters, state_dict and classes are untouched; only the instances' ``forward``.
     """
@@ -81,4 +162,8 @@ def lean_activations(model: nn.Module) -> nn.Module:
             module.forward = _gelu
         elif isinstance(module, nn.Dropout):
             module.forward = _dropout.__get__(module)
+        elif recompute and isinstance(module, LayerNorm):
+            module.forward = _layer_norm.__get__(module)
+    if recompute and getattr(model.forward, "func", None) is not _forward_recomputing:
+        model.forward = functools.partial(_forward_recomputing, model.forward)
     return model

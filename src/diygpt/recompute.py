@@ -1,0 +1,119 @@
+"""Let backward recompute chosen activations instead of autograd keeping them.
+
+Activation checkpointing (``torch.utils.checkpoint``) reruns a whole region, matrix
+products included. Here only tensors that are cheap to make again are dropped: forward code
+calls :func:`mark` on such a tensor with a :class:`Recipe` that makes it again from inputs
+autograd keeps anyway (a LayerNorm's input, GELU's input, a softmax output and a dropout
+mask). While :func:`recomputing` is active, autograd's saved-tensor pack hook swaps every
+saved tensor that lives in a marked tensor's storage (the tensor itself or a view, such as
+the 2-D view a linear layer saves of its 3-D input) for the recipe and the view's geometry;
+the unpack hook in backward runs the recipe once and serves every view of it.
+
+The autograd graph is unchanged, so gradients are summed in the same order, and a recipe
+runs the same ops on the same inputs as the forward pass did: gradients are bit for bit the
+same (tests/test_lean.py). Parameters a recipe reads are not yet updated when it runs, even
+when AdamW steps inside backward: a module's output is only needed by the backward of its
+consumers, which runs before the module's own parameters get their gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator
+
+import torch
+
+
+class Recipe:
+    """``fn(*args)`` under no_grad, run at most once per backward pass; a tuple of tensors.
+
+    ``uses`` counts the saved references (and :meth:`take` callers) still to be served, so
+    the result is freed after the last.
+    """
+
+    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], *args: torch.Tensor) -> None:
+        self.fn, self.args = fn, args
+        self.uses = 0
+        self._value: tuple[torch.Tensor, ...] | None = None
+
+    def take(self) -> tuple[torch.Tensor, ...]:
+        value = self._value
+        if value is None:
+            with torch.no_grad():
+                value = self.fn(*self.args)
+        self.uses -= 1
+        self._value = value if self.uses > 0 else None
+        return value
+
+    def take_cached(self) -> tuple[torch.Tensor, ...] | None:
+        """Like :meth:`take` if a saved reference already made the result, else None."""
+        if self._value is None:
+            self.uses -= 1
+            return None
+        return self.take()
+
+
+# storage address -> (weak reference to the marked tensor, its version then, recipe, index)
+_marks: dict[int, tuple[weakref.ref, int, Recipe, int]] = {}
+_active = 0
+
+
+def mark(tensor: torch.Tensor, recipe: Recipe, index: int = 0) -> None:
+    """If autograd saves ``tensor`` (or a view of it), keep ``recipe`` instead.
+
+    ``recipe.take()[index]`` must equal ``tensor`` bit for bit, contiguous. A no-op unless
+    :func:`recomputing` is active (inside an autograd Function's forward too, where grad
+    mode is off).
+    """
+    if not _active or tensor.numel() == 0:
+        return
+    if not tensor.is_contiguous() or tensor.storage_offset() != 0:
+        return
+    ptr = tensor.untyped_storage().data_ptr()
+
+    def forget(ref: weakref.ref, ptr: int = ptr) -> None:
+        # the storage may already carry a newer mark: only drop our own
+        if ptr in _marks and _marks[ptr][0] is ref:
+            del _marks[ptr]
+
+    _marks[ptr] = (weakref.ref(tensor, forget), tensor._version, recipe, index)
+
+
+def _pack(saved: torch.Tensor) -> object:
+    if not _marks:
+        return saved
+    try:
+        entry = _marks.get(saved.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # a tensor without storage of its own
+        return saved
+    if entry is None:
+        return saved
+    ref, version, recipe, index = entry
+    marked = ref()
+    # alive means the storage is still the marked one; an in-place change since forbids it
+    if marked is None or marked._version != version or marked.dtype != saved.dtype:
+        return saved
+    recipe.uses += 1
+    return recipe, index, saved.size(), saved.stride(), saved.storage_offset()
+
+
+def _unpack(packed: object) -> torch.Tensor:
+    if isinstance(packed, torch.Tensor):
+        return packed
+    recipe, index, size, stride, offset = packed
+    return recipe.take()[index].as_strided(size, stride, offset)
+
+
+@contextlib.contextmanager
+def recomputing() -> Iterator[None]:
+    """Within: marked tensors that autograd saves are recomputed in backward."""
+    global _active
+    _active += 1
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            yield
+    finally:
+        _active -= 1
+        if not _active:
+            _marks.clear()
