@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -150,3 +151,18 @@ def test_adamw_inside_backward_reads_weights_before_their_update(verdict_text, t
     assert runs[0].history.train_losses == runs[1].history.train_losses
     for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_recipe_no_op_keeps_holds_nothing():
+    # The residual dropouts' outputs only feed a sum, which keeps nothing: their input must
+    # be freed after forward, as with the book's dropout (inside --low-memory's
+    # checkpointed blocks too, where no recipe is ever used).
+    x = torch.randn(64, 32, requires_grad=True)
+    with recompute.recomputing():
+        h = x * 2  # kept by nothing: a product with a number keeps no tensor
+        out = lean.LeanDropout.apply(h, 0.5) + 1
+    gone = weakref.ref(h)
+    del h
+    assert gone() is None
+    out.sum().backward()
+    assert x.grad is not None

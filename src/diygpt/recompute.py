@@ -28,14 +28,29 @@ import torch
 class Recipe:
     """``fn(*args)`` under no_grad, run at most once per backward pass; a tuple of tensors.
 
-    ``uses`` counts the saved references (and :meth:`take` callers) still to be served, so
-    the result is freed after the last.
+    The tensors among ``args`` are held weakly until a saved reference needs the recipe
+    (:meth:`hold`), so a recipe that no op keeps (a dropout whose output only feeds the
+    residual sum, or any mark inside ``torch.utils.checkpoint``) keeps nothing alive.
+    ``uses`` counts the saved references (and :meth:`take_cached` callers) still to be
+    served, so the result is freed after the last.
     """
 
-    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], *args: torch.Tensor) -> None:
-        self.fn, self.args = fn, args
+    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], *args: object) -> None:
+        self.fn = fn
+        self._weak = tuple(weakref.ref(a) if isinstance(a, torch.Tensor) else a for a in args)
+        self.args: tuple[object, ...] | None = None
         self.uses = 0
         self._value: tuple[torch.Tensor, ...] | None = None
+
+    def hold(self) -> bool:
+        """Hold the inputs from now on; False if one is gone already."""
+        if self.args is None:
+            args = tuple(a() if isinstance(a, weakref.ref) else a for a in self._weak)
+            if any(a is None for a, w in zip(args, self._weak, strict=True)
+                   if isinstance(w, weakref.ref)):
+                return False
+            self.args = args
+        return True
 
     def take(self) -> tuple[torch.Tensor, ...]:
         value = self._value
@@ -92,7 +107,8 @@ def _pack(saved: torch.Tensor) -> object:
     ref, version, recipe, index = entry
     marked = ref()
     # alive means the storage is still the marked one; an in-place change since forbids it
-    if marked is None or marked._version != version or marked.dtype != saved.dtype:
+    if (marked is None or marked._version != version or marked.dtype != saved.dtype
+            or not recipe.hold()):
         return saved
     recipe.uses += 1
     return recipe, index, saved.size(), saved.stride(), saved.storage_offset()

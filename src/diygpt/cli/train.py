@@ -108,7 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     mem.add_argument("--no-recompute", dest="recompute", action="store_false",
                      help="keep LayerNorm's and GELU's outputs and attention's dropped weights "
                      "for backward instead of recomputing them there from what is kept anyway "
-                     "(CPU): about 200 MB more for book-124m, a few percent faster")
+                     "(CPU): about 180 MB more for book-124m, at the same speed")
     mem.add_argument("--no-malloc-tuning", dest="malloc_tuning", action="store_false",
                      help="leave glibc's allocator alone; by default AdamW's moments get "
                      "mappings of their own, apart from the activations (and with --low-memory "
