@@ -73,18 +73,23 @@ def test_bit_identical_to_the_book_modules_with_less_kept(attn, monkeypatch):
     assert not recompute._marks  # forgotten once the forward pass is over
 
 
-def test_evaluation_and_state_dict_are_unchanged():
+def test_evaluation_and_state_dict_are_unchanged(monkeypatch):
     torch.manual_seed(0)
     plain = GPTModel(CFG).eval()
-    lean = lean_activations(copy.deepcopy(plain))
-    assert lean.state_dict().keys() == plain.state_dict().keys()
+    model = lean_activations(copy.deepcopy(plain))
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    made = []
+    for module in (recompute, lean):
+        monkeypatch.setattr(module, "Recipe", lambda *args: made.append(args))
     x = torch.randint(0, 300, (2, 16))
     with torch.no_grad():
-        assert torch.equal(lean(x), plain(x))
-    lean.train()
+        assert torch.equal(model(x), plain(x))
+    assert not made  # no recipe bookkeeping where nothing is kept for backward
+    monkeypatch.undo()
+    model.train()
     torch.manual_seed(1)
     with torch.no_grad():  # no gradient: F.dropout itself, the same draw
-        a = lean(x)
+        a = model(x)
     torch.manual_seed(1)
     with torch.no_grad():
         assert torch.equal(a, plain.train()(x))

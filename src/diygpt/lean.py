@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diygpt.model import _SQRT_2_OVER_PI, GELU, LayerNorm
-from diygpt.recompute import Recipe, mark, recomputing
+from diygpt.recompute import Recipe, mark, recipe, recomputing
 
 
 def _gelu_halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,6 +45,13 @@ def _gelu_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return half_x * (1 + t), half_x, t
 
 
+def _mark_for_backward(out: torch.Tensor, made_by: Recipe | None) -> None:
+    """Mark ``out`` as made by ``made_by``, whose result the Function's backward also reads."""
+    if made_by is not None:
+        made_by.uses += 1  # backward's own use
+        mark(out, made_by)
+
+
 class LeanGELU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -52,15 +59,14 @@ class LeanGELU(torch.autograd.Function):
         out = GELU.forward(None, x)  # the book's formula, op for op
         # The next linear layer keeps GELU's output for its weight gradient; remade from x,
         # with tanh's output, which backward needs next (made once for both).
-        ctx.recipe = Recipe(_gelu_parts, x)
-        ctx.recipe.uses += 1  # backward's own
-        mark(out, ctx.recipe)
+        ctx.recipe = recipe(_gelu_parts, x)
+        _mark_for_backward(out, ctx.recipe)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
-        made = ctx.recipe.take_cached()
+        made = ctx.recipe.take_cached() if ctx.recipe is not None else None
         half_x, t = made[1:] if made is not None else _gelu_halves(x)
         grad_half_x, grad_t = grad * (1 + t), grad * half_x  # y = (0.5 x) * (1 + t)
         grad_inner = torch.ops.aten.tanh_backward(grad_t, t) * _SQRT_2_OVER_PI
@@ -90,44 +96,40 @@ class LeanDropout(torch.autograd.Function):
         # Attention's weights after dropout are kept by the product with the values; remade
         # from the softmax output (kept by softmax) and the mask, with the noise, which
         # backward needs next.
-        ctx.recipe = Recipe(_dropout_parts, x, kept, p)
-        ctx.recipe.uses += 1  # backward's own
-        mark(out, ctx.recipe)
+        ctx.recipe = recipe(_dropout_parts, x, kept, p)
+        _mark_for_backward(out, ctx.recipe)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (kept,) = ctx.saved_tensors
-        made = ctx.recipe.take_cached()
+        made = ctx.recipe.take_cached() if ctx.recipe is not None else None
         return grad * (made[1] if made is not None else _noise(kept, ctx.p, grad.dtype)), None
 
 
 def _layer_norm_parts(
     x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float,
-    recipe: Recipe | None = None,
+    made_by: Recipe | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The book's LayerNorm, op for op: (output, x - mean, normalized x).
 
-    With ``recipe``, each part is marked as its product before any op can keep it.
+    With ``made_by``, each part is marked as its product before any op can keep it.
     """
     mean = x.mean(dim=-1, keepdim=True)
     var = x.var(dim=-1, keepdim=True, unbiased=False)
     centered = x - mean
-    if recipe is not None:
-        mark(centered, recipe, 1)  # kept by the division
+    mark(centered, made_by, 1)  # kept by the division
     norm_x = centered / torch.sqrt(var + eps)
-    if recipe is not None:
-        mark(norm_x, recipe, 2)  # kept by the product with scale
+    mark(norm_x, made_by, 2)  # kept by the product with scale
     out = scale * norm_x + shift
-    if recipe is not None:
-        mark(out, recipe, 0)  # kept by the next linear layers
+    mark(out, made_by, 0)  # kept by the next linear layers
     return out, centered, norm_x
 
 
 def _layer_norm(module: LayerNorm, x: torch.Tensor) -> torch.Tensor:
     # remade from x, which var keeps anyway
-    recipe = Recipe(_layer_norm_parts, x, module.scale, module.shift, module.eps)
-    return _layer_norm_parts(x, module.scale, module.shift, module.eps, recipe)[0]
+    made_by = recipe(_layer_norm_parts, x, module.scale, module.shift, module.eps)
+    return _layer_norm_parts(x, module.scale, module.shift, module.eps, made_by)[0]
 
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:

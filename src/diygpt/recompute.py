@@ -74,14 +74,19 @@ _marks: dict[int, tuple[weakref.ref, int, Recipe, int]] = {}
 _active = 0
 
 
-def mark(tensor: torch.Tensor, recipe: Recipe, index: int = 0) -> None:
+def recipe(fn: Callable[..., tuple[torch.Tensor, ...]], *args: object) -> Recipe | None:
+    """A :class:`Recipe` while :func:`recomputing` is active, else None (nothing to mark)."""
+    return Recipe(fn, *args) if _active else None
+
+
+def mark(tensor: torch.Tensor, recipe: Recipe | None, index: int = 0) -> None:
     """If autograd saves ``tensor`` (or a view of it), keep ``recipe`` instead.
 
     ``recipe.take()[index]`` must equal ``tensor`` bit for bit, contiguous. A no-op unless
     :func:`recomputing` is active (inside an autograd Function's forward too, where grad
-    mode is off).
+    mode is off) and ``recipe`` is not None.
     """
-    if not _active or tensor.numel() == 0:
+    if not _active or recipe is None or tensor.numel() == 0:
         return
     if not tensor.is_contiguous() or tensor.storage_offset() != 0:
         return
