@@ -13,7 +13,7 @@ the linear layer after each LayerNorm and GELU keeps its input. Here:
 - With ``recompute`` (diygpt.recompute): LayerNorm's output and parts, GELU's output and
   attention's weights after dropout are not kept at all but made again in backward from
   what is kept anyway (LayerNorm's input, GELU's input, the softmax output and the mask).
-  For book-124m's batch this takes what a training forward pass keeps from 538 MB to 283
+  For book-124m's batch this takes what a training forward pass keeps from 538 MB to 282
   MB, at no cost in CPU time that could be measured (BENCHMARKS.md, fifth pass).
 
 :func:`lean_activations` puts them on a model's modules from outside (the instances'
