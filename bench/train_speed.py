@@ -11,29 +11,49 @@ for the fast GPU path (with MFU).
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import _common
 import torch
-import torch.nn.functional as F
 
 import book_reference
 from diygpt.config import get_preset
+from diygpt.losses import token_cross_entropy
 from diygpt.model import GPTModel
 from diygpt.precision import Precision, enable_tf32
-from diygpt.speed import compile_model, flops_per_token, make_adamw, pad_vocab, peak_flops
+from diygpt.speed import (
+    compile_loss,
+    compile_model,
+    flops_per_token,
+    make_adamw,
+    pad_vocab,
+    peak_flops,
+)
 from diygpt.tokenizer import get_tokenizer
 
 
-def step_fn(model, optimizer, x, y, precision: Precision, hf: bool = False):
+def step_fn(model, optimizer, x, y, precision: Precision, hf: bool = False,
+            loss_fn=token_cross_entropy, attention=None):
+    """One training step; ``attention`` (optional) makes a context that picks SDPA's kernel."""
     def step():
         optimizer.zero_grad()
-        with precision.autocast():
+        with precision.autocast(), attention() if attention else contextlib.nullcontext():
             logits = model(x).logits if hf else model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            loss = loss_fn(logits, y)
         precision.backward(loss)
         precision.step(optimizer)
         return loss.item()
     return step
+
+
+def profile_step(step, rows: int = 12) -> None:
+    """The CUDA kernels of one more step, by their total time (what a step spends where)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+    print("\n" + prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows,
+                                             max_name_column_width=70))
 
 
 def main() -> None:
@@ -50,6 +70,12 @@ def main() -> None:
     ap.add_argument("--tf32", action="store_true")
     ap.add_argument("--peers", default="book,hf", help="comma list of book, hf (or none)")
     ap.add_argument("--variants", default="sdpa,eager", help="diygpt attention kernels to time")
+    ap.add_argument("--eager-loss-row", action="store_true",
+                    help="with --compile, also time the first variant with its loss left eager")
+    ap.add_argument("--cudnn-row", action="store_true",
+                    help="also time the first variant with SDPA forced onto cuDNN attention")
+    ap.add_argument("--profile", action="store_true",
+                    help="print the CUDA kernels of one step of the first variant")
     _common.add_common_args(ap)
     args = ap.parse_args()
     _common.apply_common_args(args)
@@ -70,11 +96,11 @@ def main() -> None:
 
     rows: list[tuple[str, float]] = []
 
-    def time_it(name, model, optimizer, precision, hf=False):
+    def time_it(name, model, optimizer, precision, hf=False, **how):
         torch.manual_seed(0)
-        step = step_fn(model, optimizer, x, y, precision, hf)
+        step = step_fn(model, optimizer, x, y, precision, hf, **how)
         rows.append((name, tokens / _common.median_seconds(step, args.warmup, args.steps)))
-        del model, optimizer
+        return step
 
     peers = [p for p in args.peers.split(",") if p and p != "none"]
     if "hf" in peers:
@@ -89,14 +115,35 @@ def main() -> None:
         time_it(f"book reference GPTModel ({args.dtype})", book,
                 torch.optim.AdamW(book.parameters(), lr=4e-4, weight_decay=0.1), fast)
         del book
-    for attn in [v for v in args.variants.split(",") if v]:
+    variants = [(v, "", {}) for v in args.variants.split(",") if v]
+    if args.eager_loss_row and args.compile:
+        variants.append((variants[0][0], ", loss eager", {"loss_fn": token_cross_entropy}))
+    if args.cudnn_row:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        variants.append((variants[0][0], ", cuDNN attention",
+                         {"attention": lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)}))
+    for i, (attn, note, how) in enumerate(variants):
+        if "attention" in how:
+            torch._dynamo.reset()  # the SDPA kernel is picked when compiling, without a guard
         torch.manual_seed(123)
         model = GPTModel(cfg.with_updates(attn_impl=attn)).to(device).train()
         if args.pad_vocab:
             pad_vocab(model)
         opt = make_adamw(model.parameters(), 4e-4, 0.1, fused=args.fused_adamw)
         wrapped = compile_model(model) if args.compile else model
-        time_it(f"diygpt --attn {attn} ({label})", wrapped, opt, fast)
+        how = {"loss_fn": compile_loss() if args.compile else token_cross_entropy, **how}
+        name = f"diygpt --attn {attn} ({label}{note})"
+        try:
+            step = time_it(name, wrapped, opt, fast, **how)
+        except Exception as exc:  # a kernel this GPU or torch lacks: report, go on
+            print(f"{name}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            continue
+        if args.profile and i == 0 and device.type == "cuda":
+            try:
+                profile_step(step)
+            except Exception as exc:  # the timings stand whatever the profiler does
+                print(f"profile failed: {type(exc).__name__}: {exc}")
+        del model, opt, wrapped, step
     _common.print_table(
         f"training step, {args.preset} (ctx {t}, batch {args.batch_size}, AdamW), "
         f"{device.type}, median of {args.steps} steps after {args.warmup} warm-up",

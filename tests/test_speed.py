@@ -128,21 +128,23 @@ def test_train_bf16_pad_vocab_fused_logs_tok_s_and_saves_book_shape(tmp_path, ve
 
 
 def test_train_compile_wiring(tmp_path, verdict_path, capsys, monkeypatch):
-    """--compile wraps the model for the step and saves it unwrapped (compile itself mocked)."""
+    """--compile wraps the model and the loss for the step and saves the model unwrapped
+    (compile itself mocked)."""
     calls = []
 
     class Wrapper(torch.nn.Module):
-        def __init__(self, model):
+        def __init__(self, fn):
             super().__init__()
-            self._orig_mod = model
+            self._orig_mod = fn
 
         def forward(self, *args, **kwargs):
-            calls.append(1)
+            calls.append(getattr(self._orig_mod, "__name__", "model"))
             return self._orig_mod(*args, **kwargs)
 
     monkeypatch.setattr("diygpt.speed.torch.compile", Wrapper)
     _train(tmp_path, verdict_path, "--compile", capsys=capsys)
-    assert calls
+    # each training step: the compiled model, then the compiled loss on its logits
+    assert calls.count("token_cross_entropy") == 4 and calls.count("model") >= 4
     assert "model.safetensors" in {p.name for p in (tmp_path / "run").iterdir()}
     load_model(tmp_path / "run")  # no _orig_mod. prefixes
 
@@ -163,3 +165,19 @@ def test_fp16_resume_is_exact_and_keeps_the_loss_scale(tmp_path, verdict_path, c
     (scaler_a, weights_a), (scaler_b, weights_b) = last(whole), last(part)
     assert scaler_a == scaler_b and scaler_a["_growth_tracker"] > 0
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_compiled_loss_equals_the_eager_loss_and_gradient():
+    from diygpt.losses import token_cross_entropy
+    from diygpt.speed import compile_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 8, TINY.vocab_size, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, TINY.vocab_size, (2, 8))
+    eager = token_cross_entropy(logits, targets)
+    (grad_eager,) = torch.autograd.grad(eager, logits)
+    compiled = compile_loss()(logits, targets)
+    (grad_compiled,) = torch.autograd.grad(compiled, logits)
+    assert compiled.dtype == torch.float32 and grad_compiled.dtype == torch.bfloat16
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_compiled, grad_eager)

@@ -31,7 +31,7 @@ from torch import nn
 from diygpt.checkpoints import unwrap_model
 from diygpt.device import select_device
 from diygpt.errors import ConfigError
-from diygpt.losses import calc_loss_batch
+from diygpt.losses import LossFn, calc_loss_batch, token_cross_entropy
 from diygpt.precision import Precision
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -187,6 +187,7 @@ class Parallel:
         grad_accum: int,
         device: torch.device | str,
         precision: Precision | None = None,
+        loss_fn: LossFn = token_cross_entropy,
     ) -> torch.Tensor:
         """Backward of this rank's share; returns the global batch's mean loss.
 
@@ -202,7 +203,8 @@ class Parallel:
             # Only the last micro-batch all-reduces; the earlier ones accumulate locally.
             with skip_grad_sync(model, skip=i < len(micro) - 1):
                 with precision.autocast():
-                    part = calc_loss_batch(mx, my, model, device) * (weight * mx.shape[0] / rows)
+                    part = calc_loss_batch(mx, my, model, device, loss_fn)
+                    part = part * (weight * mx.shape[0] / rows)
                 precision.backward(part)
             loss = loss + part.detach()
         return self.all_mean(loss)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -52,17 +52,30 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, targets)  # also for ignore_index (-100) targets
 
 
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy of logits (B, T, V), taken in fp32, against targets (B, T)."""
+    return cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def calc_loss_batch(
     input_batch: torch.Tensor,
     target_batch: torch.Tensor,
     model: nn.Module,
     device: torch.device | str,
+    loss_fn: LossFn = token_cross_entropy,
 ) -> torch.Tensor:
-    """Mean next-token cross entropy of one batch: logits (B, T, V) vs targets (B, T)."""
+    """Mean next-token cross entropy of one batch: logits (B, T, V) vs targets (B, T).
+
+    ``loss_fn`` takes the logits and targets; ``--compile`` passes a compiled
+    :func:`token_cross_entropy` (see :func:`diygpt.speed.compile_loss`).
+    """
     input_batch = input_batch.to(device)
     target_batch = target_batch.to(device)
     logits = model(input_batch)
-    return cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten())
+    return loss_fn(logits, target_batch)
 
 
 def calc_loss_loader(

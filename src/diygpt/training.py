@@ -23,7 +23,7 @@ from diygpt.checkpointing import check_writable
 from diygpt.checkpoints import load_into, save_run, unwrap_model
 from diygpt.errors import CheckpointError, TrainingError
 from diygpt.evaluation import evaluate_model, format_eval_line, sample_text
-from diygpt.losses import calc_loss_batch
+from diygpt.losses import LossFn, calc_loss_batch, token_cross_entropy
 from diygpt.optim_in_backward import OptimInBackward, attached
 from diygpt.plotting import plot_losses
 from diygpt.precision import Precision
@@ -62,8 +62,10 @@ class Trainer:
         parallel: Parallel | None = None,
         precision: Precision | None = None,
         meter: SpeedMeter | None = None,
+        loss_fn: LossFn = token_cross_entropy,
     ) -> None:
         self.model = model
+        self.loss_fn = loss_fn  # (logits, targets) -> mean loss; compiled under --compile
         self.optimizer = optimizer
         self.train_loader = train_loader
         self.val_loader = val_loader
@@ -126,11 +128,12 @@ class Trainer:
         if self.parallel is not None:
             loss = self.parallel.forward_backward(
                 self.model, input_batch, target_batch, self.cfg.grad_accum, self.device,
-                self.precision,
+                self.precision, self.loss_fn,
             )
         elif self.cfg.grad_accum == 1:
             with self.precision.autocast():
-                loss = calc_loss_batch(input_batch, target_batch, self.model, self.device)
+                loss = calc_loss_batch(input_batch, target_batch, self.model, self.device,
+                                       self.loss_fn)
             if self.in_backward is not None:  # AdamW steps inside backward: optim_in_backward.py
                 return self.in_backward.step(loss, self._non_finite)
             self.precision.backward(loss)
@@ -144,7 +147,8 @@ class Trainer:
                 strict=True,
             ):
                 with self.precision.autocast():
-                    part = calc_loss_batch(xs, ys, self.model, self.device) * (xs.shape[0] / rows)
+                    part = calc_loss_batch(xs, ys, self.model, self.device, self.loss_fn)
+                    part = part * (xs.shape[0] / rows)
                 self.precision.backward(part)
                 loss = loss + part.detach()
         self.precision.unscale(self.optimizer)  # fp16: true gradient sizes before the norm

@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # torch is imported only when a command runs, so --help stays
     import torch
     from torch import nn
 
+    from diygpt.losses import LossFn
     from diygpt.precision import Precision
     from diygpt.speed import SpeedMeter
 
@@ -47,6 +48,7 @@ class TrainingSetup:
     optimizer: torch.optim.Optimizer
     precision: Precision
     meter: SpeedMeter | None
+    loss_fn: LossFn  # compiled along with the model under --compile
 
 
 def prepare_model(args: argparse.Namespace, model: nn.Module) -> None:
@@ -65,9 +67,11 @@ def setup_training(
 ) -> TrainingSetup:
     """The optimizer, precision and tok/s meter; the model compiled if asked (after wrapping)."""
     from diygpt.checkpoints import unwrap_model
+    from diygpt.losses import token_cross_entropy
     from diygpt.precision import Precision
     from diygpt.speed import (
         SpeedMeter,
+        compile_loss,
         compile_model,
         flops_per_token,
         make_adamw,
@@ -79,4 +83,5 @@ def setup_training(
     if speed_flags_used(args):
         meter = SpeedMeter(flops_per_token(unwrap_model(model).cfg), peak_flops(device))
     wrapped = compile_model(model) if args.compile else model
-    return TrainingSetup(wrapped, optimizer, Precision(device, args.dtype), meter)
+    loss_fn = compile_loss() if args.compile else token_cross_entropy
+    return TrainingSetup(wrapped, optimizer, Precision(device, args.dtype), meter, loss_fn)

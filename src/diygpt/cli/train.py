@@ -232,6 +232,7 @@ def _train(args: argparse.Namespace, env, device) -> int:
     trainer = Trainer(
         fast.model, fast.optimizer, train_loader, val_loader, device, train_cfg, tokenizer,
         run_state=run_state, parallel=parallel, precision=fast.precision, meter=fast.meter,
+        loss_fn=fast.loss_fn,
     )
     if ckpt is not None:
         trainer.load_checkpoint(ckpt)
