@@ -16,6 +16,7 @@ import time
 import _common
 import torch
 
+from diygpt import static_decode
 from diygpt.checkpoints import load_model
 from diygpt.config import get_preset
 from diygpt.data import GPTDatasetV1, make_loader
@@ -37,6 +38,26 @@ def verdict_loss(model, cfg, tokenizer, device) -> float:
         return calc_loss_loader(loader, model, device)
 
 
+def profile_call(call, new_tokens: int) -> None:
+    """One call under the profiler: wall time vs the time the GPU was busy, and where."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    _common.sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        call()
+        _common.sync()
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
+    print(f"\nprofiled --compile call: {wall * 1e3:.1f} ms wall (under the profiler), "
+          f"GPU busy {busy * 1e3:.1f} ms, {len(kernels)} kernels/copies, "
+          f"{len(kernels) / new_tokens:.0f} per token")
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12,
+                                    max_name_column_width=60))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--new-tokens", type=int, default=200)
@@ -46,6 +67,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-compile", action="store_true", help="leave out the --compile rows")
+    ap.add_argument("--cuda-ablation", action="store_true",
+                    help="on CUDA, also time --compile without each speed-up of static_decode")
+    ap.add_argument("--profile", action="store_true",
+                    help="on CUDA, profile one --compile call: GPU busy time and top kernels")
     _common.add_common_args(ap)
     args = ap.parse_args()
     _common.apply_common_args(args)
@@ -91,6 +116,18 @@ def main() -> None:
     rows.append(("diygpt generate (fp32, KV cache)", n / t))
     if not args.skip_compile:
         timed_compiled(ours, "diygpt generate")
+        if args.cuda_ablation and device.type == "cuda":
+            ablations = (("with SDPA's attention kernel", {"PLAIN_ATTENTION": False}),
+                         ("with SDPA, without stacked q/k/v",
+                          {"PLAIN_ATTENTION": False, "FUSE_QKV": False}),
+                         ("as before: SDPA, new cache per call, 3 q/k/v products, eager prompt",
+                          {"PLAIN_ATTENTION": False, "FUSE_QKV": False, "POOL_CACHES": False,
+                           "STEP_PROMPT": 0}))
+            for note, settings in ablations:
+                saved = {k: getattr(static_decode, k) for k in settings}
+                vars(static_decode).update(settings)
+                timed_compiled(ours, f"diygpt generate, {note},")
+                vars(static_decode).update(saved)
     if int8 is not None:
         t = _common.median_seconds(run_ours(int8), args.warmup, args.repeats)
         rows.append(("diygpt generate --quantize int8", n / t))
@@ -103,6 +140,11 @@ def main() -> None:
         f"median of {args.repeats} after {args.warmup} warm-up",
         "tok/s", rows, baseline,
     )
+    if args.profile and device.type == "cuda" and not args.skip_compile:
+        try:
+            profile_call(run_ours(ours, True), n)
+        except Exception as exc:  # the table above stands whatever the profiler does
+            print(f"profile failed: {type(exc).__name__}: {exc}")
     if int8 is not None:
         tokenizer = get_tokenizer()
         fp32_loss = verdict_loss(ours, cfg, tokenizer, device)

@@ -164,3 +164,46 @@ def test_compiled_int8_decode_keeps_the_int8_kernel():
     idx = torch.randint(0, CFG.vocab_size, (1, 3))
     expected = generate(model, idx, 10, CFG.context_length)
     assert torch.equal(generate(model, idx, 10, CFG.context_length, compile=True), expected)
+
+
+@pytest.mark.parametrize("prompt_len", [3, 6])  # read a token at a time, and in one pass
+def test_cuda_tuning_keeps_the_logits_and_reuses_a_refreshed_cache(prompt_len, device,
+                                                                   monkeypatch):
+    """The CUDA speed-ups of static decoding (pooled cache, stacked q/k/v weights, attention
+    written out, short prompts through the step), forced on here so that they run on the CPU
+    too."""
+    from diygpt import static_decode
+    from diygpt.static_decode import StaticDecoder
+
+    monkeypatch.setattr(static_decode, "STEP_PROMPT", 4)
+    steps = []
+
+    def step(*args):  # the uncompiled step stands in for the compiled one (see test_cuda.py)
+        steps.append(1)
+        return static_decode.static_forward(*args)
+
+    monkeypatch.setattr(static_decode, "compiled_step", lambda kind: step)
+    model = _model(device=device)
+    idx = torch.randint(0, CFG.vocab_size, (2, prompt_len + 5), device=device)
+
+    def decode(tuning: bool) -> tuple[StaticDecoder, torch.Tensor]:
+        decoder = StaticDecoder(model, 2, CFG.context_length, cuda_tuning=tuning)
+        with torch.no_grad():
+            logits = [decoder.prefill(idx[:, :prompt_len])]
+            logits += [decoder.step(idx[:, i : i + 1]) for i in range(prompt_len, idx.shape[1])]
+        return decoder, torch.stack(logits)
+
+    tuned, logits = decode(True)
+    assert tuned.cache.qkv is not None and tuned.cache.plain_attention
+    assert len(steps) == 5 + (prompt_len if prompt_len <= 4 else 0)  # 3: step by step
+    torch.testing.assert_close(logits, decode(False)[1], atol=1e-5, rtol=1e-5)
+    first = tuned.cache
+    assert decode(True)[0].cache is not first  # still held by `tuned`: a fresh cache
+    del tuned
+    first.v[0].fill_(float("nan"))  # what a reused cache held must not leak into the next text
+    with torch.no_grad():  # training moved the weights: the reused cache must follow
+        for p in (model.trf_blocks[0].att.W_key.weight, model.trf_blocks[1].att.W_value.bias):
+            p.add_(0.1 * torch.randn_like(p))
+    again, logits = decode(True)
+    assert again.cache is first
+    torch.testing.assert_close(logits, decode(False)[1], atol=1e-5, rtol=1e-5)

@@ -12,14 +12,29 @@ slots. ``torch.compile`` then turns the whole step into one program:
   twice the bandwidth of the BLAS gemv for batch 1), fused with the LayerNorm, GELU and
   int8 dequantisation around it.
 
-It reads the GPTModel's own modules (no copy, no change to the model). The compiled CPU
-step sums in a different order than BLAS, so its logits differ in the last bits; greedy
-tokens equal :func:`diygpt.generation.generate`'s unless two logits nearly tie.
+It reads the GPTModel's own modules (no change to the model). On CUDA three more things
+cut the time a token takes (measured in BENCHMARKS.md):
+
+- the cache is kept per model and shape and reused by the next call (zeroed): a CUDA graph
+  holds its inputs' addresses, so a new cache each call made every call record a new graph
+  (and keep the old ones);
+- the cache holds each layer's query, key and value weights side by side, copied from the
+  model at each call, so a step runs one matrix-vector product for them instead of three;
+- attention is written out as two products and a softmax: SDPA with a mask runs one
+  query through its memory-efficient kernel, the slowest part of the step;
+- a short prompt is read through the compiled step a token at a time, which on a GPU beats
+  one eager pass over the prompt (hundreds of kernel launches from Python).
+
+The compiled step sums in a different order than eager PyTorch, so its logits differ in
+the last bits; greedy tokens equal :func:`diygpt.generation.generate`'s unless two logits
+nearly tie.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -46,10 +61,22 @@ def _widen_cpu_mm_decomposition() -> None:
     mm_pass.cpu_max_other_dimension_decomposition = max(bound, _CPU_MM_BOUND)
 
 
-class StaticCache:
-    """Keys and values per layer, each (B, H, max_len, D), written in place at tensor positions."""
+# The CUDA speed-ups above, as settings (bench/generate_speed.py turns them off to compare).
+POOL_CACHES = True  # reuse a model's cache across calls
+FUSE_QKV = True  # one product for query, key and value
+PLAIN_ATTENTION = True  # attention written out, not SDPA's kernel for one query
+STEP_PROMPT = 16  # prompts up to this many tokens go through the compiled step
 
-    def __init__(self, model: nn.Module, batch_size: int, max_len: int) -> None:
+
+class StaticCache:
+    """Keys and values per layer, each (B, H, max_len, D), written in place at tensor positions.
+
+    With ``fuse_qkv`` it also holds each layer's query, key and value weights stacked into
+    one (3C, C) matrix (and biases), refreshed from the model by :meth:`reset`.
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int,
+                 fuse_qkv: bool = False, plain_attention: bool = False) -> None:
         cfg, p = model.cfg, next(model.parameters())
         shape = (batch_size, cfg.n_heads, max_len, cfg.head_dim)
         # One tensor per layer: a compiled step then writes one slot in place, where a
@@ -59,26 +86,102 @@ class StaticCache:
         # Row i: the slots position i may attend to.
         self.causal = torch.ones(max_len, max_len, dtype=torch.bool, device=p.device).tril()
         self.max_len = max_len
+        self.qkv = [_stacked_qkv(b.att) for b in model.trf_blocks] if fuse_qkv else None
+        self.plain_attention = plain_attention
+        self.user: weakref.ref | None = None  # the decoder using a pooled cache
         if p.device.type == "cuda":
             # A CUDA graph keeps these addresses: without the mark, inductor skips CUDA graphs
             # for a step that writes its inputs in place (and copies the mask in each replay).
-            # guard=False: a new cache (next generate call) reuses the compiled step.
-            for t in (*self.k, *self.v, self.causal):
+            # guard=False: a new cache (another shape or model) reuses the compiled step.
+            stacked = [t for wb in self.qkv or () for t in wb if t is not None]
+            for t in (*self.k, *self.v, self.causal, *stacked):
                 torch._dynamo.mark_static_address(t, guard=False)
+
+    @property
+    def busy(self) -> bool:
+        return self.user is not None and self.user() is not None
+
+    @torch.no_grad()
+    def reset(self, model: nn.Module) -> None:
+        """Empty the keys and values; copy the model's current q/k/v weights in again."""
+        for t in (*self.k, *self.v):
+            t.zero_()
+        for (w, bias), block in zip(self.qkv or (), model.trf_blocks, strict=False):
+            att = block.att
+            torch.cat([att.W_query.weight, att.W_key.weight, att.W_value.weight], out=w)
+            if bias is not None:
+                torch.cat([att.W_query.bias, att.W_key.bias, att.W_value.bias], out=bias)
+
+
+def _stacked_qkv(att: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    with torch.no_grad():
+        lins = (att.W_query, att.W_key, att.W_value)
+        w = torch.cat([lin.weight for lin in lins])  # (3C, C)
+        bias = None if att.W_query.bias is None else torch.cat([lin.bias for lin in lins])
+    return w, bias
+
+
+def _can_fuse_qkv(model: nn.Module) -> bool:
+    # Plain float linears only (an int8-quantized model keeps its own kernels).
+    return all(type(getattr(b.att, name)) is nn.Linear for b in model.trf_blocks
+               for name in ("W_query", "W_key", "W_value"))
+
+
+# model -> {(batch, max_len, fused, device, dtype): cache}; a model's caches go with it.
+_POOL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def acquire_cache(model: nn.Module, batch_size: int, max_len: int, user: object,
+                  pooled: bool = False, fuse_qkv: bool = False,
+                  plain_attention: bool = False) -> StaticCache:
+    """A cache for ``user``: the model's pooled one when free (zeroed, weights refreshed)."""
+    if not pooled:
+        return StaticCache(model, batch_size, max_len, fuse_qkv, plain_attention)
+    p = next(model.parameters())
+    key = (batch_size, max_len, fuse_qkv, plain_attention, p.device, p.dtype)
+    caches = _POOL.setdefault(model, {})
+    cache = caches.get(key)
+    if cache is None or cache.busy:  # another generation still holds it: a fresh one
+        cache = StaticCache(model, batch_size, max_len, fuse_qkv, plain_attention)
+        caches.setdefault(key, cache)
+    else:
+        cache.reset(model)
+    cache.user = weakref.ref(user)
+    return cache
 
 
 def _attend(att: nn.Module, x: torch.Tensor, cache: StaticCache, layer: int,
             pos: torch.Tensor) -> torch.Tensor:
     b, t, _ = x.shape  # (B, T, C); pos (T,) holds the absolute positions of the T tokens
     h, d = att.num_heads, att.head_dim
-    q = att.W_query(x).view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
-    k = att.W_key(x).view(b, t, h, d).transpose(1, 2)
-    v = att.W_value(x).view(b, t, h, d).transpose(1, 2)
+    if cache.qkv is not None:
+        q, k, v = F.linear(x, *cache.qkv[layer]).split(h * d, dim=-1)  # 3 x (B, T, C)
+    else:
+        q, k, v = att.W_query(x), att.W_key(x), att.W_value(x)
+    q = q.view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
+    k = k.view(b, t, h, d).transpose(1, 2)
+    v = v.view(b, t, h, d).transpose(1, 2)
     cache.k[layer].index_copy_(2, pos, k)
     cache.v[layer].index_copy_(2, pos, v)
     mask = cache.causal[pos]  # (T, max_len): fixed shape whatever the position
-    out = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=mask)
+    if cache.plain_attention:
+        out = _plain_attention(q, cache.k[layer], cache.v[layer], mask)
+    else:
+        out = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=mask)
     return att.out_proj(out.transpose(1, 2).reshape(b, t, h * d))
+
+
+def _plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of q (B, H, T, D) over the whole cache k, v (B, H, L, D).
+
+    On CUDA, SDPA with a mask sends one query to the memory-efficient kernel, which took
+    33 us a layer on an H200 (half the step); written out, inductor makes a few small
+    kernels of it.
+    """
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, L)
+    scores = scores.float().masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1).to(v.dtype) @ v  # (B, H, T, D)
 
 
 def static_forward(model: nn.Module, idx: torch.Tensor, pos: torch.Tensor,
@@ -105,14 +208,19 @@ class StaticDecoder:
     """Prefill once, then one fixed-shape (optionally compiled) step per new token."""
 
     def __init__(self, model: nn.Module, batch_size: int, max_len: int,
-                 compile: bool = True) -> None:
+                 compile: bool = True, cuda_tuning: bool | None = None) -> None:
+        """``cuda_tuning`` (default: on CUDA) turns on the module's CUDA speed-ups."""
         if not 1 <= max_len <= model.context_length:
             raise GenerationError(
                 f"a static cache holds 1 to {model.context_length} tokens, got {max_len}"
             )
         self.model = model
-        self.cache = StaticCache(model, batch_size, max_len)
         self.device = next(model.parameters()).device
+        tuned = self.device.type == "cuda" if cuda_tuning is None else cuda_tuning
+        self.cache = acquire_cache(model, batch_size, max_len, self, pooled=tuned and POOL_CACHES,
+                                   fuse_qkv=tuned and FUSE_QKV and _can_fuse_qkv(model),
+                                   plain_attention=tuned and PLAIN_ATTENTION)
+        self.step_prompt = STEP_PROMPT if tuned and compile else 0
         self.step_fn = compiled_step(self.device.type) if compile else static_forward
         self.pos = 0
         # The position as a device tensor, refilled each step: a new tensor from a Python int
@@ -124,10 +232,18 @@ class StaticDecoder:
         return self.pos >= self.cache.max_len
 
     def prefill(self, idx: torch.Tensor) -> torch.Tensor:
-        """Read the prompt (B, T) from position 0 (uncompiled: its shape varies) -> logits (B, V)."""
+        """Read the prompt (B, T) from position 0 -> logits (B, V).
+
+        In one uncompiled pass (its shape varies), or, for a short prompt with the CUDA
+        tuning, a token at a time through the step.
+        """
         t = idx.shape[1]
         if t > self.cache.max_len:
             raise GenerationError(f"a prompt of {t} tokens does not fit the {self.cache.max_len}-slot cache")
+        if t <= self.step_prompt:
+            for i in range(t):
+                logits = self.step(idx[:, i : i + 1])
+            return logits
         logits = static_forward(self.model, idx, torch.arange(t, device=self.device), self.cache)
         self.pos = t
         return logits
