@@ -11,10 +11,12 @@
 # STEPS="gen" to rerun one). Output goes to the terminal and, where $OUT is set, to
 # $OUT/gpu.txt.
 #   train     training tok/s and MFU, gpt2-small at ctx 1024: bf16 autocast, SDPA flash
-#             attention, fused AdamW, TF32, torch.compile, vocab padded to 50304; peer:
-#             transformers under the same autocast (target: 550k tok/s)
+#             attention, fused AdamW, TF32, torch.compile (model and loss), vocab padded to
+#             50304; peer: transformers under the same autocast (target: 550k tok/s). Also
+#             the loss left eager and cuDNN attention, and one step's top kernels
 #   gen       batch-1 greedy generation: KV cache, and compiled into CUDA graphs, against
-#             transformers generate (target: 1500 tok/s)
+#             transformers generate (target: 1500 tok/s); also each static_decode speed-up
+#             turned off, and one call's GPU busy time and top kernels
 #   tests     correctness on CUDA: tests/test_cuda.py and every test that takes the `device`
 #             fixture (cached = uncached greedy, static/CUDA-graph decode, autocast steps,
 #             AdamW-in-backward bit-identical, bf16 CLI run with MFU in its log line)
@@ -66,10 +68,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 $PY -c "import torch, transformers; print('torch', torch.__version__, '| transformers',
 transformers.__version__, '| cuda', torch.cuda.is_available())" || true
 
-run_step train 180 $PY bench/train_speed.py --preset gpt2-small --batch-size "$BATCH" \
+run_step train 240 $PY bench/train_speed.py --preset gpt2-small --batch-size "$BATCH" \
   --variants sdpa --peers hf --dtype bf16 --compile --fused-adamw --pad-vocab --tf32 \
-  --warmup 5 --steps 20
-run_step gen 200 $PY bench/generate_speed.py --new-tokens 200 --warmup 2 --repeats 5
+  --warmup 5 --steps 20 --eager-loss-row --cudnn-row --profile
+run_step gen 200 $PY bench/generate_speed.py --new-tokens 200 --warmup 2 --repeats 5 \
+  --cuda-ablation --profile
 run_step tests 240 $PY -m pytest -q -p no:cacheprovider -k cuda tests
 run_step fsdp 120 $PY scripts/fsdp_gpu_check.py --data "$DIYGPT_ASSETS/the-verdict.txt" \
   --out /tmp/diygpt-fsdp-check

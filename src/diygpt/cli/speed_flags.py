@@ -27,7 +27,7 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
                    help="autocast the forward pass to bf16 or fp16 (fp16 adds a GradScaler); "
                    "weights and optimizer stay fp32 (default fp32)")
-    s.add_argument("--compile", action="store_true", help="torch.compile the model")
+    s.add_argument("--compile", action="store_true", help="torch.compile the model and its loss")
     s.add_argument("--pad-vocab", action="store_true",
                    help="compute 50304 logits (a multiple of 64) and drop the extra 47; "
                    "checkpoints keep the 50257-row shape")
