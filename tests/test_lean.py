@@ -31,14 +31,19 @@ def _step(model: GPTModel, x: torch.Tensor, y: torch.Tensor, monkeypatch):
         count(t)
         return t
 
+    def count_recipe(made: recompute._Made) -> None:  # a recipe keeps its inputs
+        for arg in made.recipe.args:
+            if isinstance(arg, torch.Tensor):
+                count(arg)
+            elif isinstance(arg, recompute._Made):  # made again by another recipe
+                count_recipe(arg)
+
     def pack_or_recipe(t: torch.Tensor) -> object:
         packed = recompute_pack(t)
         if isinstance(packed, torch.Tensor):
             count(packed)
-        else:  # a recipe keeps its inputs
-            for arg in packed[0].args:
-                if isinstance(arg, torch.Tensor):
-                    count(arg)
+        else:
+            count_recipe(packed)
         return packed
 
     # Inside the lean model's forward its own hooks replace ours: count what they keep.
@@ -68,8 +73,9 @@ def test_bit_identical_to_the_book_modules_with_less_kept(attn, monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
         assert torch.equal(rng_a, rng_b)
     # GELU keeps 1 of its 4 tensors, each dropout a bool mask, and LayerNorm and GELU
-    # outputs, x - mean, the normalized x and attention's dropped weights are recomputed
-    assert kept_b < 0.5 * kept_a
+    # outputs, x - mean, the normalized x and attention's weights after dropout are
+    # recomputed; with eager attention its softmax output too (0.36 before that)
+    assert kept_b < (0.33 if attn == "eager" else 0.5) * kept_a
     assert not recompute._marks  # forgotten once the forward pass is over
 
 

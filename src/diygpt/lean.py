@@ -11,10 +11,10 @@ the linear layer after each LayerNorm and GELU keeps its input. Here:
 - :class:`LeanDropout` draws its noise as ``F.dropout`` does on the CPU (``bernoulli_``
   then ``div_``, same RNG use) and keeps a bool mask, from which backward remakes the noise.
 - With ``recompute`` (diygpt.recompute): LayerNorm's output and parts, GELU's output and
-  attention's weights after dropout are not kept at all but made again in backward from
-  what is kept anyway (LayerNorm's input, GELU's input, the softmax output and the mask).
-  For book-124m's batch this takes what a training forward pass keeps from 538 MB to 282
-  MB, at no cost in CPU time that could be measured (BENCHMARKS.md, fifth pass).
+  attention's weights before and after dropout are not kept at all but made again in
+  backward from what is kept anyway (LayerNorm's input, GELU's input, the queries and keys,
+  and the dropout mask). For book-124m's batch this takes what a training forward pass
+  keeps from 538 MB to 207 MB (BENCHMARKS.md, fifth and sixth passes).
 
 :func:`lean_activations` puts them on a model's modules from outside (the instances'
 ``forward``); ``diygpt train`` does so on the CPU unless it compiles.
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diygpt.model import _SQRT_2_OVER_PI, GELU, LayerNorm
+from diygpt.model import _SQRT_2_OVER_PI, GELU, LayerNorm, MultiHeadAttention, attention_scores
 from diygpt.recompute import Recipe, mark, recipe, recomputing
 
 
@@ -94,8 +94,8 @@ class LeanDropout(torch.autograd.Function):
         ctx.p = p
         out = x * noise
         # Attention's weights after dropout are kept by the product with the values; remade
-        # from the softmax output (kept by softmax) and the mask, with the noise, which
-        # backward needs next.
+        # from the softmax output (kept by softmax, or with eager attention itself remade)
+        # and the mask, with the noise, which backward needs next.
         ctx.recipe = recipe(_dropout_parts, x, kept, p)
         _mark_for_backward(out, ctx.recipe)
         return out
@@ -105,6 +105,62 @@ class LeanDropout(torch.autograd.Function):
         (kept,) = ctx.saved_tensors
         made = ctx.recipe.take_cached() if ctx.recipe is not None else None
         return grad * (made[1] if made is not None else _noise(kept, ctx.p, grad.dtype)), None
+
+
+class LeanSoftmax(torch.autograd.Function):
+    """``torch.softmax(scores, -1)`` whose kept output can be marked before it is saved.
+
+    Autograd's softmax saves its output as it makes it, before any mark; here the output is
+    marked first, then saved. Backward is autograd's own formula.
+    """
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, made_by: Recipe | None) -> torch.Tensor:
+        out = torch.softmax(scores, dim=-1)
+        mark(out, made_by)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (out,) = ctx.saved_tensors
+        return torch._softmax_backward_data(grad, out, -1, out.dtype), None
+
+
+def _scores(q_rows: torch.Tensor, k_cols: torch.Tensor, mask: torch.Tensor,
+            shape: tuple[int, ...]) -> torch.Tensor:
+    """``attention_scores(q, k, mask)`` from the operands ``q @ k.transpose(2, 3)``
+    multiplies: (B * H, T, D) and (B * H, D, L), as matmul itself lays them out."""
+    scores = torch.bmm(q_rows, k_cols).view(shape)  # (B, H, T, L)
+    scores.masked_fill_(mask, -torch.inf)
+    return scores / q_rows.shape[-1] ** 0.5
+
+
+def _attention_weights(*operands: object) -> tuple[torch.Tensor]:
+    return (torch.softmax(_scores(*operands), dim=-1),)
+
+
+def _eager_attention(module: MultiHeadAttention, q: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor, start: int) -> torch.Tensor:
+    """``MultiHeadAttention._eager`` whose softmax output (kept by softmax's backward and read
+    by dropout's recipe) is remade in backward from the operands of the scores' product,
+    which that product keeps anyway: one more small product per layer.
+
+    ``q @ k.transpose(2, 3)`` copies its operands into (B * H, ...) batches for ``bmm``, and
+    the copies are what it keeps; written out here so the recipe can read those same copies
+    (the ops are matmul's own, so the numbers are unchanged).
+    """
+    (b, h, t, d), length = q.shape, k.shape[2]
+    mask = torch.ones(t, length, dtype=torch.bool, device=q.device).triu(start + 1)
+    q_rows = q.reshape(b * h, t, d)
+    k_cols = k.transpose(2, 3).reshape(b * h, d, length)
+    operands = (q_rows, k_cols, mask, (b, h, t, length))
+    made_by = recipe(_attention_weights, *operands)
+    if made_by is None or not q.requires_grad:
+        attn_weights = torch.softmax(attention_scores(q, k, mask), dim=-1)
+    else:
+        attn_weights = LeanSoftmax.apply(_scores(*operands), made_by)
+    return module.dropout(attn_weights) @ v  # (B, H, T, D)
 
 
 def _layer_norm_parts(
@@ -166,6 +222,8 @@ def lean_activations(model: nn.Module, recompute: bool = True) -> nn.Module:
             module.forward = _dropout.__get__(module)
         elif recompute and isinstance(module, LayerNorm):
             module.forward = _layer_norm.__get__(module)
+        elif recompute and isinstance(module, MultiHeadAttention):
+            module._eager = _eager_attention.__get__(module)
     if recompute and getattr(model.forward, "func", None) is not _forward_recomputing:
         model.forward = functools.partial(_forward_recomputing, model.forward)
     return model

@@ -108,11 +108,8 @@ class MultiHeadAttention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int
     ) -> torch.Tensor:
         """The book's attention, op for op, so results and dropout draws match it exactly."""
-        t_q, t_k = q.shape[2], k.shape[2]
-        attn_scores = q @ k.transpose(2, 3)  # (B, H, T, start+T)
-        mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).triu(start + 1)
-        attn_scores.masked_fill_(mask, -torch.inf)
-        attn_weights = torch.softmax(attn_scores / k.shape[-1] ** 0.5, dim=-1)
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).triu(start + 1)
+        attn_weights = torch.softmax(attention_scores(q, k, mask), dim=-1)
         attn_weights = self.dropout(attn_weights)
         return attn_weights @ v  # (B, H, T, D)
 
@@ -125,6 +122,13 @@ class MultiHeadAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(start)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+
+
+def attention_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The book's scaled, causally masked scores (B, H, T, start+T), before the softmax."""
+    attn_scores = q @ k.transpose(2, 3)
+    attn_scores.masked_fill_(mask, -torch.inf)
+    return attn_scores / k.shape[-1] ** 0.5
 
 
 def _drop_book_mask(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:

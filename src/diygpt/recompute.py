@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -43,20 +44,26 @@ class Recipe:
         self._value: tuple[torch.Tensor, ...] | None = None
 
     def hold(self) -> bool:
-        """Hold the inputs from now on; False if one is gone already."""
+        """Hold the inputs from now on; False if one is gone already.
+
+        An input that is itself marked (a softmax output that dropout's recipe reads) is
+        held as its recipe, so that it need not stay alive either.
+        """
         if self.args is None:
             args = tuple(a() if isinstance(a, weakref.ref) else a for a in self._weak)
             if any(a is None for a, w in zip(args, self._weak, strict=True)
                    if isinstance(w, weakref.ref)):
                 return False
-            self.args = args
+            self.args = tuple(_made_by(a, outer=self) or a if isinstance(a, torch.Tensor) else a
+                              for a in args)
         return True
 
     def take(self) -> tuple[torch.Tensor, ...]:
         value = self._value
         if value is None:
+            args = tuple(a.get() if isinstance(a, _Made) else a for a in self.args)
             with torch.no_grad():
-                value = self.fn(*self.args)
+                value = self.fn(*args)
         self.uses -= 1
         self._value = value if self.uses > 0 else None
         return value
@@ -100,30 +107,43 @@ def mark(tensor: torch.Tensor, recipe: Recipe | None, index: int = 0) -> None:
     _marks[ptr] = (weakref.ref(tensor, forget), tensor._version, recipe, index)
 
 
-def _pack(saved: torch.Tensor) -> object:
-    if not _marks:
-        return saved
+class _Made(NamedTuple):
+    """A tensor (or a view of it) to be made again: ``recipe.take()[index]``'s geometry."""
+
+    recipe: Recipe
+    index: int
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+
+    def get(self) -> torch.Tensor:
+        return self.recipe.take()[self.index].as_strided(self.size, self.stride, self.offset)
+
+
+def _made_by(tensor: torch.Tensor, outer: Recipe | None = None) -> _Made | None:
+    """How to make ``tensor`` again if it lives in a marked storage (one more use), else None."""
     try:
-        entry = _marks.get(saved.untyped_storage().data_ptr())
+        entry = _marks.get(tensor.untyped_storage().data_ptr())
     except (RuntimeError, NotImplementedError):  # a tensor without storage of its own
-        return saved
+        return None
     if entry is None:
-        return saved
+        return None
     ref, version, recipe, index = entry
     marked = ref()
     # alive means the storage is still the marked one; an in-place change since forbids it
-    if (marked is None or marked._version != version or marked.dtype != saved.dtype
-            or not recipe.hold()):
-        return saved
+    if (marked is None or marked._version != version or marked.dtype != tensor.dtype
+            or recipe is outer or not recipe.hold()):
+        return None
     recipe.uses += 1
-    return recipe, index, saved.size(), saved.stride(), saved.storage_offset()
+    return _Made(recipe, index, tensor.size(), tensor.stride(), tensor.storage_offset())
+
+
+def _pack(saved: torch.Tensor) -> object:
+    return (_made_by(saved) if _marks else None) or saved
 
 
 def _unpack(packed: object) -> torch.Tensor:
-    if isinstance(packed, torch.Tensor):
-        return packed
-    recipe, index, size, stride, offset = packed
-    return recipe.take()[index].as_strided(size, stride, offset)
+    return packed.get() if isinstance(packed, _Made) else packed
 
 
 @contextlib.contextmanager

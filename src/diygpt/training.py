@@ -25,7 +25,6 @@ from diygpt.errors import CheckpointError, TrainingError
 from diygpt.evaluation import evaluate_model, format_eval_line, sample_text
 from diygpt.losses import LossFn, calc_loss_batch, token_cross_entropy
 from diygpt.optim_in_backward import OptimInBackward, attached
-from diygpt.plotting import plot_losses
 from diygpt.precision import Precision
 from diygpt.resume import (
     LoadedCheckpoint,
@@ -362,6 +361,9 @@ class Trainer:
         if not self.is_main:
             return
         if h.train_losses:
+            # Imported here: matplotlib adds ~30 MB that the training steps should not carry.
+            from diygpt.plotting import plot_losses
+
             epochs_seen = torch.linspace(0, max(h.epochs_done, 1), len(h.train_losses)).tolist()
             plot_losses(
                 epochs_seen, h.track_tokens_seen, h.train_losses, h.val_losses,
