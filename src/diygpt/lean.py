@@ -30,7 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diygpt.model import _SQRT_2_OVER_PI, GELU, LayerNorm, MultiHeadAttention, attention_scores
+from diygpt.model import (
+    _SQRT_2_OVER_PI,
+    GELU,
+    LayerNorm,
+    MultiHeadAttention,
+    attention_scores,
+    future_mask,
+)
 from diygpt.recompute import Recipe, mark, recipe, recomputing
 
 
@@ -151,7 +158,7 @@ def _eager_attention(module: MultiHeadAttention, q: torch.Tensor, k: torch.Tenso
     (the ops are matmul's own, so the numbers are unchanged).
     """
     (b, h, t, d), length = q.shape, k.shape[2]
-    mask = torch.ones(t, length, dtype=torch.bool, device=q.device).triu(start + 1)
+    mask = future_mask(t, length, start, q.device)
     q_rows = q.reshape(b * h, t, d)
     k_cols = k.transpose(2, 3).reshape(b * h, d, length)
     operands = (q_rows, k_cols, mask, (b, h, t, length))

@@ -108,7 +108,7 @@ class MultiHeadAttention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int
     ) -> torch.Tensor:
         """The book's attention, op for op, so results and dropout draws match it exactly."""
-        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).triu(start + 1)
+        mask = future_mask(q.shape[2], k.shape[2], start, q.device)
         attn_weights = torch.softmax(attention_scores(q, k, mask), dim=-1)
         attn_weights = self.dropout(attn_weights)
         return attn_weights @ v  # (B, H, T, D)
@@ -122,6 +122,11 @@ class MultiHeadAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(start)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+
+
+def future_mask(t_q: int, t_k: int, start: int, device: torch.device) -> torch.Tensor:
+    """(T_q, T_k) True where query ``start + i`` would see a later key: the book's mask."""
+    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).triu(start + 1)
 
 
 def attention_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -106,19 +106,20 @@ class StaticCache:
         """Empty the keys and values; copy the model's current q/k/v weights in again."""
         for t in (*self.k, *self.v):
             t.zero_()
-        for (w, bias), block in zip(self.qkv or (), model.trf_blocks, strict=False):
-            att = block.att
-            torch.cat([att.W_query.weight, att.W_key.weight, att.W_value.weight], out=w)
-            if bias is not None:
-                torch.cat([att.W_query.bias, att.W_key.bias, att.W_value.bias], out=bias)
+        for stacked, block in zip(self.qkv or (), model.trf_blocks, strict=False):
+            _stacked_qkv(block.att, out=stacked)
 
 
-def _stacked_qkv(att: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    with torch.no_grad():
-        lins = (att.W_query, att.W_key, att.W_value)
-        w = torch.cat([lin.weight for lin in lins])  # (3C, C)
-        bias = None if att.W_query.bias is None else torch.cat([lin.bias for lin in lins])
-    return w, bias
+@torch.no_grad()
+def _stacked_qkv(att: nn.Module, out: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The query, key and value weights stacked (3C, C), and biases (3C,); into ``out``."""
+    lins = (att.W_query, att.W_key, att.W_value)
+    w_out, bias_out = out or (None, None)
+    w = torch.cat([lin.weight for lin in lins], out=w_out)
+    if att.W_query.bias is None:
+        return w, None
+    return w, torch.cat([lin.bias for lin in lins], out=bias_out)
 
 
 def _can_fuse_qkv(model: nn.Module) -> bool:
@@ -127,7 +128,7 @@ def _can_fuse_qkv(model: nn.Module) -> bool:
                for name in ("W_query", "W_key", "W_value"))
 
 
-# model -> {(batch, max_len, fused, device, dtype): cache}; a model's caches go with it.
+# model -> {(batch, max_len, fused, plain attention, device, dtype): cache}; they go with it.
 _POOL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
