@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from unittest import mock
 
 import _common
 import torch
@@ -124,10 +125,8 @@ def main() -> None:
                           {"PLAIN_ATTENTION": False, "FUSE_QKV": False, "POOL_CACHES": False,
                            "STEP_PROMPT": 0}))
             for note, settings in ablations:
-                saved = {k: getattr(static_decode, k) for k in settings}
-                vars(static_decode).update(settings)
-                timed_compiled(ours, f"diygpt generate, {note},")
-                vars(static_decode).update(saved)
+                with mock.patch.multiple(static_decode, **settings):
+                    timed_compiled(ours, f"diygpt generate, {note},")
     if int8 is not None:
         t = _common.median_seconds(run_ours(int8), args.warmup, args.repeats)
         rows.append(("diygpt generate --quantize int8", n / t))
