@@ -144,7 +144,7 @@ def test_train_compile_wiring(tmp_path, verdict_path, capsys, monkeypatch):
     monkeypatch.setattr("diygpt.speed.torch.compile", Wrapper)
     _train(tmp_path, verdict_path, "--compile", capsys=capsys)
     # each training step: the compiled model, then the compiled loss on its logits
-    assert calls.count("token_cross_entropy") == 4 and calls.count("model") >= 4
+    assert calls.count("logsumexp_cross_entropy") == 4 and calls.count("model") >= 4
     assert "model.safetensors" in {p.name for p in (tmp_path / "run").iterdir()}
     load_model(tmp_path / "run")  # no _orig_mod. prefixes
 
@@ -181,3 +181,63 @@ def test_compiled_loss_equals_the_eager_loss_and_gradient():
     assert compiled.dtype == torch.float32 and grad_compiled.dtype == torch.bfloat16
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad_compiled, grad_eager)
+
+
+@pytest.mark.parametrize("ignored", [0, 3])
+def test_logsumexp_cross_entropy_equals_the_books_loss_and_gradient(ignored):
+    """The fusable form (compiled under --compile) against the book's loss, uncompiled so that
+    only the formula differs; rows with target -100 are left out of the mean."""
+    from diygpt.losses import logsumexp_cross_entropy, token_cross_entropy
+
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 8, TINY.vocab_size) * 4).requires_grad_()
+    targets = torch.randint(0, TINY.vocab_size, (2, 8))
+    targets.view(-1)[:ignored] = -100
+    book = token_cross_entropy(logits, targets)
+    fusable = logsumexp_cross_entropy(logits, targets)
+    (grad_book,) = torch.autograd.grad(book, logits)
+    (grad_fusable,) = torch.autograd.grad(fusable, logits)
+    torch.testing.assert_close(fusable, book, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_fusable, grad_book, rtol=1e-5, atol=1e-8)
+    assert not grad_fusable.view(16, -1)[:ignored].any()
+
+
+def test_fused_qkv_gives_the_same_logits_gradients_and_cached_generation():
+    from diygpt.generation import generate
+    from diygpt.speed import fuse_qkv
+
+    for cfg in (TINY, TINY.with_updates(qkv_bias=True)):
+        torch.manual_seed(0)
+        plain, fused = GPTModel(cfg).double(), GPTModel(cfg).double()
+        fused.load_state_dict(plain.state_dict())
+        fuse_qkv(fused)
+        assert all(b.att.fused_qkv for b in fused.trf_blocks)
+        assert fused.state_dict().keys() == plain.state_dict().keys()  # the book's names
+        idx = torch.randint(0, cfg.vocab_size, (2, 12))
+        outs = []
+        for model in (plain, fused):
+            loss = model(idx).logsumexp(-1).mean()
+            loss.backward()
+            outs.append((loss, [p.grad for p in model.parameters()]))
+        torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-12, atol=1e-12)
+        for g_fused, g_plain in zip(outs[1][1], outs[0][1], strict=True):
+            torch.testing.assert_close(g_fused, g_plain, rtol=1e-10, atol=1e-12)
+        plain.eval(), fused.eval()
+        prompt = idx[:1, :3]
+        assert torch.equal(generate(fused, prompt, 8, cfg.context_length),
+                           generate(plain, prompt, 8, cfg.context_length))
+
+
+def test_compile_fuses_qkv_on_the_gpu_only():
+    """prepare_model turns fuse_qkv on under --compile for CUDA (where it was measured
+    faster); it only sets flags, so a CPU model stands in for the GPU's."""
+    from argparse import Namespace
+
+    from diygpt.cli.speed_flags import prepare_model
+
+    for compile_, device, expected in ((True, "cpu", False), (True, "cuda", True),
+                                       (False, "cuda", False)):
+        model = _model()
+        prepare_model(Namespace(tf32=False, pad_vocab=False, compile=compile_), model,
+                      torch.device(device))
+        assert all(b.att.fused_qkv is expected for b in model.trf_blocks)

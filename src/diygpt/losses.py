@@ -57,6 +57,23 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
+def logsumexp_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """:func:`token_cross_entropy` written for a compiler to fuse (``--compile``).
+
+    Per row, the loss is logsumexp(logits) minus the target's logit. The target's logit is
+    picked with a compare against the column index, not a gather, so backward is one
+    elementwise pass, softmax minus the one-hot, where the log-softmax form scatters into a
+    (rows, vocab) buffer of zeros and runs log-softmax's backward over it. Targets of -100
+    are left out of the mean, as ``F.cross_entropy`` does.
+    """
+    flat = logits.flatten(0, 1).float()  # (N, V)
+    t = targets.flatten()  # (N,)
+    hit = torch.arange(flat.shape[-1], device=flat.device) == t[:, None]  # (N, V)
+    per_row = torch.logsumexp(flat, dim=-1) - torch.where(hit, flat, 0.0).sum(-1)  # (N,)
+    kept = t != -100
+    return torch.where(kept, per_row, 0.0).sum() / kept.sum()
+
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

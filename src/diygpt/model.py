@@ -79,6 +79,8 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
+        # Query, key and value from one (C -> 3C) product: set by diygpt.speed.fuse_qkv.
+        self.fused_qkv = False
         # The book registers its causal mask as a persistent buffer; we build it on the fly
         # (no context_length^2 memory per layer), so drop it from incoming book state dicts.
         self.register_load_state_dict_pre_hook(_drop_book_mask)
@@ -87,10 +89,7 @@ class MultiHeadAttention(nn.Module):
         self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
     ) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, C)
-        # (B, T, C) -> (B, H, T, D)
-        queries = self.W_query(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        keys = self.W_key(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        values = self.W_value(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        queries, keys, values = self._project_qkv(x)  # (B, H, T, D) each
 
         start = 0
         if cache is not None:
@@ -103,6 +102,21 @@ class MultiHeadAttention(nn.Module):
             context = self._sdpa(queries, keys, values, start)
         context = context.transpose(1, 2).contiguous().view(b, t, self.d_out)  # (B, T, C)
         return self.out_proj(context)
+
+    def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        split = (b, t, self.num_heads, self.head_dim)
+        if not self.fused_qkv:  # (B, T, C) -> (B, T, H, D) -> (B, H, T, D)
+            return tuple(lin(x).view(split).transpose(1, 2)
+                         for lin in (self.W_query, self.W_key, self.W_value))
+        # One larger product keeps a GPU's matmul units busier than three small ones, in
+        # backward too; the stacked weights are rebuilt each call, so the book's three
+        # parameters stay what is trained and saved.
+        lins = (self.W_query, self.W_key, self.W_value)
+        weight = torch.cat([lin.weight for lin in lins])  # (3C, C)
+        bias = None if lins[0].bias is None else torch.cat([lin.bias for lin in lins])
+        qkv = F.linear(x, weight, bias).view(b, t, 3, self.num_heads, self.head_dim)
+        return tuple(qkv.permute(2, 0, 3, 1, 4).unbind(0))  # 3 x (B, H, T, D)
 
     def _eager(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int

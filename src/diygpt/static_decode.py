@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diygpt.errors import GenerationError
+from diygpt.speed import can_fuse_qkv
 
 # Inductor's pass rewrites mm/addmm as multiply + sum when the left side has one row and
 # the other sizes are under this bound (its CPU default is 2048, which leaves out the
@@ -120,12 +121,6 @@ def _stacked_qkv(att: nn.Module, out: tuple[torch.Tensor, torch.Tensor | None] |
     if att.W_query.bias is None:
         return w, None
     return w, torch.cat([lin.bias for lin in lins], out=bias_out)
-
-
-def _can_fuse_qkv(model: nn.Module) -> bool:
-    # Plain float linears only (an int8-quantized model keeps its own kernels).
-    return all(type(getattr(b.att, name)) is nn.Linear for b in model.trf_blocks
-               for name in ("W_query", "W_key", "W_value"))
 
 
 # model -> {(batch, max_len, fused, plain attention, device, dtype): cache}; they go with it.
@@ -219,7 +214,7 @@ class StaticDecoder:
         self.device = next(model.parameters()).device
         tuned = self.device.type == "cuda" if cuda_tuning is None else cuda_tuning
         self.cache = acquire_cache(model, batch_size, max_len, self, pooled=tuned and POOL_CACHES,
-                                   fuse_qkv=tuned and FUSE_QKV and _can_fuse_qkv(model),
+                                   fuse_qkv=tuned and FUSE_QKV and can_fuse_qkv(model),
                                    plain_attention=tuned and PLAIN_ATTENTION)
         self.step_prompt = STEP_PROMPT if tuned and compile else 0
         self.step_fn = compiled_step(self.device.type) if compile else static_forward

@@ -27,7 +27,8 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
                    help="autocast the forward pass to bf16 or fp16 (fp16 adds a GradScaler); "
                    "weights and optimizer stay fp32 (default fp32)")
-    s.add_argument("--compile", action="store_true", help="torch.compile the model and its loss")
+    s.add_argument("--compile", action="store_true", help="torch.compile the model and its loss "
+                   "(on a GPU also one q/k/v matmul per block)")
     s.add_argument("--pad-vocab", action="store_true",
                    help="compute 50304 logits (a multiple of 64) and drop the extra 47; "
                    "checkpoints keep the 50257-row shape")
@@ -51,15 +52,17 @@ class TrainingSetup:
     loss_fn: LossFn  # compiled along with the model under --compile
 
 
-def prepare_model(args: argparse.Namespace, model: nn.Module) -> None:
+def prepare_model(args: argparse.Namespace, model: nn.Module, device: torch.device) -> None:
     """The flags that change the plain model or global settings, before DDP/FSDP wrapping."""
     from diygpt.precision import enable_tf32
-    from diygpt.speed import pad_vocab
+    from diygpt.speed import fuse_qkv, pad_vocab
 
     if args.tf32:
         enable_tf32()
     if args.pad_vocab:
         pad_vocab(model)
+    if args.compile and device.type == "cuda":
+        fuse_qkv(model)  # measured faster there only (BENCHMARKS.md)
 
 
 def setup_training(
