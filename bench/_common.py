@@ -84,6 +84,16 @@ def print_table(title: str, unit: str, rows: list[tuple[str, float]], baseline: 
     sys.stdout.flush()
 
 
+def verdict_batch(batch_size: int, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets (B, T) from the-verdict's tokens, repeated as needed."""
+    from diygpt.tokenizer import get_tokenizer
+
+    ids = get_tokenizer().encode_ordinary(VERDICT.read_text(encoding="utf-8"))
+    need = batch_size * seq_len + 1
+    data = torch.tensor((ids * (need // len(ids) + 1))[:need], device=device)
+    return data[:-1].view(batch_size, seq_len), data[1:].view(batch_size, seq_len)
+
+
 def copy_hf_gpt2_into(ours: torch.nn.Module, hf: torch.nn.Module) -> None:
     """Copy a transformers GPT2LMHeadModel's weights into a diygpt GPTModel of the same shape.
 

@@ -11,9 +11,10 @@
 # STEPS="gen" to rerun one). Output goes to the terminal and, where $OUT is set, to
 # $OUT/gpu.txt.
 #   train     training tok/s and MFU, gpt2-small at ctx 1024: bf16 autocast, SDPA flash
-#             attention, fused AdamW, TF32, torch.compile (model and loss), vocab padded to
-#             50304; peer: transformers under the same autocast (target: 550k tok/s). Also
-#             the loss left eager and cuDNN attention, and one step's top kernels
+#             attention, fused AdamW, TF32, torch.compile (model, loss, one q/k/v matmul),
+#             vocab padded to 50304; peer: transformers under the same autocast (target:
+#             550k tok/s). Also --compile as it was before (3 q/k/v products, log-softmax
+#             loss), inductor's coordinate-descent tuning, and one step's top kernels
 #   gen       batch-1 greedy generation: KV cache, and compiled into CUDA graphs, against
 #             transformers generate (target: 1500 tok/s); also each static_decode speed-up
 #             turned off, and one call's GPU busy time and top kernels
@@ -68,9 +69,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 $PY -c "import torch, transformers; print('torch', torch.__version__, '| transformers',
 transformers.__version__, '| cuda', torch.cuda.is_available())" || true
 
-run_step train 240 $PY bench/train_speed.py --preset gpt2-small --batch-size "$BATCH" \
+run_step train 300 $PY bench/train_speed.py --preset gpt2-small --batch-size "$BATCH" \
   --variants sdpa --peers hf --dtype bf16 --compile --fused-adamw --pad-vocab --tf32 \
-  --warmup 5 --steps 20 --eager-loss-row --cudnn-row --profile
+  --warmup 5 --steps 20 --previous-row --tuning-row --profile
 run_step gen 200 $PY bench/generate_speed.py --new-tokens 200 --warmup 2 --repeats 5 \
   --cuda-ablation --profile
 run_step tests 240 $PY -m pytest -q -p no:cacheprovider -k cuda tests

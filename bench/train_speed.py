@@ -25,11 +25,11 @@ from diygpt.speed import (
     compile_loss,
     compile_model,
     flops_per_token,
+    fuse_qkv,
     make_adamw,
     pad_vocab,
     peak_flops,
 )
-from diygpt.tokenizer import get_tokenizer
 
 
 def step_fn(model, optimizer, x, y, precision: Precision, hf: bool = False,
@@ -72,6 +72,12 @@ def main() -> None:
     ap.add_argument("--variants", default="sdpa,eager", help="diygpt attention kernels to time")
     ap.add_argument("--eager-loss-row", action="store_true",
                     help="with --compile, also time the first variant with its loss left eager")
+    ap.add_argument("--previous-row", action="store_true",
+                    help="with --compile, also time the first variant as --compile was before: "
+                    "the loss in its log-softmax form (and on CUDA three q/k/v products)")
+    ap.add_argument("--tuning-row", action="store_true",
+                    help="with --compile, also time the first variant with inductor's "
+                    "coordinate-descent tuning of its generated kernels (slow to compile)")
     ap.add_argument("--cudnn-row", action="store_true",
                     help="also time the first variant with SDPA forced onto cuDNN attention")
     ap.add_argument("--profile", action="store_true",
@@ -84,11 +90,7 @@ def main() -> None:
         enable_tf32()
     cfg = get_preset(args.preset)
     t = cfg.context_length
-    ids = get_tokenizer().encode_ordinary(_common.VERDICT.read_text(encoding="utf-8"))
-    need = args.batch_size * t + 1
-    ids = (ids * (need // len(ids) + 1))[:need]
-    data = torch.tensor(ids, device=device)
-    x, y = data[:-1].view(args.batch_size, t), data[1:].view(args.batch_size, t)
+    x, y = _common.verdict_batch(args.batch_size, t, device)
     tokens = x.numel()
     fast = Precision(device, args.dtype)
     speedups = [name for name in ("compile", "fused_adamw", "pad_vocab", "tf32") if getattr(args, name)]
@@ -100,6 +102,7 @@ def main() -> None:
         torch.manual_seed(0)
         step = step_fn(model, optimizer, x, y, precision, hf, **how)
         rows.append((name, tokens / _common.median_seconds(step, args.warmup, args.steps)))
+        print(f"{name}: {rows[-1][1]:.0f} tok/s", flush=True)  # kept if a later row is killed
         return step
 
     peers = [p for p in args.peers.split(",") if p and p != "none"]
@@ -115,24 +118,40 @@ def main() -> None:
         time_it(f"book reference GPTModel ({args.dtype})", book,
                 torch.optim.AdamW(book.parameters(), lr=4e-4, weight_decay=0.1), fast)
         del book
-    variants = [(v, "", {}) for v in args.variants.split(",") if v]
+    # (attention, note, step_fn's options, fuse q/k/v, coordinate-descent tuning); as the
+    # CLI does, --compile on CUDA fuses q/k/v
+    fuse = args.compile and device.type == "cuda"
+    first = args.variants.split(",")[0]
+    variants = [(v, "", {}, fuse, False) for v in args.variants.split(",") if v]
     if args.eager_loss_row and args.compile:
-        variants.append((variants[0][0], ", loss eager", {"loss_fn": token_cross_entropy}))
+        variants.append((first, ", loss eager", {"loss_fn": token_cross_entropy}, fuse, False))
+    if args.previous_row and args.compile:
+        what = "3 q/k/v products, log-softmax loss" if fuse else "log-softmax loss"
+        variants.append((first, f", as before: {what}",
+                         {"loss_fn": torch.compile(token_cross_entropy)}, False, False))
     if args.cudnn_row:
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        variants.append((variants[0][0], ", cuDNN attention",
-                         {"attention": lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)}))
-    for i, (attn, note, how) in enumerate(variants):
-        if "attention" in how:
-            torch._dynamo.reset()  # the SDPA kernel is picked when compiling, without a guard
+        variants.append((first, ", cuDNN attention",
+                         {"attention": lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)}, fuse,
+                         False))
+    if args.tuning_row and args.compile:
+        variants.append((first, ", coordinate-descent tuning", {}, fuse, True))
+    for i, (attn, note, how, fused, tuning) in enumerate(variants):
+        if args.compile:
+            import torch._inductor.config as inductor_config
+
+            torch._dynamo.reset()  # e.g. the SDPA kernel is picked when compiling, unguarded
+            inductor_config.coordinate_descent_tuning = tuning
         torch.manual_seed(123)
         model = GPTModel(cfg.with_updates(attn_impl=attn)).to(device).train()
         if args.pad_vocab:
             pad_vocab(model)
+        if fused:
+            fuse_qkv(model)
         opt = make_adamw(model.parameters(), 4e-4, 0.1, fused=args.fused_adamw)
         wrapped = compile_model(model) if args.compile else model
         how = {"loss_fn": compile_loss() if args.compile else token_cross_entropy, **how}
-        name = f"diygpt --attn {attn} ({label}{note})"
+        name = f"diygpt --attn {attn} ({label}{' + fused q/k/v' if fused else ''}{note})"
         try:
             step = time_it(name, wrapped, opt, fast, **how)
         except Exception as exc:  # a kernel this GPU or torch lacks: report, go on
