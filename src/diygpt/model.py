@@ -112,11 +112,22 @@ class MultiHeadAttention(nn.Module):
         # One larger product keeps a GPU's matmul units busier than three small ones, in
         # backward too; the stacked weights are rebuilt each call, so the book's three
         # parameters stay what is trained and saved.
-        lins = (self.W_query, self.W_key, self.W_value)
-        weight = torch.cat([lin.weight for lin in lins])  # (3C, C)
-        bias = None if lins[0].bias is None else torch.cat([lin.bias for lin in lins])
-        qkv = F.linear(x, weight, bias).view(b, t, 3, self.num_heads, self.head_dim)
+        qkv = F.linear(x, *self.stacked_qkv()).view(b, t, 3, self.num_heads, self.head_dim)
         return tuple(qkv.permute(2, 0, 3, 1, 4).unbind(0))  # 3 x (B, H, T, D)
+
+    def stacked_qkv(
+        self, out: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The query, key and value weights stacked (3C, C), and biases (3C,) or None.
+
+        Written into ``out`` when given (which autograd does not allow: call it no_grad).
+        """
+        lins = (self.W_query, self.W_key, self.W_value)
+        w_out, bias_out = out or (None, None)
+        weight = torch.cat([lin.weight for lin in lins], out=w_out)
+        if self.W_query.bias is None:
+            return weight, None
+        return weight, torch.cat([lin.bias for lin in lins], out=bias_out)
 
     def _eager(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int

@@ -114,13 +114,8 @@ class StaticCache:
 @torch.no_grad()
 def _stacked_qkv(att: nn.Module, out: tuple[torch.Tensor, torch.Tensor | None] | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The query, key and value weights stacked (3C, C), and biases (3C,); into ``out``."""
-    lins = (att.W_query, att.W_key, att.W_value)
-    w_out, bias_out = out or (None, None)
-    w = torch.cat([lin.weight for lin in lins], out=w_out)
-    if att.W_query.bias is None:
-        return w, None
-    return w, torch.cat([lin.bias for lin in lins], out=bias_out)
+    """``att.stacked_qkv`` as a constant of the step (no gradient; into ``out``)."""
+    return att.stacked_qkv(out)
 
 
 # model -> {(batch, max_len, fused, plain attention, device, dtype): cache}; they go with it.

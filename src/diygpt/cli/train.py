@@ -215,7 +215,7 @@ def _train(args: argparse.Namespace, env, device) -> int:
         lean_activations(model, recompute=args.recompute)  # less kept for backward; same numbers
     if args.low_memory:
         recompute_blocks(model)
-    prepare_model(args, model, device)  # --pad-vocab, --tf32: on the plain model, before any wrapper
+    prepare_model(args, model, device)  # --pad-vocab, --tf32, fused q/k/v: before any wrapper
     # DDP or FSDP under torchrun, before the optimizer (FSDP swaps in sharded parameters).
     model, parallel = wrap_model(model, env, device, fsdp=args.fsdp)
     fast = setup_training(args, model, device)  # optimizer, --dtype, --compile, tok/s meter
