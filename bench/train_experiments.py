@@ -24,6 +24,7 @@ import time
 import _common
 import torch
 import torch._inductor.config as inductor_config
+from train_speed import profile_step
 
 from diygpt.config import get_preset
 from diygpt.losses import logsumexp_cross_entropy, token_cross_entropy
@@ -111,14 +112,10 @@ def main() -> None:
         print(f"{name}: {rate:.0f} tok/s", flush=True)
         rows.append((name, rate))
         if row in args.profile.split(",") and device.type == "cuda":
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                step()
-            print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30,
-                                            max_name_column_width=70), flush=True)
+            profile_step(step, rows=30)
         del model, opt, fwd, step
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     _common.print_table(f"training step experiments, {args.preset} ctx {t} batch {args.batch_size}",
                         "tok/s", rows, rows[0][0])
     peak = peak_flops(device)

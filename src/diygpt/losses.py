@@ -87,7 +87,7 @@ def calc_loss_batch(
     """Mean next-token cross entropy of one batch: logits (B, T, V) vs targets (B, T).
 
     ``loss_fn`` takes the logits and targets; ``--compile`` passes a compiled
-    :func:`token_cross_entropy` (see :func:`diygpt.speed.compile_loss`).
+    :func:`logsumexp_cross_entropy` (see :func:`diygpt.speed.compile_loss`).
     """
     input_batch = input_batch.to(device)
     target_batch = target_batch.to(device)

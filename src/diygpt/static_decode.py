@@ -12,7 +12,7 @@ slots. ``torch.compile`` then turns the whole step into one program:
   twice the bandwidth of the BLAS gemv for batch 1), fused with the LayerNorm, GELU and
   int8 dequantisation around it.
 
-It reads the GPTModel's own modules (no change to the model). On CUDA three more things
+It reads the GPTModel's own modules (no change to the model). On CUDA four more things
 cut the time a token takes (measured in BENCHMARKS.md):
 
 - the cache is kept per model and shape and reused by the next call (zeroed): a CUDA graph
