@@ -79,15 +79,18 @@ def test_recompute_is_off_without_grad_and_with_a_cache(tokenizer):
 GLIBC = platform.libc_ver()[0] == "glibc"
 
 
-@pytest.mark.parametrize(("in_backward", "trim"), [(True, False), (False, True), (True, True)])
-def test_malloc_tuning_hooks(monkeypatch, in_backward, trim):
+@pytest.mark.parametrize(("in_backward", "after_forward", "trim"), [
+    (True, False, False), (False, True, False), (True, True, False), (False, True, True),
+    (True, True, True)])
+def test_malloc_tuning_hooks(monkeypatch, in_backward, after_forward, trim):
     calls = []
     monkeypatch.setattr(memory, "_mallopt", lambda param, value: calls.append(value) or True)
     monkeypatch.setattr(memory, "_malloc_trim", lambda: calls.append("trim"))
     torch.manual_seed(0)
     model = GPTModel(SMALL)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    assert memory.tune_malloc(model, opt, trim=trim)
+    assert memory.tune_malloc(model, opt, trim_after_forward=after_forward,
+                              trim_before_big_steps=trim)
     assert calls == [1 << 20]
     x = torch.randint(0, 50257, (2, 8))
     hooks = OptimInBackward(opt) if in_backward else None
@@ -100,10 +103,11 @@ def test_malloc_tuning_hooks(monkeypatch, in_backward, trim):
         else:
             loss.backward()
             opt.step()
-        # With trim: one after the forward pass, then one before each step of the two
-        # embeddings (a quarter of the weights each), or before the one step after
-        # backward. The threshold goes to its steady value after the first step, once.
-        expected = ["trim"] * trim * (3 if in_backward else 2)
+        # One after the forward pass (--trim-heap); with trim (--low-memory), then one
+        # before each step of the two embeddings (a quarter of the weights each), or before
+        # the one step after backward. The threshold goes to its steady value after the
+        # first step, once.
+        expected = ["trim"] * (after_forward + trim * (2 if in_backward else 1))
         assert calls == expected + [memory.STEADY_THRESHOLD] * (step == 0)
     calls.clear()
     with torch.no_grad():
@@ -125,13 +129,14 @@ def test_malloc_setting_left_to_the_user(monkeypatch):
 
 def test_cli_low_memory_gives_the_same_weights(data, tmp_path, capsys):
     weights = []
-    for extra in ([], ["--low-memory", "--no-malloc-tuning"], ["--no-recompute"]):
+    for extra in ([], ["--low-memory", "--no-malloc-tuning"], ["--no-recompute"],
+                  ["--trim-heap"]):
         out = tmp_path / f"run{len(weights)}"
         rc, stdout, err = train_tiny(capsys, data, out, "--max-steps", "3", "--drop-rate", "0.1",
                                      *extra)
         assert rc == 0, err
         weights.append(((out / "model.safetensors").read_bytes(), stdout))
-    assert weights[0] == weights[1] == weights[2]
+    assert weights[0] == weights[1] == weights[2] == weights[3]
 
 
 def test_cli_low_memory_refuses_compile(data, tmp_path, capsys):

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Rows of logits whose gradient cross entropy's backward makes at once, on the CPU.
-CE_SLICE_BYTES = 16 << 20
+# Rows of logits whose gradient cross entropy's backward makes at once, on the CPU: small
+# enough that its two temporaries fit holes in the heap instead of growing it.
+CE_SLICE_BYTES = 4 << 20
 
 
 class _CrossEntropyInPlace(torch.autograd.Function):

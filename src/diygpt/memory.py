@@ -7,7 +7,9 @@ activations, and optim_in_backward, which never holds all gradients):
   allocator keeps freed activation memory resident. Its mmap threshold grows to 32 MiB, so
   every activation below that comes from the heap, and AdamW's moments, made at the first
   step, land among them. Giving the moments mappings of their own takes ~120 MB off the
-  seed run's peak; with ``--low-memory`` the heap is also trimmed (slower, ~600 MB less).
+  seed run's peak. ``--trim-heap`` also hands the heap's free pages back after each training
+  forward pass (~110 MB less, ~3% slower); ``--low-memory`` does that and trims again before
+  the big updates (slower, ~600 MB less with its recomputation).
 - :func:`recompute_blocks` (``--low-memory``): activation checkpointing of each transformer
   block. Only a block's input is kept for backward; its forward runs again during backward
   with the RNG state of the first run, so dropout draws the same masks and the gradients
@@ -58,7 +60,8 @@ def _malloc_trim() -> None:
         libc.malloc_trim(0)
 
 
-def tune_malloc(model: nn.Module, optimizer: torch.optim.Optimizer, trim: bool = False) -> bool:
+def tune_malloc(model: nn.Module, optimizer: torch.optim.Optimizer,
+                trim_after_forward: bool = False, trim_before_big_steps: bool = False) -> bool:
     """Cut what glibc's allocator keeps resident around a training step; True if glibc.
 
     - AdamW's moments are made at the first step, in the middle of the activations' heap,
@@ -66,12 +69,16 @@ def tune_malloc(model: nn.Module, optimizer: torch.optim.Optimizer, trim: bool =
       With the mmap threshold at 1 MiB until every parameter has its state they get
       mappings of their own; then it goes to 32 MiB, glibc's usual steady state, where
       activations are recycled in the heap. Costs the first step only.
-    - ``trim`` (``--low-memory``): ``malloc_trim(0)`` hands the heap's free pages back after
-      each training forward pass, before the backward pass peaks, and before the update of
-      a parameter holding a tenth or more of all weights (whole, or the first of its row
-      slices when AdamW steps inside backward), which comes once many activations are gone.
-      The pages given back are faulted in again by the next pass: on a 2-core CPU the first
-      trim cost ~5% of a step, both ~13%.
+    - ``trim_after_forward`` (``--trim-heap``, ``--low-memory``): ``malloc_trim(0)`` after
+      each training forward pass hands back the heap's free pages (holes the forward's
+      temporaries and the last backward left among the kept activations) just before
+      backward peaks, with the output head's gradient on top of all the forward kept.
+      Backward faults some of them in again: ~3% of a step on a 2-core CPU (BENCHMARKS.md,
+      eighth pass).
+    - ``trim_before_big_steps`` (``--low-memory``): also before the update of a parameter
+      holding a tenth or more of all weights (whole, or the first of its row slices when
+      AdamW steps inside backward), which comes once many activations are gone. On a 2-core
+      CPU both trims together cost ~13% of a step in the fourth pass.
     """
     if not _mallopt(M_MMAP_THRESHOLD, 1 << 20):
         return False
@@ -101,8 +108,9 @@ def tune_malloc(model: nn.Module, optimizer: torch.optim.Optimizer, trim: bool =
             _malloc_trim()
 
     handle = optimizer.register_step_post_hook(state_made)
-    if trim:
+    if trim_after_forward:
         model.register_forward_hook(after_forward)
+    if trim_before_big_steps:
         optimizer.register_step_pre_hook(before_step)
     return True
 

@@ -51,8 +51,10 @@ if TYPE_CHECKING:
 DEFER_SHARE = 0.1
 # ... and in row slices of at most this size, so that AdamW's temporaries are small blocks
 # from the heap's free space, not fresh mappings twice the parameter's size (glibc maps each
-# allocation over 32 MiB on its own, and freed activations cannot serve them).
-SLICE_BYTES = 16 << 20
+# allocation over 32 MiB on its own, and freed activations cannot serve them). Late in
+# backward that free space is in holes among the remaining activations: 16 MiB slices
+# often fitted none of them and grew the heap, 4 MiB slices fit (BENCHMARKS.md, eighth pass).
+SLICE_BYTES = 4 << 20
 
 
 class OptimInBackward:

@@ -18,7 +18,7 @@ from diygpt.errors import CheckpointError, ConfigError
 CHANGEABLE = frozenset({
     "resume", "device", "tokenizer_dir", "progress", "save_every", "keep_last", "nan_policy",
     "epochs", "max_steps", "fsdp", "optim_in_backward", "low_memory", "malloc_tuning",
-    "recompute",
+    "recompute", "trim_heap",
 })
 NOT_SETTINGS = ("func", "argv", "parser")  # namespace entries that are not training settings
 

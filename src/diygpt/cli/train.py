@@ -111,8 +111,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "(CPU): about 180 MB more for book-124m, at the same speed")
     mem.add_argument("--no-malloc-tuning", dest="malloc_tuning", action="store_false",
                      help="leave glibc's allocator alone; by default AdamW's moments get "
-                     "mappings of their own, apart from the activations (and with --low-memory "
-                     "the heap's free pages are handed back twice a step)")
+                     "mappings of their own, apart from the activations (and with --trim-heap "
+                     "or --low-memory the heap's free pages are handed back during a step)")
+    mem.add_argument("--trim-heap", action="store_true",
+                     help="hand glibc's free heap pages back after each training forward pass, "
+                     "before backward peaks: about 110 MB less for book-124m, about 3%% slower "
+                     "(--low-memory does it too)")
     add_speed_flags(p)
     add_device_flags(p)
     p.add_argument("--fsdp", action="store_true",
@@ -220,7 +224,8 @@ def _train(args: argparse.Namespace, env, device) -> int:
     model, parallel = wrap_model(model, env, device, fsdp=args.fsdp)
     fast = setup_training(args, model, device)  # optimizer, --dtype, --compile, tok/s meter
     if args.malloc_tuning:
-        tune_malloc(fast.model, fast.optimizer, trim=args.low_memory)
+        tune_malloc(fast.model, fast.optimizer, trim_after_forward=args.trim_heap or args.low_memory,
+                    trim_before_big_steps=args.low_memory)
     ranks = f" x {env.world_size} ranks ({'FSDP' if args.fsdp else 'DDP'})" if parallel else ""
     warn(
         f"diygpt: {n_params / 1e6:.1f}M parameters on {device}{ranks}; "
