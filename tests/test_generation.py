@@ -49,6 +49,10 @@ def test_top_p_keeps_the_nucleus():
     kept = torch.isfinite(apply_top_p(LOGITS, 0.95))[0]
     assert set(kept.nonzero().flatten().tolist()) == {0, 3, 7}
     assert torch.isfinite(apply_top_p(LOGITS, 1.0)).all()
+    # A top_p that float32 rounds to 0 still keeps the most likely token, and sampling works.
+    tiny = 4.491026917538724e-158
+    assert torch.isfinite(apply_top_p(LOGITS, tiny))[0].tolist() == [i == 3 for i in range(9)]
+    assert sample_next(LOGITS, temperature=1.0, top_p=tiny).item() == 3
 
 
 @pytest.mark.parametrize("temperature,top_k", [(0.0, None), (1.4, 25), (0.7, None), (1.0, 3)])

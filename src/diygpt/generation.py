@@ -59,8 +59,10 @@ def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Nucleus filtering: keep the smallest set of tokens whose probability reaches top_p."""
     sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
     probs = torch.softmax(sorted_logits, dim=-1)
-    # Drop a token when the tokens ranked above it already cover top_p; the first always stays.
+    # Drop a token when the tokens ranked above it already cover top_p; the first always stays
+    # (said outright: a top_p below float32's smallest number compares as 0 >= 0).
     drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+    drop_sorted[..., 0] = False
     drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
