@@ -8,7 +8,7 @@ activations, and optim_in_backward, which never holds all gradients):
   every activation below that comes from the heap, and AdamW's moments, made at the first
   step, land among them. Giving the moments mappings of their own takes ~120 MB off the
   seed run's peak. ``--trim-heap`` also hands the heap's free pages back after each training
-  forward pass (~110 MB less, ~3% slower); ``--low-memory`` does that and trims again before
+  forward pass (~110 MB less, 3-5% slower); ``--low-memory`` does that and trims again before
   the big updates (slower, ~600 MB less with its recomputation).
 - :func:`recompute_blocks` (``--low-memory``): activation checkpointing of each transformer
   block. Only a block's input is kept for backward; its forward runs again during backward
@@ -73,7 +73,7 @@ def tune_malloc(model: nn.Module, optimizer: torch.optim.Optimizer,
       each training forward pass hands back the heap's free pages (holes the forward's
       temporaries and the last backward left among the kept activations) just before
       backward peaks, with the output head's gradient on top of all the forward kept.
-      Backward faults some of them in again: ~3% of a step on a 2-core CPU (BENCHMARKS.md,
+      Backward faults some of them in again: 3-5% of a step on a 2-core CPU (BENCHMARKS.md,
       eighth pass).
     - ``trim_before_big_steps`` (``--low-memory``): also before the update of a parameter
       holding a tenth or more of all weights (whole, or the first of its row slices when
