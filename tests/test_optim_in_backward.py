@@ -84,6 +84,7 @@ def test_default_is_on_for_the_cpu_and_hooks_go_away(verdict_text, tokenizer):
     assert used == [True, True]
     assert trainer.in_backward is None
     assert not any(p._post_accumulate_grad_hooks for p in trainer.model.parameters())
+    assert "forward" not in vars(trainer.model.out_head)  # the streamed head is undone
     # Outside fit() a step is the ordinary one: the gradients stay.
     x, y = next(iter(trainer.train_loader))
     trainer.train_step(x, y)
@@ -144,6 +145,18 @@ def test_non_finite_loss_runs_no_backward(verdict_text, tokenizer):
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
 
+def _weights_before_each_step(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """A dict that holds a copy of the weights as they were before the latest step."""
+    before, step = {}, trainer.train_step
+
+    def snapshot(x, y):
+        before.update({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        return step(x, y)
+
+    trainer.train_step = snapshot
+    return before
+
+
 def test_non_finite_gradient_is_never_applied(verdict_text, tokenizer):
     trainer = _trainer(verdict_text, tokenizer, True, max_steps=4)
     bad = "trf_blocks.1.ff.layers.0.weight"  # reached mid-backward
@@ -154,14 +167,7 @@ def test_non_finite_gradient_is_never_applied(verdict_text, tokenizer):
         return grad * float("inf") if calls["n"] == 2 else grad
 
     trainer.model.get_parameter(bad).register_hook(poison)
-    before = {}
-    step = trainer.train_step
-
-    def snapshot(x, y):
-        before.update({k: v.clone() for k, v in trainer.model.state_dict().items()})
-        return step(x, y)
-
-    trainer.train_step = snapshot
+    before = _weights_before_each_step(trainer)
     with pytest.raises(TrainingError, match=r"non-finite gradient norm \(inf\) at step 1 .*"
                                             "weights that backward had not reached"):
         trainer.fit()
@@ -171,6 +177,92 @@ def test_non_finite_gradient_is_never_applied(verdict_text, tokenizer):
     assert torch.equal(after[bad], before[bad])
     assert torch.equal(after["tok_emb.weight"], before["tok_emb.weight"])  # reached after it
     assert not torch.equal(after["final_norm.scale"], before["final_norm.scale"])  # before it
+
+
+def _count_streams(monkeypatch) -> list[bool]:
+    """Record what each call of OptimInBackward.stream_rows returned."""
+    calls, real = [], OptimInBackward.stream_rows
+
+    def counting(self, param, grad_rows):
+        calls.append(real(self, param, grad_rows))
+        return calls[-1]
+
+    monkeypatch.setattr(OptimInBackward, "stream_rows", counting)
+    return calls
+
+
+def test_vocab_gradients_are_streamed_after_the_first_step(verdict_text, tokenizer,
+                                                           monkeypatch):
+    # Equality with the ordinary loop is test_bit_identical_to_the_ordinary_loop's: this
+    # shows each whole gradient is made only in the first step, before AdamW's state.
+    monkeypatch.setattr(optim_in_backward, "SLICE_BYTES", 512 * 32 * 4)
+    calls = _count_streams(monkeypatch)
+    trainer = _trainer(verdict_text, tokenizer, True, max_steps=4)
+    whole = {"out_head": [], "tok_emb": []}
+    for name, seen in whole.items():
+        trainer.model.get_submodule(name).weight.register_post_accumulate_grad_hook(
+            lambda p, seen=seen: seen.append(p.grad is not None))
+    trainer.fit()
+    assert calls == [False] * 2 + [True] * 6
+    assert whole == {"out_head": [True, False, False, False], "tok_emb": [True] + [False] * 3}
+
+
+def test_layers_that_are_not_streamed(verdict_text, tokenizer, monkeypatch):
+    from diygpt.speed import pad_vocab
+    from diygpt.streamed_grads import streamable_modules
+
+    model = GPTModel(SMALL)
+    assert streamable_modules(model) == [model.out_head, model.tok_emb]
+    model.out_head.weight = model.tok_emb.weight
+    assert streamable_modules(model) == []  # tied: two gradients to sum
+    model = GPTModel(SMALL)
+    pad_vocab(model)
+    model.tok_emb.padding_idx = 0
+    assert streamable_modules(model) == []
+    # Under autocast the output head is the built-in linear, whose backward is in the
+    # autocast dtype; the embedding is still streamed (its gradient stays fp32).
+    monkeypatch.setattr(optim_in_backward, "SLICE_BYTES", 512 * 32 * 4)
+    calls = _count_streams(monkeypatch)
+    runs = {}
+    for mode in (False, True):
+        trainer = _trainer(verdict_text, tokenizer, mode, max_steps=3)
+        trainer.precision = Precision("cpu", "bf16")
+        whole = []
+        trainer.model.out_head.weight.register_post_accumulate_grad_hook(
+            lambda p, whole=whole: whole.append(p.grad is not None))
+        trainer.fit()
+        runs[mode] = trainer
+    assert whole == [True] * 3
+    assert calls == [False, True, True]  # the token embedding's
+    _assert_same_state(runs[False], runs[True])
+
+
+def test_non_finite_head_rows_stop_the_updates(verdict_text, tokenizer, monkeypatch):
+    monkeypatch.setattr(optim_in_backward, "SLICE_BYTES", 512 * 32 * 4)
+    trainer = _trainer(verdict_text, tokenizer, True, max_steps=4)
+    calls = {"n": 0}
+
+    def poison(grad):  # the logits' gradient, in step 1 (the first streamed one)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            grad = grad.clone()
+            grad[..., 1300] = float("inf")  # a row of the head's third slice
+        return grad
+
+    def on_logits(module, args, out) -> None:
+        if out.requires_grad:  # not in evaluation
+            out.register_hook(poison)
+
+    trainer.model.out_head.register_forward_hook(on_logits)
+    before = _weights_before_each_step(trainer)
+    with pytest.raises(TrainingError, match=r"non-finite gradient norm \(\w+\) at step 1 "):
+        trainer.fit()
+    after = trainer.model.state_dict()
+    head, head_before = after["out_head.weight"], before["out_head.weight"]
+    assert not torch.equal(head[:1024], head_before[:1024])  # the two slices before it
+    assert torch.equal(head[1024:], head_before[1024:])
+    assert all(torch.equal(v, before[k]) for k, v in after.items() if k != "out_head.weight")
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
 def test_same_total_norm_as_get_total_norm(verdict_text, tokenizer):
@@ -208,18 +300,21 @@ def test_cli_flag(data, tmp_path, capsys, monkeypatch):
     made = []
     real = OptimInBackward.__init__
 
-    def counting(self, optimizer):
-        made.append(optimizer)
-        real(self, optimizer)
+    def counting(self, optimizer, *args, **kwargs):
+        made.append(kwargs.get("streamed"))
+        real(self, optimizer, *args, **kwargs)
 
     monkeypatch.setattr(OptimInBackward, "__init__", counting)
+    streamed = _count_streams(monkeypatch)  # through the CLI's lean, recomputing model
+    monkeypatch.setattr(optim_in_backward, "SLICE_BYTES", 512 * 16 * 4)  # 512-row slices
     weights = {}
     for flag in ("--optim-in-backward", "--no-optim-in-backward"):
         out = tmp_path / flag
         rc, _, err = train_tiny(capsys, data, out, "--max-steps", "3", "--drop-rate", "0.1", flag)
         assert rc == 0, err
         weights[flag] = (out / "model.safetensors").read_bytes()
-    assert len(made) == 1
+    assert len(made) == 1 and len(made[0]) == 2  # the output head and token embedding
+    assert streamed == [False] * 2 + [True] * 4  # both gradients, after the first step
     assert weights["--optim-in-backward"] == weights["--no-optim-in-backward"]
     rc, _, err = train_tiny(capsys, data, tmp_path / "clip", "--max-steps", "2",
                             "--optim-in-backward", "--grad-clip", "1")

@@ -38,11 +38,15 @@ GPU it is not the default. ``False`` turns it off.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
+
+from diygpt.streamed_grads import GradRows, stream_weight_grads, streamable_modules
 
 if TYPE_CHECKING:
     from diygpt.training import Trainer
@@ -66,29 +70,50 @@ class OptimInBackward:
     twice its size, and the output head's gradient is complete first, while nearly all
     activations are still held. It is then stepped in row slices of ``SLICE_BYTES``, whose
     temporaries fit the heap's free space (BENCHMARKS.md, fourth pass, has the peaks).
+
+    ``streamed`` modules (:func:`diygpt.streamed_grads.streamable_modules`: book-124m's
+    output head and token embedding) have their weight gradient made and applied a row
+    slice at a time instead, from the second step on (the first makes AdamW's state): each
+    would otherwise add 154 MB to the step's peak (BENCHMARKS.md, ninth pass).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, defer_share: float = DEFER_SHARE) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, defer_share: float = DEFER_SHARE,
+                 streamed: Sequence[nn.Module] = ()) -> None:
         self.optimizer = optimizer
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         self._defer_numel = defer_share * sum(p.numel() for p in params)
         self._deferred: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._norms: list[torch.Tensor] = []
+        # Each gradient's norm, written in place: a small tensor kept per parameter, made
+        # after its update's temporaries, would pin them as holes in the heap.
+        self._norms = torch.empty(len(params), device=params[0].device if params else None)
+        self._count = 0
         self._finite = True
         self._flush_at = len(params) // 2
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
+        self._undo = [stream_weight_grads(m, self) for m in streamed
+                      if any(m.weight is p for p in params)]
 
     def _hook(self, param: torch.Tensor) -> None:
-        norm = torch.linalg.vector_norm(param.grad)
-        self._norms.append(norm)
-        # Once one gradient is bad, no later parameter is updated in this step.
-        self._finite = self._finite and bool(torch.isfinite(norm))
+        if param.grad is None:  # a streamed weight, already stepped by stream_rows
+            return
+        finite = self._record(torch.linalg.vector_norm(param.grad))
         if param.numel() >= self._defer_numel:
             self._deferred.append((param, param.grad))  # hidden from the steps in between
-        elif self._finite:
+        elif finite:
             self.optimizer.step()  # updates only this parameter: all other grads are None
         param.grad = None
-        if len(self._norms) == self._flush_at:
+        self._flush_if_due()
+
+    def _record(self, norm: torch.Tensor) -> bool:
+        """Note one gradient norm; whether every gradient so far was finite."""
+        self._norms[self._count] = norm
+        self._count += 1
+        # Once one gradient is bad, no later parameter (or row slice) is updated in this step.
+        self._finite = self._finite and math.isfinite(norm.item())
+        return self._finite
+
+    def _flush_if_due(self) -> None:
+        if self._count == self._flush_at:
             self._step_deferred()
 
     def _step_deferred(self) -> None:
@@ -97,27 +122,36 @@ class OptimInBackward:
             if self._finite:
                 self._step_in_slices(param, grad)
 
-    def _step_in_slices(self, param: torch.Tensor, grad: torch.Tensor) -> None:
-        """``optimizer.step()`` for ``param`` alone, a slice of rows at a time.
-
-        Each slice is stepped as a parameter of its own: a view of ``param``, its gradient
-        and its AdamW moments, with a copy of the step count, which is advanced once at the
-        end. The update is elementwise, so the result is the whole step's, bit for bit.
-        """
-        state = self.optimizer.state.get(param, {})
+    def _slice_rows(self, param: torch.Tensor) -> int:
+        """Rows per slice when ``param`` can be stepped in slices now, else 0."""
         rows = SLICE_BYTES // max(1, param[0].nbytes) if param.dim() > 1 else 0
-        if not state or not 0 < rows < param.shape[0]:  # first step: AdamW makes the state
+        return rows if self.optimizer.state.get(param) and 0 < rows < param.shape[0] else 0
+
+    def _step_in_slices(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """``optimizer.step()`` for ``param`` alone, a slice of rows at a time."""
+        rows = self._slice_rows(param)
+        if not rows:  # first step: AdamW makes the state
             param.grad = grad
             self.optimizer.step()
             param.grad = None
             return
+        self._step_slices(param, ((s, grad[s]) for s in _row_slices(param, rows)))
+
+    def _step_slices(self, param: torch.Tensor,
+                     slices: Iterator[tuple[slice, torch.Tensor]]) -> None:
+        """Step each (rows, gradient of those rows) of ``param`` as a parameter of its own.
+
+        A slice is a view of ``param``, its gradient and its AdamW moments, with a copy of the
+        step count, which is advanced once at the end. The update is elementwise, so the
+        result is the whole step's, bit for bit.
+        """
+        state = self.optimizer.state[param]
         group = next(g for g in self.optimizer.param_groups if any(p is param for p in g["params"]))
-        params, step = group["params"], state["step"]
+        params, step, stepped = group["params"], state["step"], False
         try:
-            for start in range(0, param.shape[0], rows):
-                rows_of = slice(start, start + rows)
+            for rows_of, grad in slices:
                 view = torch.nn.Parameter(param.detach()[rows_of])
-                view.grad = grad[rows_of]
+                view.grad = grad
                 self.optimizer.state[view] = {
                     k: v.clone() if k == "step" else v[rows_of] for k, v in state.items()
                 }
@@ -126,9 +160,42 @@ class OptimInBackward:
                     self.optimizer.step()
                 finally:
                     del self.optimizer.state[view]
-            step += 1  # as AdamW advances it, in place
+                stepped = True
+            if stepped:
+                step += 1  # as AdamW advances it, in place
         finally:
             group["params"] = params
+
+    def stream_rows(self, param: torch.Tensor, grad_rows: GradRows) -> bool:
+        """Step ``param`` from its gradient made a row slice at a time by ``grad_rows``.
+
+        False, with nothing done, where it cannot be sliced yet (the first step); the whole
+        gradient must then reach ``param.grad``. A non-finite slice stops the updates there,
+        as a non-finite parameter's gradient does.
+        """
+        rows = self._slice_rows(param)
+        if not rows:
+            return False
+        slices = _row_slices(param, rows)
+        norms = param.new_empty(len(slices))  # in place, as self._norms
+        done = [0]
+
+        def finite_slices() -> Iterator[tuple[slice, torch.Tensor]]:
+            for i, rows_of in enumerate(slices):
+                grad = grad_rows(rows_of)
+                torch.linalg.vector_norm(grad, out=norms[i])
+                done[0] = i + 1
+                if not math.isfinite(norms[i].item()):
+                    return
+                yield rows_of, grad
+
+        if self._finite:
+            self._step_slices(param, finite_slices())
+        for i in range(done[0], len(slices)):  # the rows not stepped
+            torch.linalg.vector_norm(grad_rows(slices[i]), out=norms[i])
+        self._record(torch.linalg.vector_norm(norms))
+        self._flush_if_due()
+        return True
 
     def backward(self, loss: torch.Tensor) -> torch.Tensor:
         """``loss.backward()``, stepping each parameter on the way; the total gradient norm.
@@ -136,16 +203,16 @@ class OptimInBackward:
         The norm is that of ``get_total_norm`` over all gradients (the last bits may differ,
         being summed in another order); it is non-finite if any gradient was.
         """
-        self._norms, self._finite, self._deferred = [], True, []
+        self._count, self._finite, self._deferred = 0, True, []
         try:
             loss.backward()
-            norms = self._norms
+            count = self._count
             self._step_deferred()
         finally:
-            self._norms, self._deferred = [], []
-        if not norms:
+            self._count, self._deferred = 0, []
+        if not count:
             return torch.zeros((), device=loss.device)
-        return torch.linalg.vector_norm(torch.stack(norms))
+        return torch.linalg.vector_norm(self._norms[:count])
 
     def step(self, loss: torch.Tensor, on_non_finite: Callable[..., None]) -> torch.Tensor:
         """Backward and update for an already computed ``loss``; the Trainer's NaN guard.
@@ -165,6 +232,14 @@ class OptimInBackward:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for undo in self._undo:
+            undo()
+        self._undo = []
+
+
+def _row_slices(param: torch.Tensor, rows: int) -> list[slice]:
+    n = param.shape[0]
+    return [slice(start, min(start + rows, n)) for start in range(0, n, rows)]
 
 
 def blocker(trainer: Trainer) -> str | None:
@@ -200,7 +275,8 @@ def attached(trainer: Trainer) -> Iterator[OptimInBackward | None]:
     if not wanted or why is not None:
         yield None
         return
-    trainer.in_backward = OptimInBackward(trainer.optimizer)
+    trainer.in_backward = OptimInBackward(trainer.optimizer,
+                                          streamed=streamable_modules(trainer.model))
     try:
         yield trainer.in_backward
     finally:

@@ -98,7 +98,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     mem.add_argument("--optim-in-backward", action=argparse.BooleanOptionalAction, default=None,
                      help="step AdamW on each parameter inside backward, as soon as its gradient "
                      "is complete, so the gradients (650 MB for book-124m) never all live at "
-                     "once; bit-identical to stepping after backward. Default: on for the CPU; "
+                     "once, and on the CPU the output head's and token embedding's are made a "
+                     "slice of rows at a time; bit-identical to stepping after backward. "
+                     "Default: on for the CPU; "
                      "ignored with --grad-clip, --grad-accum, fp16, --compile, torchrun or "
                      "--nan-policy skip")
     mem.add_argument("--low-memory", action="store_true",
@@ -115,7 +117,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "or --low-memory the heap's free pages are handed back during a step)")
     mem.add_argument("--trim-heap", action="store_true",
                      help="hand glibc's free heap pages back after each training forward pass, "
-                     "before backward peaks: about 110 MB less for book-124m, 3-5%% slower "
+                     "before backward peaks: about 60 MB less for book-124m, 2-5%% slower "
                      "(--low-memory does it too)")
     add_speed_flags(p)
     add_device_flags(p)
