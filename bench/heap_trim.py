@@ -1,15 +1,17 @@
-"""What the heap settings cost in speed: one process, the setting switched step by step.
+"""What the memory settings cost in speed: one process, the setting switched step by step.
 
     python bench/heap_trim.py [--steps 42] [--threads 1 --cpu-time]
 
 Runs ``diygpt train`` on the seed's settings (book-124m, batch 2, ctx 256, ``--attn
 eager``) and, before each training step, sets one of three rows in turn (in the order
-A B C C B A, so that each row follows each other as often): AdamW's and cross entropy's
-backward slices at the old 16 MB, at today's 4 MB, and 4 MB with ``--trim-heap``'s
-``malloc_trim`` after the forward pass. Peak memory needs a process per row
-(``bench/memory.py``); speed does not, and switching inside one process keeps the
-machine's load the same for every row. The first round is left out (AdamW's moments are
-made there). Prints each row's median step time and the ratio to the 4 MB row.
+A B C C B A, so that each row follows each other as often): the output head's and token
+embedding's weight gradients made whole and stepped in 4 MB slices (as before the ninth
+pass), made and stepped 4 MB of rows at a time (``diygpt.streamed_grads``, today's
+default), and that with ``--trim-heap``'s ``malloc_trim`` after the forward pass. Peak
+memory needs a process per row (``bench/memory.py``); speed does not, and switching inside
+one process keeps the machine's load the same for every row. The first round is left out
+(AdamW's moments are made there). Prints each row's median step time and the ratio to the
+default row.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ import tempfile
 import _common
 import torch
 
-from diygpt import losses, memory, optim_in_backward
+from diygpt import memory
+from diygpt.optim_in_backward import OptimInBackward
 from diygpt.training import Trainer
 
-ROWS = {  # name: (slice bytes, trim after forward)
-    "16 MB slices (before the eighth pass)": (16 << 20, False),
-    "4 MB slices (default)": (4 << 20, False),
-    "4 MB slices + --trim-heap": (4 << 20, True),
+ROWS = {  # name: (vocabulary gradients streamed, trim after forward)
+    "whole vocabulary gradients (before the ninth pass)": (False, False),
+    "streamed vocabulary gradients (default)": (True, False),
+    "streamed + --trim-heap": (True, True),
 }
 
 
@@ -42,8 +45,11 @@ def main() -> None:
     names = list(ROWS)
     order = names + names[::-1]
     times: dict[str, list[float]] = {name: [] for name in names}
-    trim = [False]
-    step = Trainer.train_step
+    trim, stream = [False], [True]
+    step, stream_rows = Trainer.train_step, OptimInBackward.stream_rows
+
+    def maybe_stream(self: OptimInBackward, param, grad_rows) -> bool:
+        return stream[0] and stream_rows(self, param, grad_rows)  # False: the whole gradient
 
     def after_forward(module, inputs, output) -> None:
         if trim[0] and module.training and torch.is_grad_enabled():
@@ -55,8 +61,7 @@ def main() -> None:
         if count[0] == 0:
             self.model.register_forward_hook(after_forward)
         name = order[count[0] % len(order)]
-        size, trim[0] = ROWS[name]
-        optim_in_backward.SLICE_BYTES = losses.CE_SLICE_BYTES = size
+        stream[0], trim[0] = ROWS[name]
         t0 = _common.CLOCK()
         loss = step(self, x, y)
         loss.item()
@@ -65,7 +70,7 @@ def main() -> None:
         count[0] += 1
         return loss
 
-    Trainer.train_step = timed
+    Trainer.train_step, OptimInBackward.stream_rows = timed, maybe_stream
     with tempfile.TemporaryDirectory() as out:
         sys.argv = [
             "diygpt", "train", "--data", str(_common.VERDICT), "--preset", "book-124m",
@@ -78,11 +83,11 @@ def main() -> None:
             runpy.run_module("diygpt", run_name="__main__")
         except SystemExit:
             pass
-    Trainer.train_step = step
+    Trainer.train_step, OptimInBackward.stream_rows = step, stream_rows
     print(f"\n### seed settings, training step time, rows switched step by step\n\n"
           f"{_common.machine()}\n")
     base = statistics.median(times[names[1]])
-    print("| row | steps | median s | vs 4 MB |\n| --- | ---: | ---: | ---: |")
+    print("| row | steps | median s | vs default |\n| --- | ---: | ---: | ---: |")
     for name in names:
         med = statistics.median(times[name])
         print(f"| {name} | {len(times[name])} | {med:.3f} | {med / base:.3f}x |")
