@@ -117,7 +117,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "or --low-memory the heap's free pages are handed back during a step)")
     mem.add_argument("--trim-heap", action="store_true",
                      help="hand glibc's free heap pages back after each training forward pass, "
-                     "before backward peaks: about 60 MB less for book-124m, 2-5%% slower "
+                     "before backward peaks: 60-110 MB less for book-124m, 2-5%% slower "
                      "(--low-memory does it too)")
     add_speed_flags(p)
     add_device_flags(p)
