@@ -19,6 +19,17 @@ os.environ.setdefault("DIYGPT_TOKENIZER_DIR", str(ROOT.parent / "shared" / "asse
 VERDICT = Path(os.environ.get("DIYGPT_ASSETS", ROOT.parent / "shared" / "assets")) / "the-verdict.txt"
 
 
+def seed_train_args(attn: str, max_steps: int, out: str) -> list[str]:
+    """``diygpt train`` arguments of the seed's run (book-124m on the-verdict, batch 2, AdamW,
+    unshuffled; scripts/seed_run.sh), stopped after ``max_steps``, quiet, into ``out``."""
+    return [
+        "train", "--data", str(VERDICT), "--preset", "book-124m", "--epochs", "10",
+        "--batch-size", "2", "--lr", "0.0004", "--weight-decay", "0.1", "--no-shuffle",
+        "--no-drop-last", "--seed", "123", "--attn", attn, "--sample-prompt", "",
+        "--max-steps", str(max_steps), "--no-progress", "--out", out,
+    ]
+
+
 def add_common_args(ap) -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's choice); 1 is steadier on a busy machine")

@@ -72,13 +72,8 @@ def main() -> None:
 
     Trainer.train_step, OptimInBackward.stream_rows = timed, maybe_stream
     with tempfile.TemporaryDirectory() as out:
-        sys.argv = [
-            "diygpt", "train", "--data", str(_common.VERDICT), "--preset", "book-124m",
-            "--epochs", "10", "--batch-size", "2", "--lr", "0.0004", "--weight-decay", "0.1",
-            "--eval-freq", "1000", "--no-shuffle", "--no-drop-last", "--seed", "123",
-            "--attn", "eager", "--sample-prompt", "", "--max-steps", str(args.steps),
-            "--no-progress", "--out", out,
-        ]
+        sys.argv = ["diygpt", *_common.seed_train_args("eager", args.steps, out),
+                    "--eval-freq", "1000"]
         try:
             runpy.run_module("diygpt", run_name="__main__")
         except SystemExit:

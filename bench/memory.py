@@ -157,12 +157,8 @@ def main() -> None:
                 name = f"{' '.join(f'{k}={v}' for k, v in env.items())} diygpt train " \
                     f"--attn {args.attn} {' '.join(flags)}"
                 runs.setdefault(name.strip(), []).append(run_measured("module", [
-                    "train", "--data", str(_common.VERDICT),
-                    "--preset", "book-124m", "--epochs", "10", "--batch-size", "2",
-                    "--lr", "0.0004", "--weight-decay", "0.1", "--eval-freq", "5",
-                    "--eval-iter", "5", "--no-shuffle", "--no-drop-last", "--seed", "123",
-                    "--attn", args.attn, "--sample-prompt", "",
-                    "--max-steps", str(args.max_steps), "--no-progress", "--out", out, *flags,
+                    *_common.seed_train_args(args.attn, args.max_steps, out),
+                    "--eval-freq", "5", "--eval-iter", "5", *flags,
                 ], tmp, env, args.threads, args.cpu_time))
                 shutil.rmtree(out, ignore_errors=True)
     _common.apply_common_args(args)  # for the machine line and the clock's name
