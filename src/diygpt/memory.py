@@ -71,10 +71,9 @@ def tune_malloc(model: nn.Module, optimizer: torch.optim.Optimizer,
       activations are recycled in the heap. Costs the first step only.
     - ``trim_after_forward`` (``--trim-heap``, ``--low-memory``): ``malloc_trim(0)`` after
       each training forward pass hands back the heap's free pages (holes the forward's
-      temporaries and the last backward left among the kept activations) just before
-      backward peaks, with the output head's gradient on top of all the forward kept.
-      Backward faults some of them in again: 3-5% of a step on a 2-core CPU (BENCHMARKS.md,
-      eighth pass).
+      temporaries and the last backward left among the kept activations) at the step's
+      peak, with all the forward kept. Backward faults some of them in again: 2-5% of a
+      step on a 2-core CPU (BENCHMARKS.md, eighth and ninth passes).
     - ``trim_before_big_steps`` (``--low-memory``): also before the update of a parameter
       holding a tenth or more of all weights (whole, or the first of its row slices when
       AdamW steps inside backward), which comes once many activations are gone. On a 2-core
