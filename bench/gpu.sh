@@ -10,11 +10,13 @@
 # not stop the others; a summary of exit codes ends the output. STEPS picks some (e.g.
 # STEPS="gen" to rerun one). Output goes to the terminal and, where $OUT is set, to
 # $OUT/gpu.txt.
-#   train     training tok/s and MFU, gpt2-small at ctx 1024: bf16 autocast, SDPA flash
-#             attention, fused AdamW, TF32, torch.compile (model, loss, one q/k/v matmul),
-#             vocab padded to 50304; peer: transformers under the same autocast (target:
-#             550k tok/s). Also --compile as it was before (3 q/k/v products, log-softmax
-#             loss), inductor's coordinate-descent tuning, and one step's top kernels
+#   train     training tok/s and MFU, gpt2-small at ctx 1024, batch 32: bf16 autocast, SDPA
+#             flash attention, fused AdamW, TF32, torch.compile (model, loss, one q/k/v
+#             matmul), vocab padded to 50304; peer: transformers under the same autocast
+#             (target: 550k tok/s). Also (tenth pass, not yet run) the loss as
+#             diygpt.fused_ce's two Triton kernels over the padded head's whole output, and
+#             over its sliced logits; one step's top kernels for the first and Triton rows
+#   train64   the CLI's row and the Triton-loss row at batch 64, without the peer
 #   gen       batch-1 greedy generation: KV cache, and compiled into CUDA graphs, against
 #             transformers generate (target: 1500 tok/s); also each static_decode speed-up
 #             turned off, and one call's GPU busy time and top kernels
@@ -28,7 +30,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 BATCH=${BATCH:-32}
-STEPS=${STEPS:-train gen tests fsdp ablation}
+STEPS=${STEPS:-train train64 gen tests fsdp ablation}
 
 if [[ -z "${DIYGPT_ASSETS:-}" ]]; then
   for dir in .assets ../shared/assets; do
@@ -71,7 +73,10 @@ transformers.__version__, '| cuda', torch.cuda.is_available())" || true
 
 run_step train 300 $PY bench/train_speed.py --preset gpt2-small --batch-size "$BATCH" \
   --variants sdpa --peers hf --dtype bf16 --compile --fused-adamw --pad-vocab --tf32 \
-  --warmup 5 --steps 20 --previous-row --tuning-row --profile
+  --warmup 5 --steps 20 --triton-loss-row --sliced-row --profile
+run_step train64 200 $PY bench/train_speed.py --preset gpt2-small --batch-size 64 \
+  --variants sdpa --peers none --dtype bf16 --compile --fused-adamw --pad-vocab --tf32 \
+  --warmup 5 --steps 20 --triton-loss-row
 run_step gen 200 $PY bench/generate_speed.py --new-tokens 200 --warmup 2 --repeats 5 \
   --cuda-ablation --profile
 run_step tests 240 $PY -m pytest -q -p no:cacheprovider -k cuda tests

@@ -17,6 +17,7 @@ import _common
 import torch
 
 import book_reference
+from diygpt import fused_ce
 from diygpt.config import get_preset
 from diygpt.losses import token_cross_entropy
 from diygpt.model import GPTModel
@@ -29,6 +30,7 @@ from diygpt.speed import (
     make_adamw,
     pad_vocab,
     peak_flops,
+    training_loss,
 )
 
 
@@ -75,13 +77,20 @@ def main() -> None:
     ap.add_argument("--previous-row", action="store_true",
                     help="with --compile, also time the first variant as --compile was before: "
                     "the loss in its log-softmax form (and on CUDA three q/k/v products)")
+    ap.add_argument("--triton-loss-row", action="store_true",
+                    help="with --compile on CUDA, also time the first variant with the loss as "
+                    "diygpt.fused_ce's Triton kernels (speed.training_loss(fused=True))")
+    ap.add_argument("--sliced-row", action="store_true",
+                    help="with --compile on CUDA, also time the first variant with the Triton "
+                    "loss on the padded head's sliced logits")
     ap.add_argument("--tuning-row", action="store_true",
                     help="with --compile, also time the first variant with inductor's "
                     "coordinate-descent tuning of its generated kernels (slow to compile)")
     ap.add_argument("--cudnn-row", action="store_true",
                     help="also time the first variant with SDPA forced onto cuDNN attention")
     ap.add_argument("--profile", action="store_true",
-                    help="print the CUDA kernels of one step of the first variant")
+                    help="print the CUDA kernels of one step of the first variant (and of "
+                    "the Triton-loss row)")
     _common.add_common_args(ap)
     args = ap.parse_args()
     _common.apply_common_args(args)
@@ -118,25 +127,32 @@ def main() -> None:
         time_it(f"book reference GPTModel ({args.dtype})", book,
                 torch.optim.AdamW(book.parameters(), lr=4e-4, weight_decay=0.1), fast)
         del book
-    # (attention, note, step_fn's options, fuse q/k/v, coordinate-descent tuning); as the
-    # CLI does, --compile on CUDA fuses q/k/v
+    # (attention, note, step_fn's options, fuse q/k/v, coordinate-descent tuning, loss); as
+    # the CLI does, --compile on CUDA fuses q/k/v. Loss: None is the CLI's; "triton" the
+    # Triton kernels over the padded head's whole output, "sliced" over its sliced logits.
     fuse = args.compile and device.type == "cuda"
     first = args.variants.split(",")[0]
-    variants = [(v, "", {}, fuse, False) for v in args.variants.split(",") if v]
+    variants = [(v, "", {}, fuse, False, None) for v in args.variants.split(",") if v]
     if args.eager_loss_row and args.compile:
-        variants.append((first, ", loss eager", {"loss_fn": token_cross_entropy}, fuse, False))
+        variants.append((first, ", loss eager", {}, fuse, False, token_cross_entropy))
     if args.previous_row and args.compile:
         what = "3 q/k/v products, log-softmax loss" if fuse else "log-softmax loss"
-        variants.append((first, f", as before: {what}",
-                         {"loss_fn": torch.compile(token_cross_entropy)}, False, False))
+        variants.append((first, f", as before: {what}", {}, False, False,
+                         torch.compile(token_cross_entropy)))
+    if args.compile and fused_ce.available(device):
+        if args.triton_loss_row:
+            variants.append((first, ", Triton loss", {}, fuse, False, "triton"))
+        if args.sliced_row:
+            variants.append((first, ", Triton loss on the sliced logits", {}, fuse, False,
+                             "sliced"))
     if args.cudnn_row:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         variants.append((first, ", cuDNN attention",
                          {"attention": lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)}, fuse,
-                         False))
+                         False, None))
     if args.tuning_row and args.compile:
-        variants.append((first, ", coordinate-descent tuning", {}, fuse, True))
-    for i, (attn, note, how, fused, tuning) in enumerate(variants):
+        variants.append((first, ", coordinate-descent tuning", {}, fuse, True, None))
+    for i, (attn, note, how, fused, tuning, loss) in enumerate(variants):
         if args.compile:
             import torch._inductor.config as inductor_config
 
@@ -150,14 +166,22 @@ def main() -> None:
             fuse_qkv(model)
         opt = make_adamw(model.parameters(), 4e-4, 0.1, fused=args.fused_adamw)
         wrapped = compile_model(model) if args.compile else model
-        how = {"loss_fn": compile_loss() if args.compile else token_cross_entropy, **how}
+        if loss is None:
+            loss_fn = compile_loss() if args.compile else token_cross_entropy
+        elif loss in ("triton", "sliced"):
+            loss_fn = training_loss(model, device, fused=True)
+            if loss == "sliced":
+                model.out_head.keep_padding = False
+        else:
+            loss_fn = loss
+        how = {"loss_fn": loss_fn, **how}
         name = f"diygpt --attn {attn} ({label}{' + fused q/k/v' if fused else ''}{note})"
         try:
             step = time_it(name, wrapped, opt, fast, **how)
         except Exception as exc:  # a kernel this GPU or torch lacks: report, go on
             print(f"{name}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             continue
-        if args.profile and i == 0 and device.type == "cuda":
+        if args.profile and (i == 0 or loss == "triton") and device.type == "cuda":
             try:
                 profile_step(step)
             except Exception as exc:  # the timings stand whatever the profiler does

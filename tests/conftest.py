@@ -15,6 +15,10 @@ VERDICT = ASSETS / "the-verdict.txt"
 
 # Every test, and every CLI subprocess a test starts, reads the tokenizer from the assets.
 os.environ.setdefault("DIYGPT_TOKENIZER_DIR", str(TOKENIZER_DIR))
+# Without a GPU, Triton kernels (diygpt.fused_ce) run in triton's interpreter on CPU tensors;
+# it is chosen when a kernel is defined, so before anything imports them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 # Tests that take ``device`` run on the CPU everywhere, and on CUDA too where there is one

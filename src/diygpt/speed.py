@@ -2,12 +2,15 @@
 
 - :func:`pad_vocab`: the output projection computes a multiple-of-64 number of logits
   (50257 -> 50304), which GPU matmul kernels tile far better; the extra logits are sliced
-  off, so the loss, gradients and saved checkpoints are those of the unpadded model.
+  off (or skipped by the fused loss), so the loss, gradients and saved checkpoints are those
+  of the unpadded model.
 - :func:`fuse_qkv`: query, key and value from one matmul per block (with ``--compile`` on
   a GPU).
 - :func:`compile_model`: ``torch.compile`` (fuses the elementwise ops between matmuls).
 - :func:`compile_loss`: the loss compiled too, so the logits' cast to fp32, the cross
   entropy and its backward run as two fused passes over the (B, T, V) logits instead of ~10.
+- :func:`training_loss`: ``--compile``'s loss; optionally, on CUDA, the Triton kernels of
+  :mod:`diygpt.fused_ce`, which read a padded head's whole output.
 - :func:`make_adamw`: AdamW, optionally the fused single-kernel implementation.
 - :class:`SpeedMeter`: tokens per second over training steps and, on a known GPU, MFU.
 
@@ -16,6 +19,7 @@ None of these runs unless asked for; the default path keeps the book's exact ops
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable
 
@@ -35,16 +39,25 @@ class PaddedHead(nn.Linear):
     The state dict holds just the first ``vocab_size`` rows (the book's shape) and loading
     a book-shaped weight pads it with zeros, so checkpoints move freely between padded and
     unpadded models. The padding rows never receive a gradient (their logits are dropped).
+
+    With ``keep_padding`` set (by :func:`training_loss` with ``fused``, whose loss counts only
+    the first ``vocab_size`` columns), a training forward with gradients returns all ``padded_size``
+    logits: the slice's backward, a zero-filled copy of the (B, T, padded) gradient, is then
+    never run. Evaluation and generation (eval mode or no gradients) still get ``vocab_size``.
     """
 
     def __init__(self, in_features: int, vocab_size: int, padded_size: int) -> None:
         super().__init__(in_features, padded_size, bias=False)
         self.vocab_size = vocab_size
+        self.keep_padding = False
         self.register_state_dict_post_hook(_trim_padding)
         self.register_load_state_dict_pre_hook(_add_padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)[..., : self.vocab_size]  # (B, T, padded) -> (B, T, V)
+        logits = F.linear(x, self.weight)  # (B, T, padded)
+        if self.keep_padding and self.training and torch.is_grad_enabled():
+            return logits
+        return logits[..., : self.vocab_size]  # (B, T, V)
 
 
 def _trim_padding(module: PaddedHead, state_dict: dict, prefix: str, *args) -> None:
@@ -114,6 +127,25 @@ def compile_loss() -> LossFn:
     reduction and writes the bf16 gradient in one elementwise pass.
     """
     return torch.compile(logsumexp_cross_entropy)
+
+
+def training_loss(model: nn.Module, device: torch.device | str, fused: bool = False) -> LossFn:
+    """The loss ``--compile`` trains ``model`` (the plain module, not a wrapper) with.
+
+    :func:`compile_loss`, or with ``fused`` on CUDA with triton installed,
+    :func:`~diygpt.fused_ce.fused_cross_entropy` over the first ``vocab_size`` columns, a
+    padded head then set to hand over its whole output. The fused loss is tested (in
+    triton's interpreter, and compiled for sm_90) but not yet timed on a GPU, so the CLI does
+    not pick it: BENCHMARKS.md, tenth pass.
+    """
+    from diygpt import fused_ce
+
+    if not (fused and fused_ce.available(device)):
+        return compile_loss()
+    head = model.out_head
+    if isinstance(head, PaddedHead):
+        head.keep_padding = True
+    return functools.partial(fused_ce.fused_cross_entropy, vocab_size=model.cfg.vocab_size)
 
 
 def make_adamw(

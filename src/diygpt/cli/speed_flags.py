@@ -74,11 +74,11 @@ def setup_training(
     from diygpt.precision import Precision
     from diygpt.speed import (
         SpeedMeter,
-        compile_loss,
         compile_model,
         flops_per_token,
         make_adamw,
         peak_flops,
+        training_loss,
     )
 
     optimizer = make_adamw(model.parameters(), args.lr, args.weight_decay, fused=args.fused_adamw)
@@ -86,5 +86,5 @@ def setup_training(
     if speed_flags_used(args):
         meter = SpeedMeter(flops_per_token(unwrap_model(model).cfg), peak_flops(device))
     wrapped = compile_model(model) if args.compile else model
-    loss_fn = compile_loss() if args.compile else token_cross_entropy
+    loss_fn = training_loss(unwrap_model(model), device) if args.compile else token_cross_entropy
     return TrainingSetup(wrapped, optimizer, Precision(device, args.dtype), meter, loss_fn)

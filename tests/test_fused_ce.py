@@ -1,0 +1,154 @@
+"""The Triton cross entropy (diygpt.fused_ce): on CUDA where there is one, and everywhere in
+triton's interpreter (conftest sets TRITON_INTERPRET=1 when there is no GPU)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diygpt import fused_ce
+from diygpt.config import get_preset
+from diygpt.losses import token_cross_entropy
+from diygpt.model import GPTModel
+from diygpt.speed import PaddedHead, pad_vocab, training_loss
+
+pytestmark = pytest.mark.skipif(fused_ce.triton is None, reason="triton is not installed")
+
+TINY = get_preset("tiny").with_updates(vocab_size=257, context_length=16)
+
+
+@pytest.fixture
+def kernel_device(device: str, monkeypatch) -> str:
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton runs on CPU tensors only in its interpreter")
+    monkeypatch.setattr(fused_ce, "BLOCK", 64)  # several blocks per row, a partial last one
+    return device
+
+
+def _reference(logits: torch.Tensor, targets: torch.Tensor, vocab: int, scale: float):
+    """F.cross_entropy over the first ``vocab`` columns, in fp32, and its logits' gradient."""
+    leaf = logits.detach().clone().requires_grad_()
+    loss = F.cross_entropy(leaf[..., :vocab].float().flatten(0, 1), targets.flatten())
+    (loss * scale).backward()
+    return loss.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [257, 300])  # exact vocabulary, or a padded head's output
+def test_loss_and_gradient_equal_cross_entropy(kernel_device, dtype, width):
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 5, width, device=kernel_device) * 4).to(dtype)
+    targets = torch.randint(0, 257, (3, 5), device=kernel_device)
+    targets[0, 1] = targets[2, 4] = -100  # left out of the mean
+    want_loss, want_grad = _reference(logits, targets, 257, scale=0.5)
+
+    leaf = logits.detach().clone().requires_grad_()
+    loss = fused_ce.fused_cross_entropy(leaf, targets, vocab_size=257)
+    (loss * 0.5).backward()  # the incoming gradient is read on the device, not assumed 1
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+    assert leaf.grad.dtype == dtype and leaf.grad.shape == logits.shape
+    tol = 1e-6 if dtype == torch.float32 else 4e-3
+    torch.testing.assert_close(leaf.grad.float(), want_grad.float(), rtol=0, atol=tol)
+    assert not leaf.grad[..., 257:].any()  # the padding columns get no gradient
+    assert not leaf.grad[0, 1].any() and not leaf.grad[2, 4].any()
+
+
+def test_reads_a_strided_slice_of_the_logits(kernel_device):
+    torch.manual_seed(1)
+    wide = torch.randn(2, 4, 320, device=kernel_device, requires_grad=True)
+    targets = torch.randint(0, 257, (2, 4), device=kernel_device)
+    fused_ce.fused_cross_entropy(wide[..., :257], targets).backward()
+    want_loss, want_grad = _reference(wide, targets, 257, scale=1.0)
+    torch.testing.assert_close(wide.grad, want_grad, rtol=0, atol=1e-6)
+    assert not wide.grad[..., 257:].any()
+
+
+def test_every_target_ignored_gives_nan_as_torch_does(kernel_device):
+    logits = torch.randn(1, 3, 257, device=kernel_device)
+    targets = torch.full((1, 3), -100, device=kernel_device)
+    assert torch.isnan(fused_ce.fused_cross_entropy(logits, targets))
+    assert torch.isnan(F.cross_entropy(logits.flatten(0, 1), targets.flatten()))
+
+
+def test_vocab_wider_than_the_logits_is_refused():
+    with pytest.raises(ValueError, match="does not fit"):
+        fused_ce.fused_cross_entropy(torch.zeros(2, 10), torch.zeros(2, dtype=torch.long), 11)
+
+
+def test_padded_head_hands_over_its_whole_output_in_training(kernel_device, monkeypatch):
+    """training_loss's model and loss give the gradients of the plain sliced head."""
+    torch.manual_seed(2)
+    model = pad_vocab(GPTModel(TINY)).to(kernel_device).train()
+    x = torch.randint(0, 257, (2, 16), device=kernel_device)
+    y = torch.randint(0, 257, (2, 16), device=kernel_device)
+    token_cross_entropy(model(x), y).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    head: PaddedHead = model.out_head
+    monkeypatch.setattr(fused_ce, "available", lambda d: True)  # as on a GPU
+    loss_fn = training_loss(model, kernel_device, fused=True)
+    assert head.keep_padding
+    assert model(x).shape[-1] == 320  # training with gradients: the padded width
+    loss_fn(model(x), y).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        assert model(x).shape[-1] == 257  # evaluation and generation: the vocabulary
+    assert model.eval()(x).shape[-1] == 257
+
+
+def test_the_cli_keeps_the_compiled_loss_until_fused_is_asked_for(monkeypatch):
+    model = pad_vocab(GPTModel(TINY))
+    monkeypatch.setattr(fused_ce, "available", lambda d: True)  # as on a GPU
+    assert not isinstance(training_loss(model, "cuda"), functools.partial)  # compile_loss()
+    assert not model.out_head.keep_padding
+    fused = training_loss(model, "cuda", fused=True)
+    assert fused.func is fused_ce.fused_cross_entropy and fused.keywords == {"vocab_size": 257}
+    assert model.out_head.keep_padding
+
+
+def test_fused_loss_is_for_cuda_only():
+    model = pad_vocab(GPTModel(TINY))
+    assert not fused_ce.available("cpu")
+    assert not isinstance(training_loss(model, "cpu", fused=True), functools.partial)
+    assert not model.out_head.keep_padding
+
+
+def test_kernels_compile_for_hopper():
+    """The kernels go through triton's compiler to PTX for sm_90 (no GPU needed): what the
+    interpreter cannot check, such as the types of the loop-carried values."""
+    code = textwrap.dedent("""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from diygpt import fused_ce as f
+        common = {"logits_ptr": "*bf16", "row_stride": "i32", "targets_ptr": "*i64",
+                  "lse_ptr": "*fp32", "n_vocab": "i32", "ignore_index": "i32",
+                  "BLOCK": "constexpr"}
+        kernels = {
+            f._forward_kernel: {**common, "loss_ptr": "*fp32"},
+            f._backward_kernel: {**common, "grad_ptr": "*bf16", "scale_ptr": "*fp32",
+                                 "n_cols": "i32"},
+        }
+        for fn, types in kernels.items():
+            names = fn.arg_names
+            sig = {name: types[name] for name in names}
+            src = ASTSource(fn, sig, constexprs={"BLOCK": f.BLOCK})
+            assert triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        print("compiled")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "compiled" in done.stdout
