@@ -6,11 +6,15 @@ export DIYGPT_TOKENIZER_DIR ?= $(abspath $(ASSETS)/gpt2)
 
 .PHONY: setup demo test lint gpu-stage clean
 
+# triton goes in a folder of its own, which only the tests put on their path (they run
+# diygpt.fused_ce's GPU kernels in its CPU interpreter): in the venv's packages, every
+# training run would load it (torch's optimizers import it when present), 75 MB more RSS.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt --target $(VENV)/triton-tests triton
 	touch $@
 
 setup: $(VENV)/.installed

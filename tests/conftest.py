@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +18,13 @@ VERDICT = ASSETS / "the-verdict.txt"
 # Every test, and every CLI subprocess a test starts, reads the tokenizer from the assets.
 os.environ.setdefault("DIYGPT_TOKENIZER_DIR", str(TOKENIZER_DIR))
 # Without a GPU, Triton kernels (diygpt.fused_ce) run in triton's interpreter on CPU tensors;
-# it is chosen when a kernel is defined, so before anything imports them.
+# it is chosen when a kernel is defined, so before anything imports them. `make setup` puts
+# triton in a folder of its own (see the Makefile), found here if the venv lacks it.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+TRITON_DIR = ROOT / ".venv" / "triton-tests"
+if TRITON_DIR.is_dir() and importlib.util.find_spec("triton") is None:
+    sys.path.append(str(TRITON_DIR))
 
 
 # Tests that take ``device`` run on the CPU everywhere, and on CUDA too where there is one
