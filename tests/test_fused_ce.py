@@ -125,8 +125,9 @@ def test_fused_loss_is_for_cuda_only():
 
 
 def test_kernels_compile_for_hopper():
-    """The kernels go through triton's compiler to PTX for sm_90 (no GPU needed): what the
-    interpreter cannot check, such as the types of the loop-carried values."""
+    """The kernels go through triton's compiler to PTX for sm_90 (no GPU needed), in every
+    autotuned configuration: what the interpreter cannot check, such as the types of the
+    loop-carried values."""
     code = textwrap.dedent("""
         import triton
         from triton.backends.compiler import GPUTarget
@@ -136,15 +137,17 @@ def test_kernels_compile_for_hopper():
                   "lse_ptr": "*fp32", "n_vocab": "i32", "ignore_index": "i32",
                   "BLOCK": "constexpr"}
         kernels = {
-            f._forward_kernel: {**common, "loss_ptr": "*fp32"},
-            f._backward_kernel: {**common, "grad_ptr": "*bf16", "scale_ptr": "*fp32",
-                                 "n_cols": "i32"},
+            f._forward_kernel: ({**common, "loss_ptr": "*fp32"}, f.FORWARD_CONFIGS),
+            f._backward_kernel: ({**common, "grad_ptr": "*bf16", "scale_ptr": "*fp32",
+                                  "n_cols": "i32"}, f.BACKWARD_CONFIGS),
         }
-        for fn, types in kernels.items():
-            names = fn.arg_names
-            sig = {name: types[name] for name in names}
-            src = ASTSource(fn, sig, constexprs={"BLOCK": f.BLOCK})
-            assert triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        for fn, (types, configs) in kernels.items():
+            sig = {name: types[name] for name in fn.arg_names}
+            for block, warps in configs:  # every configuration the autotuner may pick
+                src = ASTSource(fn, sig, constexprs={"BLOCK": block})
+                ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                     options={"num_warps": warps}).asm["ptx"]
+                assert ptx
         print("compiled")
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

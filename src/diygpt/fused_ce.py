@@ -21,6 +21,8 @@ which is how the tests check them without a GPU.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -30,7 +32,13 @@ except ImportError:  # the CPU wheel of torch comes without triton
     triton = None
 
 IGNORE_INDEX = -100
-BLOCK = 4096  # columns per loop step (forward) or per program (backward)
+# Columns per loop step (forward) or per program (backward). On a GPU each kernel is
+# autotuned at its first call over (block, warps) pairs, none of them yet timed by this
+# project; the interpreter cannot time, so there BLOCK is used.
+BLOCK = 4096
+FORWARD_CONFIGS = [(4096, 8), (8192, 16), (16384, 16), (32768, 32)]
+BACKWARD_CONFIGS = [(1024, 4), (2048, 8), (4096, 8), (8192, 16)]
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def available(device: torch.device | str) -> bool:
@@ -75,6 +83,16 @@ if triton is not None:
                  mask=cols < n_cols)
 
 
+    def _autotuned(kernel, configs: list[tuple[int, int]], key: str):
+        if INTERPRETED:
+            return None
+        return triton.autotune([triton.Config({"BLOCK": b}, num_warps=w) for b, w in configs],
+                               key=[key])(kernel)
+
+    _forward_tuned = _autotuned(_forward_kernel, FORWARD_CONFIGS, "n_vocab")
+    _backward_tuned = _autotuned(_backward_kernel, BACKWARD_CONFIGS, "n_cols")
+
+
 class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, vocab_size: int
@@ -82,8 +100,11 @@ class _FusedCrossEntropy(torch.autograd.Function):
         n, n_cols = logits.shape
         lse = torch.empty(n, dtype=torch.float32, device=logits.device)
         per_row = torch.empty_like(lse)
-        _forward_kernel[(n,)](logits, logits.stride(0), targets, lse, per_row, vocab_size,
-                              IGNORE_INDEX, BLOCK=BLOCK, num_warps=8)
+        args = (logits, logits.stride(0), targets, lse, per_row, vocab_size, IGNORE_INDEX)
+        if _forward_tuned is None:
+            _forward_kernel[(n,)](*args, BLOCK=BLOCK, num_warps=8)
+        else:
+            _forward_tuned[(n,)](*args)
         count = (targets != IGNORE_INDEX).sum().float()
         ctx.save_for_backward(logits, targets, lse, count)
         ctx.vocab_size = vocab_size
@@ -95,9 +116,12 @@ class _FusedCrossEntropy(torch.autograd.Function):
         n, n_cols = logits.shape
         scale = (grad.float() / count).reshape(1)
         out = torch.empty((n, n_cols), dtype=logits.dtype, device=logits.device)
-        _backward_kernel[(n, triton.cdiv(n_cols, BLOCK))](
-            logits, logits.stride(0), out, targets, lse, scale, ctx.vocab_size, n_cols,
-            IGNORE_INDEX, BLOCK=BLOCK, num_warps=8)
+        args = (logits, logits.stride(0), out, targets, lse, scale, ctx.vocab_size, n_cols,
+                IGNORE_INDEX)
+        if _backward_tuned is None:
+            _backward_kernel[(n, triton.cdiv(n_cols, BLOCK))](*args, BLOCK=BLOCK, num_warps=8)
+        else:
+            _backward_tuned[lambda meta: (n, triton.cdiv(n_cols, meta["BLOCK"]))](*args)
         return out, None, None
 
 
