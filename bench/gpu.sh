@@ -17,6 +17,8 @@
 #             diygpt.fused_ce's two Triton kernels over the padded head's whole output, and
 #             over its sliced logits; one step's top kernels for the first and Triton rows
 #   train64   the CLI's row and the Triton-loss row at batch 64, without the peer
+#   autotune  (only when named in STEPS) the CLI's row and the same compiled with inductor's
+#             max-autotune (Triton matmul templates, fused epilogues): minutes to compile
 #   gen       batch-1 greedy generation: KV cache, and compiled into CUDA graphs, against
 #             transformers generate (target: 1500 tok/s); also each static_decode speed-up
 #             turned off, and one call's GPU busy time and top kernels
@@ -77,6 +79,9 @@ run_step train 300 $PY bench/train_speed.py --preset gpt2-small --batch-size "$B
 run_step train64 200 $PY bench/train_speed.py --preset gpt2-small --batch-size 64 \
   --variants sdpa --peers none --dtype bf16 --compile --fused-adamw --pad-vocab --tf32 \
   --warmup 5 --steps 20 --triton-loss-row
+run_step autotune 300 $PY bench/train_speed.py --preset gpt2-small --batch-size "$BATCH" \
+  --variants sdpa --peers none --dtype bf16 --compile --fused-adamw --pad-vocab --tf32 \
+  --warmup 5 --steps 20 --autotune-row
 run_step gen 200 $PY bench/generate_speed.py --new-tokens 200 --warmup 2 --repeats 5 \
   --cuda-ablation --profile
 run_step tests 240 $PY -m pytest -q -p no:cacheprovider -k cuda tests

@@ -86,6 +86,9 @@ def main() -> None:
     ap.add_argument("--tuning-row", action="store_true",
                     help="with --compile, also time the first variant with inductor's "
                     "coordinate-descent tuning of its generated kernels (slow to compile)")
+    ap.add_argument("--autotune-row", action="store_true",
+                    help="with --compile, also time the first variant compiled with "
+                    "mode='max-autotune-no-cudagraphs' (minutes to compile)")
     ap.add_argument("--cudnn-row", action="store_true",
                     help="also time the first variant with SDPA forced onto cuDNN attention")
     ap.add_argument("--profile", action="store_true",
@@ -127,37 +130,39 @@ def main() -> None:
         time_it(f"book reference GPTModel ({args.dtype})", book,
                 torch.optim.AdamW(book.parameters(), lr=4e-4, weight_decay=0.1), fast)
         del book
-    # (attention, note, step_fn's options, fuse q/k/v, coordinate-descent tuning, loss); as
+    # (attention, note, step_fn's options, fuse q/k/v, inductor tuning, loss); as
     # the CLI does, --compile on CUDA fuses q/k/v. Loss: None is the CLI's; "triton" the
     # Triton kernels over the padded head's whole output, "sliced" over its sliced logits.
     fuse = args.compile and device.type == "cuda"
     first = args.variants.split(",")[0]
-    variants = [(v, "", {}, fuse, False, None) for v in args.variants.split(",") if v]
+    variants = [(v, "", {}, fuse, "", None) for v in args.variants.split(",") if v]
     if args.eager_loss_row and args.compile:
-        variants.append((first, ", loss eager", {}, fuse, False, token_cross_entropy))
+        variants.append((first, ", loss eager", {}, fuse, "", token_cross_entropy))
     if args.previous_row and args.compile:
         what = "3 q/k/v products, log-softmax loss" if fuse else "log-softmax loss"
-        variants.append((first, f", as before: {what}", {}, False, False,
+        variants.append((first, f", as before: {what}", {}, False, "",
                          torch.compile(token_cross_entropy)))
     if args.compile and fused_ce.available(device):
         if args.triton_loss_row:
-            variants.append((first, ", Triton loss", {}, fuse, False, "triton"))
+            variants.append((first, ", Triton loss", {}, fuse, "", "triton"))
         if args.sliced_row:
-            variants.append((first, ", Triton loss on the sliced logits", {}, fuse, False,
+            variants.append((first, ", Triton loss on the sliced logits", {}, fuse, "",
                              "sliced"))
     if args.cudnn_row:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         variants.append((first, ", cuDNN attention",
                          {"attention": lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)}, fuse,
-                         False, None))
+                         "", None))
     if args.tuning_row and args.compile:
-        variants.append((first, ", coordinate-descent tuning", {}, fuse, True, None))
+        variants.append((first, ", coordinate-descent tuning", {}, fuse, "coordinate", None))
+    if args.autotune_row and args.compile:
+        variants.append((first, ", max-autotune", {}, fuse, "max-autotune", None))
     for i, (attn, note, how, fused, tuning, loss) in enumerate(variants):
         if args.compile:
             import torch._inductor.config as inductor_config
 
             torch._dynamo.reset()  # e.g. the SDPA kernel is picked when compiling, unguarded
-            inductor_config.coordinate_descent_tuning = tuning
+            inductor_config.coordinate_descent_tuning = tuning == "coordinate"
         torch.manual_seed(123)
         model = GPTModel(cfg.with_updates(attn_impl=attn)).to(device).train()
         if args.pad_vocab:
@@ -165,7 +170,10 @@ def main() -> None:
         if fused:
             fuse_qkv(model)
         opt = make_adamw(model.parameters(), 4e-4, 0.1, fused=args.fused_adamw)
-        wrapped = compile_model(model) if args.compile else model
+        if tuning == "max-autotune":  # Triton matmul templates with fused epilogues, timed
+            wrapped = torch.compile(model, mode="max-autotune-no-cudagraphs")
+        else:
+            wrapped = compile_model(model) if args.compile else model
         if loss is None:
             loss_fn = compile_loss() if args.compile else token_cross_entropy
         elif loss in ("triton", "sliced"):
