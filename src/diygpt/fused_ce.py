@@ -82,7 +82,6 @@ if triton is not None:
         tl.store(grad_ptr + row * n_cols + cols, grad.to(grad_ptr.dtype.element_ty),
                  mask=cols < n_cols)
 
-
     def _autotuned(kernel, configs: list[tuple[int, int]], key: str):
         if INTERPRETED:
             return None
