@@ -107,10 +107,10 @@ def test_padded_head_hands_over_its_whole_output_in_training(kernel_device, monk
     assert model.eval()(x).shape[-1] == 257
 
 
-def test_the_cli_keeps_the_compiled_loss_until_fused_is_asked_for(monkeypatch):
+def test_training_loss_is_the_compiled_one_unless_fused_is_asked_for(monkeypatch):
     model = pad_vocab(GPTModel(TINY))
     monkeypatch.setattr(fused_ce, "available", lambda d: True)  # as on a GPU
-    assert not isinstance(training_loss(model, "cuda"), functools.partial)  # compile_loss()
+    assert not isinstance(training_loss(model, "cuda"), functools.partial)  # as the CLI calls it
     assert not model.out_head.keep_padding
     fused = training_loss(model, "cuda", fused=True)
     assert fused.func is fused_ce.fused_cross_entropy and fused.keywords == {"vocab_size": 257}

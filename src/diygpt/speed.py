@@ -40,10 +40,11 @@ class PaddedHead(nn.Linear):
     a book-shaped weight pads it with zeros, so checkpoints move freely between padded and
     unpadded models. The padding rows never receive a gradient (their logits are dropped).
 
-    With ``keep_padding`` set (by :func:`training_loss` with ``fused``, whose loss counts only
-    the first ``vocab_size`` columns), a training forward with gradients returns all ``padded_size``
-    logits: the slice's backward, a zero-filled copy of the (B, T, padded) gradient, is then
-    never run. Evaluation and generation (eval mode or no gradients) still get ``vocab_size``.
+    With ``keep_padding`` set (by :func:`training_loss` with ``fused``, whose loss counts
+    only the first ``vocab_size`` columns), a training forward with gradients returns all
+    ``padded_size`` logits: the slice's backward, a zero-filled copy of the (B, T, padded)
+    gradient, is then never run. Evaluation and generation (eval mode or no gradients)
+    still get ``vocab_size``.
     """
 
     def __init__(self, in_features: int, vocab_size: int, padded_size: int) -> None:
