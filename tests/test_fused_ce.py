@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,11 +27,15 @@ TINY = get_preset("tiny").with_updates(vocab_size=257, context_length=16)
 
 
 @pytest.fixture
-def kernel_device(device: str, monkeypatch) -> str:
+def kernel_device(device: str, monkeypatch) -> Iterator[str]:
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton runs on CPU tensors only in its interpreter")
     monkeypatch.setattr(fused_ce, "BLOCK", 64)  # several blocks per row, a partial last one
-    return device
+    # full fp32 matmuls, whatever an earlier test (a --tf32 CLI run) left switched on
+    was = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield device
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = was
 
 
 def _reference(logits: torch.Tensor, targets: torch.Tensor, vocab: int, scale: float):
