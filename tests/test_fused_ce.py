@@ -84,6 +84,12 @@ def test_every_target_ignored_gives_nan_as_torch_does(kernel_device):
     assert torch.isnan(F.cross_entropy(logits.flatten(0, 1), targets.flatten()))
 
 
+def test_cpu_tensors_outside_the_interpreter_are_refused(monkeypatch):
+    monkeypatch.setattr(fused_ce, "INTERPRETED", False)
+    with pytest.raises(ValueError, match="runs on CUDA tensors, not cpu ones"):
+        fused_ce.fused_cross_entropy(torch.zeros(2, 10), torch.zeros(2, dtype=torch.long))
+
+
 def test_vocab_wider_than_the_logits_is_refused():
     with pytest.raises(ValueError, match="does not fit"):
         fused_ce.fused_cross_entropy(torch.zeros(2, 10), torch.zeros(2, dtype=torch.long), 11)

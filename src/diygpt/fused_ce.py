@@ -134,6 +134,9 @@ def fused_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     """
     if triton is None:
         raise RuntimeError("fused_cross_entropy needs triton (pip install triton)")
+    if not (logits.is_cuda or INTERPRETED):
+        raise ValueError(f"fused_cross_entropy runs on CUDA tensors, not {logits.device.type} "
+                         "ones (or in triton's interpreter: TRITON_INTERPRET=1)")
     flat = logits.reshape(-1, logits.shape[-1])  # (N, V'): a view of a padded head's output
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
