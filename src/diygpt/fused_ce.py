@@ -134,14 +134,14 @@ def fused_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     """
     if triton is None:
         raise RuntimeError("fused_cross_entropy needs triton (pip install triton)")
-    if not (logits.is_cuda or INTERPRETED):
-        raise ValueError(f"fused_cross_entropy runs on CUDA tensors, not {logits.device.type} "
-                         "ones (or in triton's interpreter: TRITON_INTERPRET=1)")
     flat = logits.reshape(-1, logits.shape[-1])  # (N, V'): a view of a padded head's output
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     vocab = flat.shape[-1] if vocab_size is None else vocab_size
     if not 0 < vocab <= flat.shape[-1]:
         raise ValueError(f"vocab_size {vocab} does not fit logits of width {flat.shape[-1]}")
+    if not (logits.is_cuda or INTERPRETED):
+        raise ValueError(f"fused_cross_entropy runs on CUDA tensors, not {logits.device.type} "
+                         "ones (or in triton's interpreter: TRITON_INTERPRET=1)")
     loss = _FusedCrossEntropy.apply(flat, targets.reshape(-1).contiguous(), vocab)
     return loss
