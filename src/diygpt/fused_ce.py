@@ -143,5 +143,4 @@ def fused_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     if not (logits.is_cuda or INTERPRETED):
         raise ValueError(f"fused_cross_entropy runs on CUDA tensors, not {logits.device.type} "
                          "ones (or in triton's interpreter: TRITON_INTERPRET=1)")
-    loss = _FusedCrossEntropy.apply(flat, targets.reshape(-1).contiguous(), vocab)
-    return loss
+    return _FusedCrossEntropy.apply(flat, targets.reshape(-1).contiguous(), vocab)
