@@ -6,10 +6,14 @@
 # then one device call:  run(command="bash bench/gpu.sh", carry=[".assets"], timeout_s=560)
 # On any CUDA machine with ../shared beside the checkout:  bash bench/gpu.sh
 #
-# Steps, the issue's measurements first. Each has its own time limit, and a failed step does
-# not stop the others; a summary of exit codes ends the output. STEPS picks some (e.g.
-# STEPS="gen" to rerun one). Output goes to the terminal and, where $OUT is set, to
-# $OUT/gpu.txt.
+# Steps, the CUDA tests first, then the issue's measurements. Each has its own time limit,
+# and a failed step does not stop the others; a summary of exit codes ends the output. STEPS
+# picks some (e.g. STEPS="gen" to rerun one); they run in the order below whatever their
+# order in STEPS. Output goes to the terminal and, where $OUT is set, to $OUT/gpu.txt.
+#   tests     correctness on CUDA: tests/test_cuda.py and every test that takes the `device`
+#             fixture (cached = uncached greedy, static/CUDA-graph decode, autocast steps,
+#             AdamW-in-backward bit-identical, bf16 CLI run with MFU in its log line, the
+#             Triton cross entropy against F.cross_entropy)
 #   train     training tok/s and MFU, gpt2-small at ctx 1024, batch 32: bf16 autocast, SDPA
 #             flash attention, fused AdamW, TF32, torch.compile (model, loss, one q/k/v
 #             matmul), vocab padded to 50304; peer: transformers under the same autocast
@@ -22,9 +26,6 @@
 #   gen       batch-1 greedy generation: KV cache, and compiled into CUDA graphs, against
 #             transformers generate (target: 1500 tok/s); also each static_decode speed-up
 #             turned off, and one call's GPU busy time and top kernels
-#   tests     correctness on CUDA: tests/test_cuda.py and every test that takes the `device`
-#             fixture (cached = uncached greedy, static/CUDA-graph decode, autocast steps,
-#             AdamW-in-backward bit-identical, bf16 CLI run with MFU in its log line)
 #   fsdp      FSDP2 under torchrun with nccl against one process (scripts/fsdp_gpu_check.py)
 #   ablation  training without compile and padding, to show what they add
 #   cli       (only when named in STEPS) `diygpt train` with every speed flag, 30 steps
@@ -32,7 +33,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 BATCH=${BATCH:-32}
-STEPS=${STEPS:-train train64 gen tests fsdp ablation}
+STEPS=${STEPS:-tests train train64 gen fsdp ablation}
 
 if [[ -z "${DIYGPT_ASSETS:-}" ]]; then
   for dir in .assets ../shared/assets; do
@@ -73,6 +74,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 $PY -c "import torch, transformers; print('torch', torch.__version__, '| transformers',
 transformers.__version__, '| cuda', torch.cuda.is_available())" || true
 
+# The correctness checks first: they are quick, and a later step's failure is then readable.
+run_step tests 240 $PY -m pytest -q -p no:cacheprovider -k cuda tests
 run_step train 300 $PY bench/train_speed.py --preset gpt2-small --batch-size "$BATCH" \
   --variants sdpa --peers hf --dtype bf16 --compile --fused-adamw --pad-vocab --tf32 \
   --warmup 5 --steps 20 --triton-loss-row --sliced-row --profile
@@ -84,7 +87,6 @@ run_step autotune 300 $PY bench/train_speed.py --preset gpt2-small --batch-size 
   --warmup 5 --steps 20 --autotune-row
 run_step gen 200 $PY bench/generate_speed.py --new-tokens 200 --warmup 2 --repeats 5 \
   --cuda-ablation --profile
-run_step tests 240 $PY -m pytest -q -p no:cacheprovider -k cuda tests
 run_step fsdp 120 $PY scripts/fsdp_gpu_check.py --data "$DIYGPT_ASSETS/the-verdict.txt" \
   --out /tmp/diygpt-fsdp-check
 run_step ablation 60 $PY bench/train_speed.py --preset gpt2-small --batch-size "$BATCH" \

@@ -77,6 +77,38 @@ def test_reads_a_strided_slice_of_the_logits(kernel_device):
     assert not wide.grad[..., 257:].any()
 
 
+def test_gpt2_wide_rows_on_cuda():
+    """At gpt2's padded width the autotuned GPU kernels loop over several blocks per row
+    (the CPU tests get that from the interpreter's BLOCK of 64)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.manual_seed(3)
+    logits = (torch.randn(64, 50304, device="cuda") * 3).bfloat16()
+    targets = torch.randint(0, 50257, (64,), device="cuda")
+    targets[5] = -100
+    want_loss, want_grad = _reference(logits, targets, 50257, scale=1.0)
+    leaf = logits.detach().clone().requires_grad_()
+    loss = fused_ce.fused_cross_entropy(leaf, targets, vocab_size=50257)
+    loss.backward()
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(leaf.grad.float(), want_grad.float(), rtol=0, atol=1e-4)
+    assert not leaf.grad[:, 50257:].any()
+
+
+def test_gradients_accumulate_and_are_not_differentiated_again(kernel_device):
+    logits = torch.randn(4, 257, device=kernel_device, requires_grad=True)
+    targets = torch.tensor([1, 2, 3, 4], device=kernel_device)
+    fused_ce.fused_cross_entropy(logits, targets).backward()
+    once = logits.grad.clone()
+    fused_ce.fused_cross_entropy(logits, targets).backward()
+    torch.testing.assert_close(logits.grad, 2 * once)
+    upstream = torch.ones((), device=kernel_device, requires_grad=True)
+    (grad,) = torch.autograd.grad(fused_ce.fused_cross_entropy(logits, targets), logits,
+                                  grad_outputs=upstream, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.sum().backward()  # an error, not a silent zero second derivative
+
+
 def test_every_target_ignored_gives_nan_as_torch_does(kernel_device):
     logits = torch.randn(1, 3, 257, device=kernel_device)
     targets = torch.full((1, 3), -100, device=kernel_device)
@@ -93,6 +125,11 @@ def test_cpu_tensors_outside_the_interpreter_are_refused(monkeypatch):
 def test_vocab_wider_than_the_logits_is_refused():
     with pytest.raises(ValueError, match="does not fit"):
         fused_ce.fused_cross_entropy(torch.zeros(2, 10), torch.zeros(2, dtype=torch.long), 11)
+
+
+def test_as_many_targets_as_rows():
+    with pytest.raises(ValueError, match="3 targets for 2 rows of logits"):
+        fused_ce.fused_cross_entropy(torch.zeros(2, 10), torch.zeros(3, dtype=torch.long))
 
 
 def test_padded_head_hands_over_its_whole_output_in_training(kernel_device, monkeypatch):
@@ -126,6 +163,8 @@ def test_training_loss_is_the_compiled_one_unless_fused_is_asked_for(monkeypatch
     fused = training_loss(model, "cuda", fused=True)
     assert fused.func is fused_ce.fused_cross_entropy and fused.keywords == {"vocab_size": 257}
     assert model.out_head.keep_padding
+    training_loss(model, "cuda")  # another loss: the head slices again
+    assert not model.out_head.keep_padding
 
 
 def test_fused_loss_is_for_cuda_only():
@@ -153,12 +192,14 @@ def test_kernels_compile_for_hopper():
                                   "n_cols": "i32"}, f.BACKWARD_CONFIGS),
         }
         for fn, (types, configs) in kernels.items():
-            sig = {name: types[name] for name in fn.arg_names}
-            for block, warps in configs:  # every configuration the autotuner may pick
-                src = ASTSource(fn, sig, constexprs={"BLOCK": block})
-                ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                     options={"num_warps": warps}).asm["ptx"]
-                assert ptx
+            for dtype in ("*bf16", "*fp32"):  # the logits (and their gradient) of autocast, fp32
+                sig = {name: types[name] for name in fn.arg_names}
+                sig.update({k: dtype for k in ("logits_ptr", "grad_ptr") if k in sig})
+                for block, warps in configs:  # every configuration the autotuner may pick
+                    src = ASTSource(fn, sig, constexprs={"BLOCK": block})
+                    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                         options={"num_warps": warps}).asm["ptx"]
+                    assert ptx
         print("compiled")
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

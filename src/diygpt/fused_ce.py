@@ -110,6 +110,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         return per_row.sum() / count  # 0 / 0 = nan when every target is ignored, as in torch
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # its gradient has no graph of its own
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         logits, targets, lse, count = ctx.saved_tensors
         n, n_cols = logits.shape
@@ -130,7 +131,9 @@ def fused_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     ``vocab_size`` columns (all by default); targets of -100 are left out of the mean.
 
     Computed in fp32 whatever the logits' dtype; the gradient has the logits' dtype and
-    shape, zero in the columns past ``vocab_size``.
+    shape, zero in the columns past ``vocab_size``. Targets must lie in [0, vocab_size) or
+    be -100: they are not checked on the device, which would cost a host sync each step
+    (in training they are the next inputs, which the embedding has already looked up).
     """
     if triton is None:
         raise RuntimeError("fused_cross_entropy needs triton (pip install triton)")
@@ -140,6 +143,8 @@ def fused_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     vocab = flat.shape[-1] if vocab_size is None else vocab_size
     if not 0 < vocab <= flat.shape[-1]:
         raise ValueError(f"vocab_size {vocab} does not fit logits of width {flat.shape[-1]}")
+    if targets.numel() != flat.shape[0]:
+        raise ValueError(f"{targets.numel()} targets for {flat.shape[0]} rows of logits")
     if not (logits.is_cuda or INTERPRETED):
         raise ValueError(f"fused_cross_entropy runs on CUDA tensors, not {logits.device.type} "
                          "ones (or in triton's interpreter: TRITON_INTERPRET=1)")

@@ -38,7 +38,7 @@ class PaddedHead(nn.Linear):
 
     The state dict holds just the first ``vocab_size`` rows (the book's shape) and loading
     a book-shaped weight pads it with zeros, so checkpoints move freely between padded and
-    unpadded models. The padding rows never receive a gradient (their logits are dropped).
+    unpadded models. The padding rows get a zero gradient (their logits are dropped).
 
     With ``keep_padding`` set (by :func:`training_loss` with ``fused``, whose loss counts
     only the first ``vocab_size`` columns), a training forward with gradients returns all
@@ -135,17 +135,18 @@ def training_loss(model: nn.Module, device: torch.device | str, fused: bool = Fa
 
     :func:`compile_loss`, or with ``fused`` on CUDA with triton installed,
     :func:`~diygpt.fused_ce.fused_cross_entropy` over the first ``vocab_size`` columns, a
-    padded head then set to hand over its whole output. The fused loss is tested (in
-    triton's interpreter, and compiled for sm_90) but not yet timed on a GPU, so the CLI does
-    not pick it: BENCHMARKS.md, tenth pass.
+    padded head then set to hand over its whole output (and set back when not ``fused``).
+    The fused loss is tested, on an H200 too, but its effect on a whole training step is
+    not yet timed, so the CLI does not pick it: BENCHMARKS.md, tenth pass.
     """
     from diygpt import fused_ce
 
-    if not (fused and fused_ce.available(device)):
-        return compile_loss()
+    use_fused = fused and fused_ce.available(device)
     head = model.out_head
     if isinstance(head, PaddedHead):
-        head.keep_padding = True
+        head.keep_padding = use_fused  # any other loss needs the sliced logits
+    if not use_fused:
+        return compile_loss()
     return functools.partial(fused_ce.fused_cross_entropy, vocab_size=model.cfg.vocab_size)
 
 
