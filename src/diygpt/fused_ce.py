@@ -92,6 +92,15 @@ if triton is not None:
     _backward_tuned = _autotuned(_backward_kernel, BACKWARD_CONFIGS, "n_cols")
 
 
+def _launch(kernel, tuned, grid, *args) -> None:
+    """``tuned`` (autotuned) where there is one, else ``kernel`` with ``BLOCK``; ``grid``
+    maps the launch's meta-parameters to the grid, as triton's launchers take it."""
+    if tuned is None:
+        kernel[grid({"BLOCK": BLOCK})](*args, BLOCK=BLOCK, num_warps=8)
+    else:
+        tuned[grid](*args)
+
+
 class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, vocab_size: int
@@ -99,11 +108,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
         n, n_cols = logits.shape
         lse = torch.empty(n, dtype=torch.float32, device=logits.device)
         per_row = torch.empty_like(lse)
-        args = (logits, logits.stride(0), targets, lse, per_row, vocab_size, IGNORE_INDEX)
-        if _forward_tuned is None:
-            _forward_kernel[(n,)](*args, BLOCK=BLOCK, num_warps=8)
-        else:
-            _forward_tuned[(n,)](*args)
+        _launch(_forward_kernel, _forward_tuned, lambda meta: (n,),
+                logits, logits.stride(0), targets, lse, per_row, vocab_size, IGNORE_INDEX)
         count = (targets != IGNORE_INDEX).sum().float()
         ctx.save_for_backward(logits, targets, lse, count)
         ctx.vocab_size = vocab_size
@@ -116,12 +122,10 @@ class _FusedCrossEntropy(torch.autograd.Function):
         n, n_cols = logits.shape
         scale = (grad.float() / count).reshape(1)
         out = torch.empty((n, n_cols), dtype=logits.dtype, device=logits.device)
-        args = (logits, logits.stride(0), out, targets, lse, scale, ctx.vocab_size, n_cols,
+        _launch(_backward_kernel, _backward_tuned,
+                lambda meta: (n, triton.cdiv(n_cols, meta["BLOCK"])),
+                logits, logits.stride(0), out, targets, lse, scale, ctx.vocab_size, n_cols,
                 IGNORE_INDEX)
-        if _backward_tuned is None:
-            _backward_kernel[(n, triton.cdiv(n_cols, BLOCK))](*args, BLOCK=BLOCK, num_warps=8)
-        else:
-            _backward_tuned[lambda meta: (n, triton.cdiv(n_cols, meta["BLOCK"]))](*args)
         return out, None, None
 
 
