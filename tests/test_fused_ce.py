@@ -3,6 +3,7 @@ triton's interpreter (conftest sets TRITON_INTERPRET=1 when there is no GPU)."""
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import subprocess
@@ -41,7 +42,7 @@ def kernel_device(device: str, monkeypatch) -> Iterator[str]:
 def _reference(logits: torch.Tensor, targets: torch.Tensor, vocab: int, scale: float):
     """F.cross_entropy over the first ``vocab`` columns, in fp32, and its logits' gradient."""
     leaf = logits.detach().clone().requires_grad_()
-    loss = F.cross_entropy(leaf[..., :vocab].float().flatten(0, 1), targets.flatten())
+    loss = F.cross_entropy(leaf[..., :vocab].float().reshape(-1, vocab), targets.flatten())
     (loss * scale).backward()
     return loss.detach(), leaf.grad
 
@@ -158,13 +159,31 @@ def test_padded_head_hands_over_its_whole_output_in_training(kernel_device, monk
 def test_training_loss_is_the_compiled_one_unless_fused_is_asked_for(monkeypatch):
     model = pad_vocab(GPTModel(TINY))
     monkeypatch.setattr(fused_ce, "available", lambda d: True)  # as on a GPU
-    assert not isinstance(training_loss(model, "cuda"), functools.partial)  # as the CLI calls it
+    assert not isinstance(training_loss(model, "cuda"), functools.partial)
     assert not model.out_head.keep_padding
     fused = training_loss(model, "cuda", fused=True)
     assert fused.func is fused_ce.fused_cross_entropy and fused.keywords == {"vocab_size": 257}
     assert model.out_head.keep_padding
     training_loss(model, "cuda")  # another loss: the head slices again
     assert not model.out_head.keep_padding
+
+
+def test_the_cli_compiles_with_the_fused_loss_where_it_runs(monkeypatch):
+    from diygpt import speed
+    from diygpt.cli import speed_flags
+
+    monkeypatch.setattr(fused_ce, "available", lambda d: torch.device(d).type == "cuda")
+    monkeypatch.setattr(speed, "peak_flops", lambda d: None)
+    args = argparse.Namespace(dtype="fp32", compile=True, pad_vocab=True, fused_adamw=True,
+                              tf32=False, lr=4e-4, weight_decay=0.1)
+    for device, fused in (("cuda", True), ("cpu", False)):
+        model = pad_vocab(GPTModel(TINY))
+        setup = speed_flags.setup_training(args, model, torch.device(device))
+        assert isinstance(setup.loss_fn, functools.partial) is fused, device
+        assert model.out_head.keep_padding is fused
+    args.compile = False
+    assert speed_flags.setup_training(args, model, torch.device("cuda")).loss_fn \
+        is token_cross_entropy
 
 
 def test_fused_loss_is_for_cuda_only():

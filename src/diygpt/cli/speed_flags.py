@@ -27,8 +27,9 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
                    help="autocast the forward pass to bf16 or fp16 (fp16 adds a GradScaler); "
                    "weights and optimizer stay fp32 (default fp32)")
-    s.add_argument("--compile", action="store_true", help="torch.compile the model and its loss "
-                   "(on a GPU also one q/k/v matmul per block)")
+    s.add_argument("--compile", action="store_true", help="torch.compile the model and its loss; "
+                   "on a GPU also one q/k/v matmul per block, and with triton installed the "
+                   "loss as two Triton kernels")
     s.add_argument("--pad-vocab", action="store_true",
                    help="compute 50304 logits (a multiple of 64) and drop the extra 47; "
                    "checkpoints keep the 50257-row shape")
@@ -86,5 +87,7 @@ def setup_training(
     if speed_flags_used(args):
         meter = SpeedMeter(flops_per_token(unwrap_model(model).cfg), peak_flops(device))
     wrapped = compile_model(model) if args.compile else model
-    loss_fn = training_loss(unwrap_model(model), device) if args.compile else token_cross_entropy
+    loss_fn = token_cross_entropy
+    if args.compile:  # on a GPU with triton, diygpt.fused_ce's kernels: BENCHMARKS.md
+        loss_fn = training_loss(unwrap_model(model), device, fused=True)
     return TrainingSetup(wrapped, optimizer, Precision(device, args.dtype), meter, loss_fn)
