@@ -190,15 +190,17 @@ def test_resume_extends_a_finished_run(run_copy, capsys):
 
 
 # -- NaN guard ---------------------------------------------------------------------------------
-def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(data, tmp_path, capsys):
+@pytest.mark.parametrize("fused", [[], ["--fused-adamw"]], ids=["host-check", "fused-adamw"])
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(data, tmp_path, capsys, fused):
     # AdamW with lr 1e30 blows the weights up in one step; step 1's loss is not finite.
-    rc, _, err = train_tiny(capsys, data, tmp_path / "run", "--lr", "1e30", "--save-every", "1")
+    rc, _, err = train_tiny(capsys, data, tmp_path / "run", "--lr", "1e30", "--save-every", "1",
+                            *fused)
     assert rc == 2
     assert "non-finite" in err and "at step 1 " in err and "ckpt-000000" in err
     assert latest_checkpoint(tmp_path / "run").name == "ckpt-000000"
 
 
-def _tiny_trainer(data: Path, policy: str, in_backward: bool | None = None):
+def _tiny_trainer(data: Path, policy: str, in_backward: bool | None = None, fused: bool = False):
     from diygpt.config import get_preset
     from diygpt.data import prepare_loaders
     from diygpt.model import GPTModel
@@ -209,15 +211,16 @@ def _tiny_trainer(data: Path, policy: str, in_backward: bool | None = None):
     tl, vl = prepare_loaders(data.read_text(), get_tokenizer(), 2, 16)
     torch.manual_seed(0)
     model = GPTModel(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
     tc = TrainConfig(num_epochs=1, eval_freq=100, eval_iter=1, start_context=None, max_steps=4,
                      progress=False, nan_policy=policy, optim_in_backward=in_backward)
     return Trainer(model, opt, tl, vl, "cpu", tc)
 
 
-@pytest.mark.parametrize("in_backward", [False, True], ids=["after-backward", "in-backward"])
-def test_inf_gradient_is_caught_before_the_update(data, in_backward):
-    trainer = _tiny_trainer(data, "stop", in_backward)
+@pytest.mark.parametrize(("in_backward", "fused"), [(False, False), (True, False), (False, True)],
+                         ids=["after-backward", "in-backward", "fused-adamw-device-flag"])
+def test_inf_gradient_is_caught_before_the_update(data, in_backward, fused):
+    trainer = _tiny_trainer(data, "stop", in_backward, fused)
     weight = trainer.model.tok_emb.weight
     calls = {"n": 0}
 
@@ -231,8 +234,9 @@ def test_inf_gradient_is_caught_before_the_update(data, in_backward):
     assert torch.isfinite(weight).all()
 
 
-def test_skip_policy_skips_the_bad_step(data, capsys):
-    trainer = _tiny_trainer(data, "skip")
+@pytest.mark.parametrize("fused", [False, True], ids=["host-check", "fused-adamw-device-flag"])
+def test_skip_policy_skips_the_bad_step(data, capsys, fused):
+    trainer = _tiny_trainer(data, "skip", fused=fused)
     calls = {"n": 0}
 
     def poison(module, args, out):

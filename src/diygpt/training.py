@@ -39,6 +39,7 @@ from diygpt.resume import (
 from diygpt.schedule import lr_at_step
 from diygpt.signals import Interrupted, StopRequest
 from diygpt.speed import SpeedMeter
+from diygpt.step_guard import StepGuard, skips_on_device
 from diygpt.train_config import History, TrainConfig
 
 if TYPE_CHECKING:
@@ -91,6 +92,9 @@ class Trainer:
         # Only with a meter does the eval line get tok/s (and MFU) appended.
         self.meter = meter
         self.in_backward: OptimInBackward | None = None  # fit() sets it where it applies
+        sharded = parallel is not None and parallel.sharded
+        self._guard = StepGuard(self.optimizer, self.precision,
+                                skips_on_device(optimizer, self.precision, sharded))
 
     # -- output --------------------------------------------------------------------------
     def log(self, line: str) -> None:
@@ -156,17 +160,16 @@ class Trainer:
         else:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads)
-        # Checked before optimizer.step(), so a bad step never reaches the weights.
-        finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
-        if not finite and self.precision.scaler is not None and bool(torch.isfinite(loss)):
-            self.precision.step(self.optimizer)  # fp16 overflow: the scaler skips, lowers its scale
-            return loss.detach()
-        if not finite:
-            self._non_finite(loss, grad_norm)
-            self.optimizer.zero_grad()
-            return loss.detach()
-        self.precision.step(self.optimizer)
+        # Checked before the update, so a bad step never reaches the weights: step_guard.py.
+        self._guard.step(loss.detach(), grad_norm, self._non_finite)
         return loss.detach()
+
+    def finish_step(self, loss: torch.Tensor) -> float:
+        """The step's loss as a number (which waits for it), and the report of a bad step
+        that fused AdamW skipped on the device."""
+        value = loss.item()
+        self._guard.check(self._non_finite)
+        return value
 
     def _non_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor, partial: bool = False) -> None:
         step = self.history.global_step + 1
@@ -212,16 +215,16 @@ class Trainer:
                         lr = self._set_lr(h.global_step + 1)
                         if self.meter is not None:
                             self.meter.start()
-                        loss = self.train_step(input_batch, target_batch)
+                        loss = self.finish_step(self.train_step(input_batch, target_batch))
                         h.tokens_seen += input_batch.numel()
                         h.global_step += 1
                         self.batch_in_epoch += 1
                         self._bar.update(1)
                         self._bar.set_postfix(
-                            loss=f"{loss.item():.3f}",
+                            loss=f"{loss:.3f}",
                             tok_s=f"{(h.tokens_seen - tokens0) / (time.perf_counter() - t0):.0f}",
                         )
-                        if self.meter is not None:  # after loss.item(), which waits for the GPU
+                        if self.meter is not None:  # after finish_step, which waits for the GPU
                             self.meter.stop(input_batch.numel())
                         if h.global_step % c.eval_freq == 0:
                             self._evaluate(epoch, lr)
