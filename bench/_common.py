@@ -64,6 +64,18 @@ def median_seconds(fn: Callable[[], object], warmup: int, repeats: int) -> float
     return statistics.median(times)
 
 
+def window_seconds(fn: Callable[[], object], warmup: int, repeats: int) -> float:
+    """Mean time of ``repeats`` calls queued back to back: one wait for the GPU, at the end."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    t0 = CLOCK()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (CLOCK() - t0) / repeats
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()

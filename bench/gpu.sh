@@ -17,10 +17,11 @@
 #   train     training tok/s and MFU, gpt2-small at ctx 1024, batch 32: bf16 autocast, SDPA
 #             flash attention, fused AdamW, TF32, torch.compile (model, loss, one q/k/v
 #             matmul), vocab padded to 50304; peer: transformers under the same autocast
-#             (target: 550k tok/s). Also (tenth pass, not yet run) the loss as
-#             diygpt.fused_ce's two Triton kernels over the padded head's whole output, and
-#             over its sliced logits; one step's top kernels for the first and Triton rows
-#   train64   the CLI's row and the Triton-loss row at batch 64, without the peer
+#             (target: 550k tok/s). Rows: the loss compiled (the CLI before the eleventh
+#             pass), as diygpt.fused_ce's two Triton kernels (the CLI's now), through the
+#             CLI's Trainer.train_step, and replayed as CUDA graphs; each also timed with
+#             its steps queued back to back (the loss not read between steps)
+#   train64   the same at batch 64 without the peer and the CUDA-graph row
 #   autotune  (only when named in STEPS) the CLI's row and the same compiled with inductor's
 #             max-autotune (Triton matmul templates, fused epilogues): minutes to compile
 #   gen       batch-1 greedy generation: KV cache, and compiled into CUDA graphs, against
@@ -78,10 +79,10 @@ transformers.__version__, '| cuda', torch.cuda.is_available())" || true
 run_step tests 240 $PY -m pytest -q -p no:cacheprovider -k cuda tests
 run_step train 300 $PY bench/train_speed.py --preset gpt2-small --batch-size "$BATCH" \
   --variants sdpa --peers hf --dtype bf16 --compile --fused-adamw --pad-vocab --tf32 \
-  --warmup 5 --steps 20 --triton-loss-row --sliced-row --profile
+  --warmup 5 --steps 20 --triton-loss-row --trainer-row --cudagraph-row --back-to-back
 run_step train64 200 $PY bench/train_speed.py --preset gpt2-small --batch-size 64 \
   --variants sdpa --peers none --dtype bf16 --compile --fused-adamw --pad-vocab --tf32 \
-  --warmup 5 --steps 20 --triton-loss-row
+  --warmup 5 --steps 20 --triton-loss-row --trainer-row --back-to-back
 run_step autotune 300 $PY bench/train_speed.py --preset gpt2-small --batch-size "$BATCH" \
   --variants sdpa --peers none --dtype bf16 --compile --fused-adamw --pad-vocab --tf32 \
   --warmup 5 --steps 20 --autotune-row

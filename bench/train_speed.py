@@ -35,17 +35,34 @@ from diygpt.speed import (
 
 
 def step_fn(model, optimizer, x, y, precision: Precision, hf: bool = False,
-            loss_fn=token_cross_entropy, attention=None):
-    """One training step; ``attention`` (optional) makes a context that picks SDPA's kernel."""
+            loss_fn=token_cross_entropy, attention=None, read_loss: bool = True,
+            graphs: bool = False):
+    """One training step; ``attention`` (optional) makes a context that picks SDPA's kernel.
+
+    ``read_loss`` False leaves the loss on the device, so steps queue back to back with no
+    wait for the GPU between them; ``graphs`` marks each step's start for CUDA-graph replay.
+    """
     def step():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         optimizer.zero_grad()
         with precision.autocast(), attention() if attention else contextlib.nullcontext():
             logits = model(x).logits if hf else model(x)
             loss = loss_fn(logits, y)
         precision.backward(loss)
         precision.step(optimizer)
-        return loss.item()
+        return loss.item() if read_loss else loss
     return step
+
+
+def trainer_step_fn(model, optimizer, x, y, precision: Precision, loss_fn, device):
+    """The CLI's step: Trainer.train_step (gradient norm, the non-finite guard) and
+    finish_step (the loss read for the progress bar)."""
+    from diygpt.training import TrainConfig, Trainer
+
+    trainer = Trainer(model, optimizer, None, None, device, TrainConfig(progress=False),
+                      precision=precision, loss_fn=loss_fn)
+    return lambda: trainer.finish_step(trainer.train_step(x, y))
 
 
 def profile_step(step, rows: int = 12) -> None:
@@ -89,6 +106,15 @@ def main() -> None:
     ap.add_argument("--autotune-row", action="store_true",
                     help="with --compile, also time the first variant compiled with "
                     "mode='max-autotune-no-cudagraphs' (minutes to compile)")
+    ap.add_argument("--cudagraph-row", action="store_true",
+                    help="with --compile on CUDA, also time the Triton-loss row compiled with "
+                    "mode='reduce-overhead' (forward and backward replayed as CUDA graphs)")
+    ap.add_argument("--trainer-row", action="store_true",
+                    help="also time the first variant through Trainer.train_step with the "
+                    "CLI's loss: the CLI's step (gradient norm, the non-finite guard)")
+    ap.add_argument("--back-to-back", action="store_true",
+                    help="also time each row with its steps queued back to back, the loss "
+                    "not read between them (one wait for the GPU per window of steps)")
     ap.add_argument("--cudnn-row", action="store_true",
                     help="also time the first variant with SDPA forced onto cuDNN attention")
     ap.add_argument("--profile", action="store_true",
@@ -109,12 +135,20 @@ def main() -> None:
     label = f"{args.dtype}{' + ' + ' + '.join(speedups) if speedups else ''}"
 
     rows: list[tuple[str, float]] = []
+    queued: list[tuple[str, float]] = []  # --back-to-back
 
-    def time_it(name, model, optimizer, precision, hf=False, **how):
+    def time_it(name, model, optimizer, precision, hf=False, trainer=False, **how):
         torch.manual_seed(0)
-        step = step_fn(model, optimizer, x, y, precision, hf, **how)
+        if trainer:
+            step = trainer_step_fn(model, optimizer, x, y, precision, how["loss_fn"], device)
+        else:
+            step = step_fn(model, optimizer, x, y, precision, hf, **how)
         rows.append((name, tokens / _common.median_seconds(step, args.warmup, args.steps)))
         print(f"{name}: {rows[-1][1]:.0f} tok/s", flush=True)  # kept if a later row is killed
+        if args.back_to_back and not trainer:
+            unread = step_fn(model, optimizer, x, y, precision, hf, read_loss=False, **how)
+            queued.append((name, tokens / _common.window_seconds(unread, 2, args.steps)))
+            print(f"{name}, back to back: {queued[-1][1]:.0f} tok/s", flush=True)
         return step
 
     peers = [p for p in args.peers.split(",") if p and p != "none"]
@@ -148,6 +182,12 @@ def main() -> None:
         if args.sliced_row:
             variants.append((first, ", Triton loss on the sliced logits", {}, fuse, "",
                              "sliced"))
+        if args.cudagraph_row:
+            variants.append((first, ", Triton loss, CUDA graphs", {"graphs": True}, fuse,
+                             "reduce-overhead", "triton"))
+    if args.trainer_row:  # the CLI's loss too: the Triton one where fused_ce.available
+        variants.append((first, ", the CLI's step (Trainer.train_step)", {"trainer": True},
+                         fuse, "", "cli"))
     if args.cudnn_row:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         variants.append((first, ", cuDNN attention",
@@ -172,10 +212,15 @@ def main() -> None:
         opt = make_adamw(model.parameters(), 4e-4, 0.1, fused=args.fused_adamw)
         if tuning == "max-autotune":  # Triton matmul templates with fused epilogues, timed
             wrapped = torch.compile(model, mode="max-autotune-no-cudagraphs")
+        elif tuning == "reduce-overhead":
+            wrapped = torch.compile(model, mode="reduce-overhead")
         else:
             wrapped = compile_model(model) if args.compile else model
         if loss is None:
             loss_fn = compile_loss() if args.compile else token_cross_entropy
+        elif loss == "cli":  # as speed_flags.setup_training picks it
+            loss_fn = (training_loss(model, device, fused=True) if args.compile
+                       else token_cross_entropy)
         elif loss in ("triton", "sliced"):
             loss_fn = training_loss(model, device, fused=True)
             if loss == "sliced":
@@ -189,7 +234,7 @@ def main() -> None:
         except Exception as exc:  # a kernel this GPU or torch lacks: report, go on
             print(f"{name}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             continue
-        if args.profile and (i == 0 or loss == "triton") and device.type == "cuda":
+        if args.profile and (i == 0 or note == ", Triton loss") and device.type == "cuda":
             try:
                 profile_step(step)
             except Exception as exc:  # the timings stand whatever the profiler does
@@ -200,6 +245,12 @@ def main() -> None:
         f"{device.type}, median of {args.steps} steps after {args.warmup} warm-up",
         "tok/s", rows, rows[0][0],
     )
+    if queued:
+        _common.print_table(
+            f"the same, steps queued back to back (the loss not read between them): "
+            f"{args.steps} steps after 2 warm-up, one wait at the end", "tok/s", queued,
+            queued[0][0],
+        )
     peak = peak_flops(device)
     if peak is not None:
         best = max(rate for name, rate in rows if name.startswith("diygpt"))
