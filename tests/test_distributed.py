@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import pytest
@@ -82,7 +83,8 @@ def test_torchrun_step_uses_the_dtype_like_one_process(dtype, tmp_path):
         expected.backward(part)
     single = grads()
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store",
-                                         rank=0, world_size=1)
+                                         rank=0, world_size=1,
+                                         timeout=datetime.timedelta(seconds=60))
     try:
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         Parallel(DistEnv(), torch.device("cpu")).forward_backward(
