@@ -19,8 +19,9 @@
 #             matmul), vocab padded to 50304; peer: transformers under the same autocast
 #             (target: 550k tok/s). Rows: the loss compiled (the CLI before the eleventh
 #             pass), as diygpt.fused_ce's two Triton kernels (the CLI's now), through the
-#             CLI's Trainer.train_step, and replayed as CUDA graphs; each also timed with
-#             its steps queued back to back (the loss not read between steps)
+#             CLI's Trainer.train_step, and replayed as CUDA graphs; each but the
+#             Trainer row also timed with its steps queued back to back (the loss not read
+#             between steps)
 #   train64   the same at batch 64 without the peer and the CUDA-graph row
 #   autotune  (only when named in STEPS) the CLI's row and the same compiled with inductor's
 #             max-autotune (Triton matmul templates, fused epilogues): minutes to compile

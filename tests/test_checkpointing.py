@@ -190,14 +190,18 @@ def test_resume_extends_a_finished_run(run_copy, capsys):
 
 
 # -- NaN guard ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("fused", [[], ["--fused-adamw"]], ids=["host-check", "fused-adamw"])
-def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(data, tmp_path, capsys, fused):
+@pytest.mark.parametrize("fused", [[], ["--fused-adamw", "--no-optim-in-backward"]],
+                         ids=["host-check", "fused-adamw-device-flag"])
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(data, tmp_path, capsys, fused,
+                                                               monkeypatch):
+    guarded = _count_guarded_steps(monkeypatch)
     # AdamW with lr 1e30 blows the weights up in one step; step 1's loss is not finite.
     rc, _, err = train_tiny(capsys, data, tmp_path / "run", "--lr", "1e30", "--save-every", "1",
                             *fused)
     assert rc == 2
     assert "non-finite" in err and "at step 1 " in err and "ckpt-000000" in err
     assert latest_checkpoint(tmp_path / "run").name == "ckpt-000000"
+    assert (guarded and all(guarded)) if fused else not any(guarded)  # the device flag
 
 
 def _tiny_trainer(data: Path, policy: str, in_backward: bool | None = None, fused: bool = False):
@@ -219,7 +223,8 @@ def _tiny_trainer(data: Path, policy: str, in_backward: bool | None = None, fuse
 
 @pytest.mark.parametrize(("in_backward", "fused"), [(False, False), (True, False), (False, True)],
                          ids=["after-backward", "in-backward", "fused-adamw-device-flag"])
-def test_inf_gradient_is_caught_before_the_update(data, in_backward, fused):
+def test_inf_gradient_is_caught_before_the_update(data, in_backward, fused, monkeypatch):
+    guarded = _count_guarded_steps(monkeypatch)
     trainer = _tiny_trainer(data, "stop", in_backward, fused)
     weight = trainer.model.tok_emb.weight
     calls = {"n": 0}
@@ -232,11 +237,30 @@ def test_inf_gradient_is_caught_before_the_update(data, in_backward, fused):
     with pytest.raises(TrainingError, match="non-finite gradient norm .* at step 2"):
         trainer.fit()
     assert torch.isfinite(weight).all()
+    assert guarded == ([True] * 3 if fused else [False] * 3 * (not in_backward))
+
+
+def _count_guarded_steps(monkeypatch) -> list[bool]:
+    """Record, for each StepGuard.step, whether it skipped on the device (fused AdamW)."""
+    from diygpt import step_guard
+
+    calls, real = [], step_guard.StepGuard.step
+
+    def spy(self, *args):
+        calls.append(step_guard.skips_on_device(self.optimizer, self.precision, self.sharded))
+        return real(self, *args)
+
+    monkeypatch.setattr(step_guard.StepGuard, "step", spy)
+    return calls
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["host-check", "fused-adamw-device-flag"])
-def test_skip_policy_skips_the_bad_step(data, capsys, fused):
-    trainer = _tiny_trainer(data, "skip", fused=fused)
+def test_skip_policy_skips_the_bad_step(data, capsys, fused, monkeypatch):
+    guarded = _count_guarded_steps(monkeypatch)
+    trainer = _tiny_trainer(data, "skip", in_backward=False if fused else None, fused=fused)
+    seen = []
+    trainer.model.tok_emb.weight.register_hook(lambda g: seen.append(
+        trainer.model.tok_emb.weight.detach().clone()))
     calls = {"n": 0}
 
     def poison(module, args, out):
@@ -248,3 +272,7 @@ def test_skip_policy_skips_the_bad_step(data, capsys, fused):
     assert "non-finite loss (nan) at step 1; step skipped" in capsys.readouterr().err
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert trainer.history.global_step == 3
+    emb = trainer.model.tok_emb.weight
+    assert torch.equal(seen[1], seen[2]) and not torch.equal(seen[2], emb.detach())
+    if fused:  # each step guarded on the device, the bad one not counted by AdamW
+        assert guarded == [True] * 4 and trainer.optimizer.state[emb]["step"].item() == 3

@@ -22,34 +22,44 @@ OnBad = Callable[[torch.Tensor, torch.Tensor], None]
 
 def skips_on_device(optimizer: torch.optim.Optimizer, precision: Precision,
                     sharded: bool = False) -> bool:
-    """Whether ``optimizer`` can skip a bad step from a device flag: fused AdamW (or Adam)
-    without a GradScaler (which sets the same flag itself) and on plain, unsharded tensors."""
-    fused = bool(getattr(optimizer, "defaults", {}).get("fused"))
-    return fused and getattr(optimizer, "_step_supports_amp_scaling", False) \
-        and precision.scaler is None and not sharded
+    """Whether ``optimizer`` can skip a bad step from a device flag: Adam or AdamW with every
+    group fused (``load_state_dict`` takes ``fused`` from the saved groups, so the groups are
+    asked, not the constructor's defaults), no GradScaler (which sets the same flag itself),
+    on plain, unsharded tensors. Fused SGD reads the flag too, but a skipped first step would
+    leave its momentum buffer unset."""
+    return (isinstance(optimizer, torch.optim.Adam)
+            and all(group.get("fused") for group in optimizer.param_groups)
+            and precision.scaler is None and not sharded)
 
 
 class StepGuard:
     """``step`` updates the weights only if the loss and the gradient norm are finite."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, precision: Precision,
-                 on_device: bool) -> None:
-        self.optimizer, self.precision, self.on_device = optimizer, precision, on_device
+                 sharded: bool = False) -> None:
+        self.optimizer, self.precision, self.sharded = optimizer, precision, sharded
         self._unread: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def step(self, loss: torch.Tensor, grad_norm: torch.Tensor, on_bad: OnBad) -> None:
+        self.check(on_bad)  # an earlier step nobody checked: reported, not lost
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-        if self.on_device:
+        if skips_on_device(self.optimizer, self.precision, self.sharded):
             self.optimizer.found_inf = (~finite).float()  # read by the fused kernel
-            self.precision.step(self.optimizer)
+            try:
+                self.precision.step(self.optimizer)
+            finally:  # left set, it would silence every later step() made without the guard
+                del self.optimizer.found_inf
             self._unread = (finite, loss, grad_norm)
             return
         if not bool(finite):
-            if self.precision.scaler is not None and bool(torch.isfinite(loss)):
+            scaler = self.precision.scaler
+            if scaler is not None and bool(torch.isfinite(loss)):
                 self.precision.step(self.optimizer)  # fp16 overflow: the scaler lowers its scale
                 return
-            on_bad(loss, grad_norm)
+            on_bad(loss, grad_norm)  # raises under nan_policy "stop"
             self.optimizer.zero_grad()
+            if scaler is not None:
+                scaler.update()  # closes this step's unscale_, which the next one repeats
             return
         self.precision.step(self.optimizer)
 

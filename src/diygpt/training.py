@@ -39,7 +39,7 @@ from diygpt.resume import (
 from diygpt.schedule import lr_at_step
 from diygpt.signals import Interrupted, StopRequest
 from diygpt.speed import SpeedMeter
-from diygpt.step_guard import StepGuard, skips_on_device
+from diygpt.step_guard import StepGuard
 from diygpt.train_config import History, TrainConfig
 
 if TYPE_CHECKING:
@@ -92,9 +92,8 @@ class Trainer:
         # Only with a meter does the eval line get tok/s (and MFU) appended.
         self.meter = meter
         self.in_backward: OptimInBackward | None = None  # fit() sets it where it applies
-        sharded = parallel is not None and parallel.sharded
-        self._guard = StepGuard(self.optimizer, self.precision,
-                                skips_on_device(optimizer, self.precision, sharded))
+        self._guard = StepGuard(optimizer, self.precision,
+                                sharded=parallel is not None and parallel.sharded)
 
     # -- output --------------------------------------------------------------------------
     def log(self, line: str) -> None:
@@ -127,6 +126,7 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     def train_step(self, input_batch: torch.Tensor, target_batch: torch.Tensor) -> torch.Tensor:
+        """One optimizer step; its loss (on the device) goes to :meth:`finish_step` next."""
         self.optimizer.zero_grad()
         if self.parallel is not None:
             loss = self.parallel.forward_backward(
