@@ -2,6 +2,8 @@
 
     python scripts/compare_seed_log.py runs/seed-eager.log --attn eager
 
+A log of the speed flags (their lines end in ", N tok/s") is compared without that ending.
+
 eager: every loss line must match to the printed 3 decimals and every epoch sample must be
 the same text (whitespace folded: the seed's page collapses runs of spaces). sdpa may draw
 its dropout masks differently (it does on GPU kernels), so with --attn sdpa only step 0 must
@@ -34,6 +36,8 @@ SEED_SAMPLES = [
     "Every effort moves you know,\" was not that my hostess was \"interesting\": on that point I could have given Miss Croft the fact of the last Mrs.           \"I had the; and he had the his",
     "Every effort moves you know,\" was one of the ax.  \"I had the last word.    \"I didn't about the you. \"I was _not_ his pictures--the him up his ease--because he didn't want",
 ]
+# What the speed flags (--compile, --fused-adamw, ...) append to each loss line.
+SPEED = re.compile(r", \d+ tok/s(, MFU [\d.]+%)?$")
 LINE = re.compile(r"^Ep (\d+) \(Step (\d+)\): Train loss ([\d.]+|nan), Val loss ([\d.]+|nan)$")
 
 
@@ -46,6 +50,7 @@ def fold(text: str) -> str:
 
 
 def parse(lines: list[str]) -> tuple[list[str], list[str]]:
+    lines = [SPEED.sub("", ln) for ln in lines]
     losses = [ln for ln in lines if LINE.match(ln)]
     samples = [ln for ln in lines if ln.startswith("Every effort moves you")]
     return losses, samples

@@ -133,7 +133,7 @@ def test_train_compile_wiring(tmp_path, verdict_path, capsys, monkeypatch):
     calls = []
 
     class Wrapper(torch.nn.Module):
-        def __init__(self, fn):
+        def __init__(self, fn, **options):
             super().__init__()
             self._orig_mod = fn
 
