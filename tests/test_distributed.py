@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import socket
+import weakref
 from pathlib import Path
 
 import pytest
@@ -85,16 +87,63 @@ def test_torchrun_step_uses_the_dtype_like_one_process(dtype, tmp_path):
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store",
                                          rank=0, world_size=1,
                                          timeout=datetime.timedelta(seconds=60))
+    ddp = None
     try:
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         Parallel(DistEnv(), torch.device("cpu")).forward_backward(
             ddp, x, y, 2, "cpu", Precision("cpu", dtype))
     finally:
+        # DDP's reducer goes before the group, as in the CLI: holding the group's last
+        # reference, it would tear gloo's threads down under the GIL, and deadlock with a
+        # worker freeing its finished all-reduce (which takes the GIL) about once in 60.
+        del ddp
         torch.distributed.destroy_process_group()
     ranked = grads()
     # Bit for bit: so the forward autocast (bf16 or fp16) and fp16's loss scale were used.
     for a, b in zip(single, ranked, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_no_ddp_model_outlives_the_group(fails, verdict_path, tmp_path, capsys, monkeypatch):
+    """A DDP reducer freed after destroy_process_group can deadlock in gloo's teardown (see
+    distributed.shutdown): after a run, and after a failed one, none is left by then (a
+    group of one rank, in-process)."""
+    from diygpt import distributed
+    from diygpt.errors import TrainingError
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    wrapped, alive = [], []
+    wrap = distributed.wrap_model
+
+    def spy_wrap(*args, **kwargs):
+        model, parallel = wrap(*args, **kwargs)
+        wrapped.append(weakref.ref(model))
+        return model, parallel
+
+    destroy = torch.distributed.destroy_process_group
+
+    def spy_destroy(*args, **kwargs):
+        alive.append(wrapped[0]() is not None)
+        destroy(*args, **kwargs)
+
+    def boom(self):
+        raise TrainingError("stopped for the test")
+
+    monkeypatch.setattr(distributed, "wrap_model", spy_wrap)
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", spy_destroy)
+    if fails:
+        monkeypatch.setattr("diygpt.training.Trainer.fit", boom)
+    rc = main(tiny_args(verdict_path, str(tmp_path / "run"), "--max-steps", "2"))
+    err = capsys.readouterr().err
+    assert (rc != 0) == fails, err
+    assert len(wrapped) == 1 and alive == [False]  # one DDP model, gone by then
+    assert not torch.distributed.is_initialized()
 
 
 def test_fsdp_with_fp16_is_a_one_line_error(verdict_path, tmp_path, capsys):

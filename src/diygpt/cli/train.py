@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 from diygpt.cli.options import add_device_flags, build_config, finite_float, positive_int
@@ -142,7 +143,10 @@ def run(args: argparse.Namespace) -> int:
     env, device = distributed.init_distributed(args.device)  # torchrun's env, if any
     try:
         rc = _train(args, env, device)
-    except BaseException:
+    except BaseException as exc:
+        # The failed run's frames hold its model (and DDP's reducer): freed before the
+        # group goes, see distributed.shutdown.
+        traceback.clear_frames(exc.__traceback__)
         distributed.shutdown(wait=False)
         raise
     distributed.shutdown()
