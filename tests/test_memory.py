@@ -130,13 +130,28 @@ def test_malloc_setting_left_to_the_user(monkeypatch):
 def test_cli_low_memory_gives_the_same_weights(data, tmp_path, capsys):
     weights = []
     for extra in ([], ["--low-memory", "--no-malloc-tuning"], ["--no-recompute"],
-                  ["--trim-heap"]):
+                  ["--no-trim-heap"]):
         out = tmp_path / f"run{len(weights)}"
         rc, stdout, err = train_tiny(capsys, data, out, "--max-steps", "3", "--drop-rate", "0.1",
                                      *extra)
         assert rc == 0, err
         weights.append(((out / "model.safetensors").read_bytes(), stdout))
     assert weights[0] == weights[1] == weights[2] == weights[3]
+
+
+@pytest.mark.parametrize(("extra", "trims"), [
+    ((), True), (("--no-trim-heap",), False), (("--compile",), False),
+    (("--compile", "--trim-heap"), True)])
+def test_cli_trims_the_heap_by_default_on_the_cpu_uncompiled(data, tmp_path, capsys, monkeypatch,
+                                                             extra, trims):
+    seen = []
+    tune = memory.tune_malloc
+    monkeypatch.setattr(memory, "tune_malloc",
+                        lambda *a, **kw: seen.append(kw["trim_after_forward"]) or tune(*a, **kw))
+    monkeypatch.setattr("diygpt.speed.torch.compile", lambda fn, **kw: fn)  # wiring only
+    rc, _, err = train_tiny(capsys, data, tmp_path / "run", "--max-steps", "1", *extra)
+    assert rc == 0, err
+    assert seen == [trims]
 
 
 def test_cli_low_memory_refuses_compile(data, tmp_path, capsys):
