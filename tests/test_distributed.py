@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import socket
 import weakref
 from pathlib import Path
@@ -129,17 +130,26 @@ def test_no_ddp_model_outlives_the_group(fails, verdict_path, tmp_path, capsys, 
     destroy = torch.distributed.destroy_process_group
 
     def spy_destroy(*args, **kwargs):
-        alive.append(wrapped[0]() is not None)
-        destroy(*args, **kwargs)
+        try:
+            alive.append(bool(wrapped) and wrapped[0]() is not None)
+        finally:
+            destroy(*args, **kwargs)
 
     def boom(self):
-        raise TrainingError("stopped for the test")
+        try:
+            raise RuntimeError("the first failure")
+        except RuntimeError as exc:  # chained: its frames are cleared too
+            raise TrainingError("stopped for the test") from exc
 
     monkeypatch.setattr(distributed, "wrap_model", spy_wrap)
     monkeypatch.setattr(torch.distributed, "destroy_process_group", spy_destroy)
     if fails:
         monkeypatch.setattr("diygpt.training.Trainer.fit", boom)
-    rc = main(tiny_args(verdict_path, str(tmp_path / "run"), "--max-steps", "2"))
+    gc.disable()  # so that only shutdown's own collection can free a reference cycle
+    try:
+        rc = main(tiny_args(verdict_path, str(tmp_path / "run"), "--max-steps", "2"))
+    finally:
+        gc.enable()
     err = capsys.readouterr().err
     assert (rc != 0) == fails, err
     assert len(wrapped) == 1 and alive == [False]  # one DDP model, gone by then

@@ -172,3 +172,17 @@ def test_resume_with_low_memory_is_exact(data, tmp_path, capsys):
     assert rc == 0, err
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == \
         (tmp_path / "straight" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(("saved", "typed", "expected"), [
+    (False, [], None), (None, [], None), (True, [], True),
+    (False, ["--no-trim-heap"], False), (None, ["--trim-heap"], True)])
+def test_resume_takes_an_older_runs_untyped_trim_heap_as_the_default(saved, typed, expected):
+    """Runs saved before --no-trim-heap existed hold False for "not given"."""
+    from diygpt.cli.main import build_parser
+    from diygpt.cli.resume_args import merge_resume_args
+
+    argv = ["train", "--resume", "runs/x", *typed]
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    assert merge_resume_args(args, {"trim_heap": saved}, args.parser).trim_heap is expected

@@ -67,6 +67,10 @@ def merge_resume_args(
         raise ConfigError("--out and --resume name different folders; give only --resume RUN")
     merged = {k: v for k, v in vars(args).items()}
     merged.update({k: v for k, v in saved.items() if k not in NOT_SETTINGS})
+    if saved.get("trim_heap") is False:
+        # Saved before --no-trim-heap existed, False only meant the flag was not given: so
+        # today's default (on for the CPU uncompiled) applies.
+        merged["trim_heap"] = None
     merged.update({k: getattr(args, k) for k in typed & CHANGEABLE})
     merged["resume"], merged["out"] = args.resume, str(args.resume)
     return argparse.Namespace(**merged)
