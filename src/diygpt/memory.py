@@ -9,7 +9,7 @@ activations, and optim_in_backward, which never holds all gradients):
   step, land among them. Giving the moments mappings of their own takes ~120 MB off the
   seed run's peak. ``--trim-heap`` (the CLI's default on the CPU without ``--compile``)
   also hands the heap's free pages back after each training forward pass (60-115 MB less,
-  2-5% slower; it is what keeps the seed's run under 3.0 GB); ``--low-memory`` does that and
+  2-5% slower; it is what keeps the seed's run under 3000 MiB); ``--low-memory`` does that and
   trims again before the big updates (slower, ~600 MB less with its recomputation).
 - :func:`recompute_blocks` (``--low-memory``): activation checkpointing of each transformer
   block. Only a block's input is kept for backward; its forward runs again during backward

@@ -121,7 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="hand glibc's free heap pages back after each training forward pass, "
                      "before backward peaks: 60-115 MB less for book-124m, 2-5%% slower. "
                      "Default: on for the CPU without --compile, which keeps the seed's run "
-                     "under 3.0 GB (--low-memory does it too)")
+                     "under 3000 MiB (--low-memory does it too)")
     add_speed_flags(p)
     add_device_flags(p)
     p.add_argument("--fsdp", action="store_true",
