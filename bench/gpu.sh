@@ -23,8 +23,9 @@
 #             Trainer row also timed with its steps queued back to back (the loss not read
 #             between steps)
 #   train64   the same at batch 64 without the peer and the CUDA-graph row
-#   autotune  (only when named in STEPS) the CLI's row and the same compiled with inductor's
-#             max-autotune (Triton matmul templates, fused epilogues): minutes to compile
+#   autotune  (only when named in STEPS) at batch 64, the Triton-loss row (the CLI's) and the
+#             same compiled with inductor's max-autotune (Triton matmul templates, fused
+#             epilogues): minutes to compile
 #   gen       batch-1 greedy generation: KV cache, and compiled into CUDA graphs, against
 #             transformers generate (target: 1500 tok/s); also each static_decode speed-up
 #             turned off, and one call's GPU busy time and top kernels
@@ -84,9 +85,9 @@ run_step train 300 $PY bench/train_speed.py --preset gpt2-small --batch-size "$B
 run_step train64 200 $PY bench/train_speed.py --preset gpt2-small --batch-size 64 \
   --variants sdpa --peers none --dtype bf16 --compile --fused-adamw --pad-vocab --tf32 \
   --warmup 5 --steps 20 --triton-loss-row --trainer-row --back-to-back
-run_step autotune 300 $PY bench/train_speed.py --preset gpt2-small --batch-size "$BATCH" \
+run_step autotune 500 $PY bench/train_speed.py --preset gpt2-small --batch-size 64 \
   --variants sdpa --peers none --dtype bf16 --compile --fused-adamw --pad-vocab --tf32 \
-  --warmup 5 --steps 20 --autotune-row
+  --warmup 5 --steps 20 --triton-loss-row --autotune-row
 run_step gen 200 $PY bench/generate_speed.py --new-tokens 200 --warmup 2 --repeats 5 \
   --cuda-ablation --profile
 run_step fsdp 120 $PY scripts/fsdp_gpu_check.py --data "$DIYGPT_ASSETS/the-verdict.txt" \

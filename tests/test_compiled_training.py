@@ -41,6 +41,19 @@ def test_compile_model_keeps_torchs_generator_on_the_cpu_only(monkeypatch):
     assert seen == [{"options": {"fallback_random": True}}, {}]
 
 
+def test_compile_model_max_autotune_goes_in_as_options(monkeypatch):
+    """torch.compile refuses mode= with options=, so the mode's own options are passed, with
+    the CPU's generator setting kept; CUDA graphs (max-autotune's other form) stay off."""
+    seen = []
+    monkeypatch.setattr("diygpt.speed.torch.compile", lambda model, **kw: seen.append(kw) or model)
+    compile_model(GPTModel(CFG), "max-autotune")
+    compile_model(GPTModel(CFG).to("meta"), "max-autotune")
+    tuned = {"max_autotune": True, "coordinate_descent_tuning": True}
+    assert seen == [{"options": {**tuned, "fallback_random": True}}, {"options": tuned}]
+    with pytest.raises(ValueError, match="compile mode 'fast'"):
+        compile_model(GPTModel(CFG), "fast")
+
+
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_training_follows_the_eager_curve_with_dropout():

@@ -174,8 +174,9 @@ def test_the_cli_compiles_with_the_fused_loss_where_it_runs(monkeypatch):
 
     monkeypatch.setattr(fused_ce, "available", lambda d: torch.device(d).type == "cuda")
     monkeypatch.setattr(speed, "peak_flops", lambda d: None)
-    args = argparse.Namespace(dtype="fp32", compile=True, pad_vocab=True, fused_adamw=True,
-                              tf32=False, lr=4e-4, weight_decay=0.1)
+    args = argparse.Namespace(dtype="fp32", compile=True, compile_mode="default",
+                              pad_vocab=True, fused_adamw=True, tf32=False, lr=4e-4,
+                              weight_decay=0.1)
     for device, fused in (("cuda", True), ("cpu", False)):
         model = pad_vocab(GPTModel(TINY))
         setup = speed_flags.setup_training(args, model, torch.device(device))

@@ -149,6 +149,22 @@ def test_train_compile_wiring(tmp_path, verdict_path, capsys, monkeypatch):
     load_model(tmp_path / "run")  # no _orig_mod. prefixes
 
 
+def test_train_compile_mode_reaches_torch_compile(tmp_path, verdict_path, capsys, monkeypatch):
+    """--compile-mode max-autotune compiles the model with inductor's autotuning (compile
+    mocked), is saved with the run, and without --compile is a one-line error."""
+    seen = []
+    monkeypatch.setattr("diygpt.speed.torch.compile",
+                        lambda fn, **kw: seen.append(kw.get("options", {})) or fn)
+    _train(tmp_path, verdict_path, "--compile", "--compile-mode", "max-autotune", capsys=capsys)
+    assert seen[0]["max_autotune"] and "triton.cudagraphs" not in seen[0]
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["train_args"]["compile_mode"] == "max-autotune"
+    rc = main(["train", "--data", str(verdict_path), "--compile-mode", "max-autotune",
+               "--out", str(tmp_path / "other")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--compile-mode max-autotune needs --compile" in err, err
+
+
 def test_fp16_resume_is_exact_and_keeps_the_loss_scale(tmp_path, verdict_path, capsys):
     whole = tmp_path / "whole"
     _train(whole, verdict_path, "--dtype", "fp16", "--save-every", "2", "--max-steps", "6",

@@ -113,7 +113,10 @@ def fuse_qkv(model: nn.Module) -> nn.Module:
     return model
 
 
-def compile_model(model: nn.Module) -> nn.Module:
+COMPILE_MODES = ("default", "max-autotune")
+
+
+def compile_model(model: nn.Module, mode: str = "default") -> nn.Module:
     """The compiled wrapper; checkpoints still save the plain model (``unwrap_model``).
 
     On the CPU, dropout keeps drawing from torch's generator (inductor's
@@ -122,11 +125,23 @@ def compile_model(model: nn.Module) -> nn.Module:
     inductor's own generator it followed another curve (train loss 0.568 against 1.153
     after 10 epochs), at the same speed (BENCHMARKS.md, twelfth pass). On a GPU, where
     inductor fuses its draws into the kernels, the masks are left to it.
+
+    ``mode="max-autotune"`` is inductor's ``max-autotune-no-cudagraphs``: at the first step
+    each matrix product's cuBLAS call is timed against Triton templates, and the fused
+    kernels are tuned (minutes; cached on disk after). On an H200 cuBLAS won every product,
+    with the bias now inside ``addmm``, and the step was 1.6-2.5% faster. CUDA graphs, which
+    the mode's other form adds, were slower there (BENCHMARKS.md, thirteenth pass).
     """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+    # mode= and options= do not go together in torch.compile, so the mode goes in as options.
+    options = {}
+    if mode == "max-autotune":
+        options.update(torch._inductor.list_mode_options("max-autotune-no-cudagraphs"))
     param = next(model.parameters(), None)
     if param is not None and param.device.type == "cpu":
-        return torch.compile(model, options={"fallback_random": True})
-    return torch.compile(model)
+        options["fallback_random"] = True
+    return torch.compile(model, options=options) if options else torch.compile(model)
 
 
 def compile_loss() -> LossFn:

@@ -199,6 +199,8 @@ def _train(args: argparse.Namespace, env, device) -> int:
     if args.fsdp and args.dtype == "fp16":
         raise ConfigError("--fsdp does not go with --dtype fp16 (each rank would judge overflow "
                           "on its own shard of the gradients); use --dtype bf16")
+    if args.compile_mode != "default" and not args.compile:
+        raise ConfigError(f"--compile-mode {args.compile_mode} needs --compile")
     if args.low_memory and args.compile:
         raise ConfigError("--low-memory does not go with --compile (recomputation wraps the "
                           "blocks' forward, which is not tested compiled)")
