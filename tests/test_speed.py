@@ -165,6 +165,32 @@ def test_train_compile_mode_reaches_torch_compile(tmp_path, verdict_path, capsys
     assert rc == 2 and "--compile-mode max-autotune needs --compile" in err, err
 
 
+def test_the_cli_offers_compile_models_modes():
+    from diygpt import speed
+    from diygpt.cli import speed_flags
+
+    assert speed_flags.COMPILE_MODES == speed.COMPILE_MODES
+
+
+def test_resume_keeps_the_compile_mode_or_takes_a_typed_one(tmp_path, verdict_path, capsys,
+                                                            monkeypatch):
+    seen = []
+    monkeypatch.setattr("diygpt.speed.torch.compile",
+                        lambda fn, **kw: seen.append(kw.get("options", {})) or fn)
+    _train(tmp_path, verdict_path, "--compile", "--compile-mode", "max-autotune",
+           "--save-every", "2", "--max-steps", "2", capsys=capsys)
+    run = str(tmp_path / "run")
+
+    def resume(*extra: str) -> tuple[bool, str]:
+        seen.clear()
+        assert main(["train", "--resume", run, "--no-progress", *extra]) == 0
+        state = json.loads((tmp_path / "run" / "state.json").read_text())
+        return bool(seen[0].get("max_autotune")), state["train_args"]["compile_mode"]
+
+    assert resume("--max-steps", "4") == (True, "max-autotune")
+    assert resume("--max-steps", "6", "--compile-mode", "default") == (False, "default")
+
+
 def test_fp16_resume_is_exact_and_keeps_the_loss_scale(tmp_path, verdict_path, capsys):
     whole = tmp_path / "whole"
     _train(whole, verdict_path, "--dtype", "fp16", "--save-every", "2", "--max-steps", "6",

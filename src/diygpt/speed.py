@@ -128,9 +128,9 @@ def compile_model(model: nn.Module, mode: str = "default") -> nn.Module:
 
     ``mode="max-autotune"`` is inductor's ``max-autotune-no-cudagraphs``: at the first step
     each matrix product's cuBLAS call is timed against Triton templates, and the fused
-    kernels are tuned (minutes; cached on disk after). On an H200 cuBLAS won every product,
-    with the bias now inside ``addmm``, and the step was 1.6-2.5% faster. CUDA graphs, which
-    the mode's other form adds, were slower there (BENCHMARKS.md, thirteenth pass).
+    kernels are tuned (minutes; cached on that machine's disk after). On an H200 cuBLAS won
+    every product and the step was 1.6-2.5% faster (BENCHMARKS.md, thirteenth pass). CUDA
+    graphs, which torch's ``max-autotune`` adds, were 1.8% slower there (eleventh pass).
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r}: expected one of {', '.join(COMPILE_MODES)}")

@@ -32,10 +32,11 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
                    "on a GPU also one q/k/v matmul per block, and with triton installed the "
                    "loss as two Triton kernels")
     s.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
-                   help="with --compile: 'max-autotune' times cuBLAS against Triton templates "
-                   "for each matmul and tunes the fused kernels at the first step (about 7 "
-                   "minutes for gpt2-small on an H200, cached after), 1.6-2.5%% faster there "
-                   "(default: default)")
+                   help="with --compile, 'max-autotune' (torch's max-autotune-no-cudagraphs): "
+                   "on a GPU, times cuBLAS against Triton templates for each matmul and tunes "
+                   "the fused kernels at the first step; about 6 minutes for gpt2-small on "
+                   "an H200, then cached on that machine's disk; 1.6-2.5%% faster there. "
+                   "Default: default, inductor's plain compile")
     s.add_argument("--pad-vocab", action="store_true",
                    help="compute 50304 logits (a multiple of 64) and drop the extra 47; "
                    "checkpoints keep the 50257-row shape")
