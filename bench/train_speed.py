@@ -87,6 +87,9 @@ def main() -> None:
     ap.add_argument("--fused-adamw", action="store_true")
     ap.add_argument("--pad-vocab", action="store_true")
     ap.add_argument("--tf32", action="store_true")
+    ap.add_argument("--matmul-precision", choices=("highest", "high", "medium"), default=None,
+                    help="torch.set_float32_matmul_precision for both sides (on a CPU with "
+                    "AMX, 'medium' runs fp32 products in bf16 through oneDNN)")
     ap.add_argument("--peers", default="book,hf", help="comma list of book, hf (or none)")
     ap.add_argument("--variants", default="sdpa,eager", help="diygpt attention kernels to time")
     ap.add_argument("--eager-loss-row", action="store_true",
@@ -127,12 +130,16 @@ def main() -> None:
     device = torch.device(args.device)
     if args.tf32:
         enable_tf32()
+    if args.matmul_precision:
+        torch.set_float32_matmul_precision(args.matmul_precision)
     cfg = get_preset(args.preset)
     t = cfg.context_length
     x, y = _common.verdict_batch(args.batch_size, t, device)
     tokens = x.numel()
     fast = Precision(device, args.dtype)
     speedups = [name for name in ("compile", "fused_adamw", "pad_vocab", "tf32") if getattr(args, name)]
+    if args.matmul_precision:
+        speedups.append(f"matmul precision {args.matmul_precision}")
     label = f"{args.dtype}{' + ' + ' + '.join(speedups) if speedups else ''}"
 
     rows: list[tuple[str, float]] = []
