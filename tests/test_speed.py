@@ -149,12 +149,20 @@ def test_train_compile_wiring(tmp_path, verdict_path, capsys, monkeypatch):
     load_model(tmp_path / "run")  # no _orig_mod. prefixes
 
 
-def test_train_compile_mode_reaches_torch_compile(tmp_path, verdict_path, capsys, monkeypatch):
-    """--compile-mode max-autotune compiles the model with inductor's autotuning (compile
-    mocked), is saved with the run, and without --compile is a one-line error."""
-    seen = []
+@pytest.fixture
+def compile_options(monkeypatch) -> list[dict]:
+    """torch.compile mocked: each call's inductor options, in order; the function uncompiled."""
+    seen: list[dict] = []
     monkeypatch.setattr("diygpt.speed.torch.compile",
                         lambda fn, **kw: seen.append(kw.get("options", {})) or fn)
+    return seen
+
+
+def test_train_compile_mode_reaches_torch_compile(tmp_path, verdict_path, capsys,
+                                                  compile_options):
+    """--compile-mode max-autotune compiles the model with inductor's autotuning, is saved
+    with the run, and without --compile is a one-line error."""
+    seen = compile_options
     _train(tmp_path, verdict_path, "--compile", "--compile-mode", "max-autotune", capsys=capsys)
     assert seen[0]["max_autotune"] and "triton.cudagraphs" not in seen[0]
     state = json.loads((tmp_path / "run" / "state.json").read_text())
@@ -173,10 +181,8 @@ def test_the_cli_offers_compile_models_modes():
 
 
 def test_resume_keeps_the_compile_mode_or_takes_a_typed_one(tmp_path, verdict_path, capsys,
-                                                            monkeypatch):
-    seen = []
-    monkeypatch.setattr("diygpt.speed.torch.compile",
-                        lambda fn, **kw: seen.append(kw.get("options", {})) or fn)
+                                                            compile_options):
+    seen = compile_options
     _train(tmp_path, verdict_path, "--compile", "--compile-mode", "max-autotune",
            "--save-every", "2", "--max-steps", "2", capsys=capsys)
     run = str(tmp_path / "run")
