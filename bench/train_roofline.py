@@ -50,9 +50,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--matmul-precision", choices=("highest", "high", "medium"), default=None,
+                    help="torch.set_float32_matmul_precision for the products and the peer's "
+                    "step (on a CPU with AMX, 'medium' runs fp32 products in bf16)")
     _common.add_common_args(ap)
     args = ap.parse_args()
     _common.apply_common_args(args)
+    if args.matmul_precision:
+        torch.set_float32_matmul_precision(args.matmul_precision)
     cfg = get_preset(args.preset)
     m, c, t = args.batch_size * cfg.context_length, cfg.emb_dim, cfg.context_length
 
@@ -64,7 +69,8 @@ def main() -> None:
     head_s = sum(_common.median_seconds(fn, 1, args.repeats) for _, fn in head)
     bound = cfg.n_layers * layer_s + head_s
     print(f"matrix products of one {args.preset} step (batch {args.batch_size}, {m} tokens), "
-          f"fp32, {torch.get_num_threads()} threads, each timed alone:")
+          f"fp32 (matmul precision {torch.get_float32_matmul_precision()}), "
+          f"{torch.get_num_threads()} threads, each timed alone:")
     print(f"  per block {1000 * layer_s:.1f} ms x {cfg.n_layers} + output head {1000 * head_s:.1f} ms"
           f" = {1000 * bound:.0f} ms -> at most {m / bound:.1f} tok/s")
     if args.skip_hf:
