@@ -38,10 +38,19 @@ def add_common_args(ap) -> None:
                     "machine wall time measures the other users too (use with --threads 1)")
 
 
+def add_matmul_precision_arg(ap) -> None:
+    """For the benches that time fp32 products in this process, on both sides alike."""
+    ap.add_argument("--matmul-precision", choices=("highest", "high", "medium"), default=None,
+                    help="torch.set_float32_matmul_precision for diygpt and its peer (on a "
+                    "CPU with AMX, 'medium' runs fp32 products in bf16 through oneDNN)")
+
+
 def apply_common_args(args) -> None:
     global CLOCK, CLOCK_NAME
     if args.threads:
         torch.set_num_threads(args.threads)
+    if getattr(args, "matmul_precision", None):
+        torch.set_float32_matmul_precision(args.matmul_precision)
     if args.cpu_time:
         CLOCK, CLOCK_NAME = time.process_time, "process CPU time"
 

@@ -50,14 +50,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--matmul-precision", choices=("highest", "high", "medium"), default=None,
-                    help="torch.set_float32_matmul_precision for the products and the peer's "
-                    "step (on a CPU with AMX, 'medium' runs fp32 products in bf16)")
+    _common.add_matmul_precision_arg(ap)
     _common.add_common_args(ap)
     args = ap.parse_args()
     _common.apply_common_args(args)
-    if args.matmul_precision:
-        torch.set_float32_matmul_precision(args.matmul_precision)
     cfg = get_preset(args.preset)
     m, c, t = args.batch_size * cfg.context_length, cfg.emb_dim, cfg.context_length
 

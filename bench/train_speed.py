@@ -87,9 +87,6 @@ def main() -> None:
     ap.add_argument("--fused-adamw", action="store_true")
     ap.add_argument("--pad-vocab", action="store_true")
     ap.add_argument("--tf32", action="store_true")
-    ap.add_argument("--matmul-precision", choices=("highest", "high", "medium"), default=None,
-                    help="torch.set_float32_matmul_precision for both sides (on a CPU with "
-                    "AMX, 'medium' runs fp32 products in bf16 through oneDNN)")
     ap.add_argument("--peers", default="book,hf", help="comma list of book, hf (or none)")
     ap.add_argument("--variants", default="sdpa,eager", help="diygpt attention kernels to time")
     ap.add_argument("--eager-loss-row", action="store_true",
@@ -124,14 +121,13 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="print the CUDA kernels of one step of the first variant (and of "
                     "the Triton-loss row)")
+    _common.add_matmul_precision_arg(ap)
     _common.add_common_args(ap)
     args = ap.parse_args()
     _common.apply_common_args(args)
     device = torch.device(args.device)
     if args.tf32:
         enable_tf32()
-    if args.matmul_precision:
-        torch.set_float32_matmul_precision(args.matmul_precision)
     cfg = get_preset(args.preset)
     t = cfg.context_length
     x, y = _common.verdict_batch(args.batch_size, t, device)
