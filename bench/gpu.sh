@@ -25,7 +25,9 @@
 #   train64   the same at batch 64 without the peer and the CUDA-graph row
 #   autotune  (only when named in STEPS) at batch 64: the compiled-loss row, the Triton-loss
 #             row (the CLI's) and the same compiled with inductor's max-autotune (cuBLAS
-#             timed against Triton matmul templates, fused kernels tuned): minutes to compile
+#             timed against Triton matmul templates, fused kernels tuned): minutes to compile.
+#             AUTOTUNE_BATCHES (default 64) runs it at each batch size listed;
+#             AUTOTUNE_MODE=max-autotune-aten times cuBLAS's own variants only (no templates)
 #   gen       batch-1 greedy generation: KV cache, and compiled into CUDA graphs, against
 #             transformers generate (target: 1500 tok/s); also each static_decode speed-up
 #             turned off, and one call's GPU busy time and top kernels
@@ -85,9 +87,12 @@ run_step train 300 $PY bench/train_speed.py --preset gpt2-small --batch-size "$B
 run_step train64 200 $PY bench/train_speed.py --preset gpt2-small --batch-size 64 \
   --variants sdpa --peers none --dtype bf16 --compile --fused-adamw --pad-vocab --tf32 \
   --warmup 5 --steps 20 --triton-loss-row --trainer-row --back-to-back
-run_step autotune 500 $PY bench/train_speed.py --preset gpt2-small --batch-size 64 \
-  --variants sdpa --peers none --dtype bf16 --compile --fused-adamw --pad-vocab --tf32 \
-  --warmup 5 --steps 20 --triton-loss-row --autotune-row
+for batch in ${AUTOTUNE_BATCHES:-64}; do
+  run_step autotune 500 $PY bench/train_speed.py --preset gpt2-small --batch-size "$batch" \
+    --variants sdpa --peers none --dtype bf16 --compile --fused-adamw --pad-vocab --tf32 \
+    --warmup 5 --steps 20 --triton-loss-row --autotune-row \
+    --autotune-mode "${AUTOTUNE_MODE:-max-autotune}"
+done
 run_step gen 200 $PY bench/generate_speed.py --new-tokens 200 --warmup 2 --repeats 5 \
   --cuda-ablation --profile
 run_step fsdp 120 $PY scripts/fsdp_gpu_check.py --data "$DIYGPT_ASSETS/the-verdict.txt" \

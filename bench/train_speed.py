@@ -107,6 +107,10 @@ def main() -> None:
                     help="with --compile, also time the first variant compiled with "
                     "mode='max-autotune-no-cudagraphs' and the CLI's loss (the Triton one "
                     "where it runs; minutes to compile)")
+    ap.add_argument("--autotune-mode", choices=("max-autotune", "max-autotune-aten"),
+                    default="max-autotune", help="the --autotune-row's compile_model mode "
+                    "(as diygpt train --compile-mode): max-autotune-aten times cuBLAS's own "
+                    "variants only, no Triton templates to compile")
     ap.add_argument("--cudagraph-row", action="store_true",
                     help="with --compile on CUDA, also time the Triton-loss row compiled with "
                     "mode='reduce-overhead' (forward and backward replayed as CUDA graphs)")
@@ -201,7 +205,7 @@ def main() -> None:
         variants.append((first, ", coordinate-descent tuning", {}, fuse, "coordinate", None))
     if args.autotune_row and args.compile:  # with the CLI's loss, so its match is that row
         cli_loss = "triton" if fused_ce.available(device) else None
-        variants.append((first, f", max-autotune{', Triton loss' if cli_loss else ''}", {},
+        variants.append((first, f", {args.autotune_mode}{', Triton loss' if cli_loss else ''}", {},
                          fuse, "max-autotune", cli_loss))
     for i, (attn, note, how, fused, tuning, loss) in enumerate(variants):
         if args.compile:
@@ -217,7 +221,7 @@ def main() -> None:
             fuse_qkv(model)
         opt = make_adamw(model.parameters(), 4e-4, 0.1, fused=args.fused_adamw)
         if tuning == "max-autotune":  # as --compile-mode max-autotune does it
-            wrapped = compile_model(model, "max-autotune")
+            wrapped = compile_model(model, args.autotune_mode)
         elif tuning == "reduce-overhead":
             wrapped = torch.compile(model, mode="reduce-overhead")
         else:

@@ -48,8 +48,13 @@ def test_compile_model_max_autotune_goes_in_as_options(monkeypatch):
     monkeypatch.setattr("diygpt.speed.torch.compile", lambda model, **kw: seen.append(kw) or model)
     compile_model(GPTModel(CFG), "max-autotune")
     compile_model(GPTModel(CFG).to("meta"), "max-autotune")
+    compile_model(GPTModel(CFG).to("meta"), "max-autotune-aten")
     tuned = {"max_autotune": True, "coordinate_descent_tuning": True}
-    assert seen == [{"options": {**tuned, "fallback_random": True}}, {"options": tuned}]
+    aten = {**tuned, "max_autotune_gemm_backends": "ATEN"}  # no Triton templates
+    assert seen == [{"options": {**tuned, "fallback_random": True}}, {"options": tuned},
+                    {"options": aten}]
+    with torch._inductor.config.patch(aten):  # names inductor knows (a typo would raise)
+        assert torch._inductor.config.max_autotune_gemm_backends == "ATEN"
     with pytest.raises(ValueError, match="compile mode 'fast'"):
         compile_model(GPTModel(CFG), "fast")
 

@@ -194,7 +194,10 @@ def test_resume_keeps_the_compile_mode_or_takes_a_typed_one(tmp_path, verdict_pa
         return bool(seen[0].get("max_autotune")), state["train_args"]["compile_mode"]
 
     assert resume("--max-steps", "4") == (True, "max-autotune")
-    assert resume("--max-steps", "6", "--compile-mode", "default") == (False, "default")
+    assert resume("--max-steps", "6", "--compile-mode", "max-autotune-aten") == (
+        True, "max-autotune-aten")
+    assert seen[0]["max_autotune_gemm_backends"] == "ATEN"
+    assert resume("--max-steps", "8", "--compile-mode", "default") == (False, "default")
 
 
 def test_fp16_resume_is_exact_and_keeps_the_loss_scale(tmp_path, verdict_path, capsys):

@@ -113,7 +113,7 @@ def fuse_qkv(model: nn.Module) -> nn.Module:
     return model
 
 
-COMPILE_MODES = ("default", "max-autotune")
+COMPILE_MODES = ("default", "max-autotune", "max-autotune-aten")
 
 
 def compile_model(model: nn.Module, mode: str = "default") -> nn.Module:
@@ -131,13 +131,20 @@ def compile_model(model: nn.Module, mode: str = "default") -> nn.Module:
     kernels are tuned (minutes; cached on that machine's disk after). On an H200 cuBLAS won
     every product and the step was 1.6-2.5% faster (BENCHMARKS.md, thirteenth pass). CUDA
     graphs, which torch's ``max-autotune`` adds, were 1.8% slower there (eleventh pass).
+
+    ``mode="max-autotune-aten"`` is the same with no Triton templates to compile: each
+    product picks among torch's own calls only (cuBLAS's plain and fused-bias forms on a
+    GPU). Since cuBLAS won every product anyway, an H200 gets the same choices from a
+    first compile about a third as long (BENCHMARKS.md, fourteenth pass).
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r}: expected one of {', '.join(COMPILE_MODES)}")
     # mode= and options= do not go together in torch.compile, so the mode goes in as options.
     options = {}
-    if mode == "max-autotune":
+    if mode.startswith("max-autotune"):
         options.update(torch._inductor.list_mode_options("max-autotune-no-cudagraphs"))
+    if mode == "max-autotune-aten":
+        options["max_autotune_gemm_backends"] = "ATEN"
     param = next(model.parameters(), None)
     if param is not None and param.device.type == "cpu":
         options["fallback_random"] = True
