@@ -134,8 +134,8 @@ def compile_model(model: nn.Module, mode: str = "default") -> nn.Module:
 
     ``mode="max-autotune-aten"`` is the same with no Triton templates to compile: each
     product picks among torch's own calls only (cuBLAS's plain and fused-bias forms on a
-    GPU). Since cuBLAS won every product anyway, an H200 gets the same choices from a
-    first compile about a third as long (BENCHMARKS.md, fourteenth pass).
+    GPU). cuBLAS had won every product anyway (one split-K form by a tie), so on an H200
+    the first compile takes about 2.5 minutes instead of 6 (BENCHMARKS.md, fourteenth pass).
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r}: expected one of {', '.join(COMPILE_MODES)}")
