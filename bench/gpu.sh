@@ -23,11 +23,11 @@
 #             Trainer row also timed with its steps queued back to back (the loss not read
 #             between steps)
 #   train64   the same at batch 64 without the peer and the CUDA-graph row
-#   autotune  (only when named in STEPS) at batch 64: the compiled-loss row, the Triton-loss
-#             row (the CLI's) and the same compiled with inductor's max-autotune (cuBLAS
-#             timed against Triton matmul templates, fused kernels tuned): minutes to compile.
-#             AUTOTUNE_BATCHES (default 64) runs it at each batch size listed;
-#             AUTOTUNE_MODE=max-autotune-aten times cuBLAS's own variants only (no templates)
+#   autotune  (only when named in STEPS) at each of AUTOTUNE_BATCHES (default 64): the
+#             compiled-loss row, the Triton-loss row (the CLI's) and the same compiled with
+#             inductor's max-autotune (cuBLAS timed against Triton matmul templates, fused
+#             kernels tuned): minutes to compile. AUTOTUNE_MODE=max-autotune-aten times
+#             cuBLAS's own variants only (no templates)
 #   gen       batch-1 greedy generation: KV cache, and compiled into CUDA graphs, against
 #             transformers generate (target: 1500 tok/s); also each static_decode speed-up
 #             turned off, and one call's GPU busy time and top kernels

@@ -23,6 +23,7 @@ from diygpt.losses import token_cross_entropy
 from diygpt.model import GPTModel
 from diygpt.precision import Precision, enable_tf32
 from diygpt.speed import (
+    COMPILE_MODES,
     compile_loss,
     compile_model,
     flops_per_token,
@@ -107,7 +108,7 @@ def main() -> None:
                     help="with --compile, also time the first variant compiled with "
                     "mode='max-autotune-no-cudagraphs' and the CLI's loss (the Triton one "
                     "where it runs; minutes to compile)")
-    ap.add_argument("--autotune-mode", choices=("max-autotune", "max-autotune-aten"),
+    ap.add_argument("--autotune-mode", choices=[m for m in COMPILE_MODES if m != "default"],
                     default="max-autotune", help="the --autotune-row's compile_model mode "
                     "(as diygpt train --compile-mode): max-autotune-aten times cuBLAS's own "
                     "variants only, no Triton templates to compile")
@@ -205,8 +206,8 @@ def main() -> None:
         variants.append((first, ", coordinate-descent tuning", {}, fuse, "coordinate", None))
     if args.autotune_row and args.compile:  # with the CLI's loss, so its match is that row
         cli_loss = "triton" if fused_ce.available(device) else None
-        variants.append((first, f", {args.autotune_mode}{', Triton loss' if cli_loss else ''}", {},
-                         fuse, "max-autotune", cli_loss))
+        note = f", {args.autotune_mode}{', Triton loss' if cli_loss else ''}"
+        variants.append((first, note, {}, fuse, "max-autotune", cli_loss))
     for i, (attn, note, how, fused, tuning, loss) in enumerate(variants):
         if args.compile:
             import torch._inductor.config as inductor_config

@@ -20,7 +20,8 @@ if TYPE_CHECKING:  # torch is imported only when a command runs, so --help stays
     from diygpt.speed import SpeedMeter
 
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
-COMPILE_MODES = ("default", "max-autotune", "max-autotune-aten")  # speed.compile_model's; torch stays unimported
+# speed.COMPILE_MODES, spelled out here so that --help does not import torch
+COMPILE_MODES = ("default", "max-autotune", "max-autotune-aten")
 
 
 def add_speed_flags(p: argparse.ArgumentParser) -> None:
