@@ -7,8 +7,9 @@ batch 2, ctx 256, AdamW, dropout 0.1, eval every 5 steps on 5 batches), stopped 
 --max-steps steps. Peak memory is reached in the first steps, so a short run shows it.
 ``diygpt train`` runs once with its defaults (which trim glibc's heap after each forward
 pass since the twelfth pass; ``--variant="--no-trim-heap"`` for the untrimmed step) and
-once more per --variant, with those flags added; by default two variants: ``--no-optim-in-backward --no-malloc-tuning`` (the step
-and allocator as they were) and ``--low-memory``. Write ``--variant="--flag ..."`` (with
+once more per --variant, with those flags added; by default two variants:
+``--no-optim-in-backward --no-malloc-tuning`` (the step and allocator as they were) and
+``--low-memory``. Write ``--variant="--flag ..."`` (with
 the ``=``, since the value starts with a dash); a variant may start with environment
 settings (``--variant="MALLOC_ARENA_MAX=2 --low-memory"``).
 

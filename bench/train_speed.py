@@ -105,9 +105,9 @@ def main() -> None:
                     help="with --compile, also time the first variant with inductor's "
                     "coordinate-descent tuning of its generated kernels (slow to compile)")
     ap.add_argument("--autotune-row", action="store_true",
-                    help="with --compile, also time the first variant compiled with "
-                    "mode='max-autotune-no-cudagraphs' and the CLI's loss (the Triton one "
-                    "where it runs; minutes to compile)")
+                    help="with --compile, also time the first variant compiled as "
+                    "--autotune-mode says and with the CLI's loss (the Triton one where it "
+                    "runs; minutes to compile)")
     ap.add_argument("--autotune-mode", choices=[m for m in COMPILE_MODES if m != "default"],
                     default="max-autotune", help="the --autotune-row's compile_model mode "
                     "(as diygpt train --compile-mode): max-autotune-aten times cuBLAS's own "
