@@ -136,6 +136,8 @@ def compile_model(model: nn.Module, mode: str = "default") -> nn.Module:
     product picks among torch's own calls only (cuBLAS's plain and fused-bias forms on a
     GPU). cuBLAS had won every product anyway (one split-K form by a tie), so on an H200
     the first compile takes about 2.5 minutes instead of 6 (BENCHMARKS.md, fourteenth pass).
+    Timed side by side on one H200, the two modes gained alike, within the step's
+    run-to-run noise (fifteenth pass).
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r}: expected one of {', '.join(COMPILE_MODES)}")

@@ -36,10 +36,10 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
                    help="with --compile, 'max-autotune' (torch's max-autotune-no-cudagraphs): "
                    "on a GPU, times cuBLAS against Triton templates for each matmul and tunes "
                    "the fused kernels at the first step; about 6 minutes for gpt2-small on "
-                   "an H200, then cached on that machine's disk; 1.6-2.5%% faster there. "
+                   "an H200, then cached on that machine's disk; 0.4-2.8%% faster there. "
                    "'max-autotune-aten': the same with cuBLAS's own variants only, no "
                    "Triton templates (cuBLAS won every product on the H200): about 2 "
-                   "minutes; 0.2-0.6%% faster on another H200. "
+                   "minutes, and as fast (0.2-2.0%% faster over three H200s). "
                    "Default: default, inductor's plain compile")
     s.add_argument("--pad-vocab", action="store_true",
                    help="compute 50304 logits (a multiple of 64) and drop the extra 47; "
