@@ -18,6 +18,7 @@ import torch
 
 import book_reference
 from diygpt import fused_ce
+from diygpt.chunked_head import chunk_head
 from diygpt.config import get_preset
 from diygpt.losses import token_cross_entropy
 from diygpt.model import GPTModel
@@ -121,6 +122,10 @@ def main() -> None:
     ap.add_argument("--back-to-back", action="store_true",
                     help="also time each row with its steps queued back to back, the loss "
                     "not read between them (one wait for the GPU per window of steps)")
+    ap.add_argument("--plain-head-row", action="store_true",
+                    help="with --compile on a CPU in fp32, also time the first variant with "
+                    "its output head as one product per step (the CLI slices it: "
+                    "diygpt.chunked_head)")
     ap.add_argument("--cudnn-row", action="store_true",
                     help="also time the first variant with SDPA forced onto cuDNN attention")
     ap.add_argument("--profile", action="store_true",
@@ -197,6 +202,10 @@ def main() -> None:
     if args.trainer_row:  # the CLI's loss too: the Triton one where fused_ce.available
         variants.append((first, ", the CLI's step (Trainer.train_step)", {"trainer": True},
                          fuse, "", "cli"))
+    # As the CLI does, --compile on a CPU in fp32 slices the head's products.
+    chunk = args.compile and device.type == "cpu" and args.dtype == "fp32"
+    if args.plain_head_row and chunk:
+        variants.append((first, ", head in one product", {"plain_head": True}, fuse, "", None))
     if args.cudnn_row:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         variants.append((first, ", cuDNN attention",
@@ -220,6 +229,9 @@ def main() -> None:
             pad_vocab(model)
         if fused:
             fuse_qkv(model)
+        if chunk and not how.get("plain_head"):
+            chunk_head(model)
+        how = {k: v for k, v in how.items() if k != "plain_head"}
         opt = make_adamw(model.parameters(), 4e-4, 0.1, fused=args.fused_adamw)
         if tuning == "max-autotune":  # as --compile-mode max-autotune does it
             wrapped = compile_model(model, args.autotune_mode)

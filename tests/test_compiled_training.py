@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from diygpt.chunked_head import chunk_head
 from diygpt.config import get_preset
 from diygpt.losses import token_cross_entropy
 from diygpt.model import GPTModel
@@ -16,9 +17,12 @@ from diygpt.speed import compile_loss, compile_model, make_adamw
 CFG = get_preset("tiny").with_updates(vocab_size=300, context_length=16, drop_rate=0.1)
 
 
-def _losses(compiled: bool, steps: int = 3) -> list[float]:
+def _train(compiled: bool, steps: int = 3, sliced_head: bool = False) -> tuple[list[float], GPTModel]:
+    """The losses of ``steps`` AdamW steps on one batch, and the model after them."""
     torch.manual_seed(123)
     model = GPTModel(CFG).train()
+    if sliced_head:
+        chunk_head(model, chunk=64)  # 300 = 4 slices of 64 and a shorter one
     optimizer = make_adamw(model.parameters(), 4e-4, 0.1, fused=compiled)
     forward, loss_fn = (compile_model(model), compile_loss()) if compiled else (model, token_cross_entropy)
     x = torch.randint(0, CFG.vocab_size, (2, CFG.context_length))
@@ -30,7 +34,7 @@ def _losses(compiled: bool, steps: int = 3) -> list[float]:
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    return losses
+    return losses, model
 
 
 def test_compile_model_keeps_torchs_generator_on_the_cpu_only(monkeypatch):
@@ -63,9 +67,20 @@ def test_compile_model_max_autotune_goes_in_as_options(monkeypatch):
                     reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_training_follows_the_eager_curve_with_dropout():
     torch._dynamo.reset()
-    eager = _losses(compiled=False)
-    compiled = _losses(compiled=True)
+    eager, _ = _train(compiled=False)
+    compiled, _ = _train(compiled=True)
     # The same masks: only the fused kernels' rounding differs. Other masks would move the
     # first loss already by 2e-2 at this size.
     assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-5)
     assert eager[-1] < eager[0]  # the steps do train
+
+
+def test_compiled_training_with_the_sliced_head_follows_the_plain_heads_run():
+    """diygpt.chunked_head's operators inside the compiled step, dropout on: the same losses
+    and weights as the plain head (torch's generator is not moved either)."""
+    losses, model = _train(compiled=True, steps=2, sliced_head=True)
+    want_losses, want_model = _train(compiled=True, steps=2)
+    assert losses == pytest.approx(want_losses, rel=1e-6)
+    want = want_model.state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, want[name], rtol=1e-5, atol=1e-6)

@@ -289,6 +289,6 @@ def test_compile_fuses_qkv_on_the_gpu_only():
     for compile_, device, expected in ((True, "cpu", False), (True, "cuda", True),
                                        (False, "cuda", False)):
         model = _model()
-        prepare_model(Namespace(tf32=False, pad_vocab=False, compile=compile_), model,
-                      torch.device(device))
+        args = Namespace(tf32=False, pad_vocab=False, compile=compile_, dtype="fp32", fsdp=False)
+        prepare_model(args, model, torch.device(device))
         assert all(b.att.fused_qkv is expected for b in model.trf_blocks)

@@ -13,6 +13,8 @@
   :mod:`diygpt.fused_ce`, which read a padded head's whole output.
 - :func:`make_adamw`: AdamW, optionally the fused single-kernel implementation.
 - :class:`SpeedMeter`: tokens per second over training steps and, on a known GPU, MFU.
+- Elsewhere: :func:`diygpt.chunked_head.chunk_head`, the output head's products in
+  vocabulary slices (``--compile`` on a CPU in fp32).
 
 None of these runs unless asked for; the default path keeps the book's exact ops.
 """

@@ -31,7 +31,8 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
                    "weights and optimizer stay fp32 (default fp32)")
     s.add_argument("--compile", action="store_true", help="torch.compile the model and its loss; "
                    "on a GPU also one q/k/v matmul per block, and with triton installed the "
-                   "loss as two Triton kernels")
+                   "loss as two Triton kernels; on a CPU in fp32 also the output head's "
+                   "products in vocabulary slices")
     s.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="with --compile, 'max-autotune' (torch's max-autotune-no-cudagraphs): "
                    "on a GPU, times cuBLAS against Triton templates for each matmul and tunes "
@@ -66,6 +67,7 @@ class TrainingSetup:
 
 def prepare_model(args: argparse.Namespace, model: nn.Module, device: torch.device) -> None:
     """The flags that change the plain model or global settings, before DDP/FSDP wrapping."""
+    from diygpt.chunked_head import chunk_head
     from diygpt.precision import enable_tf32
     from diygpt.speed import fuse_qkv, pad_vocab
 
@@ -75,6 +77,8 @@ def prepare_model(args: argparse.Namespace, model: nn.Module, device: torch.devi
         pad_vocab(model)
     if args.compile and device.type == "cuda":
         fuse_qkv(model)  # measured faster there only (BENCHMARKS.md)
+    if args.compile and device.type == "cpu" and args.dtype == "fp32" and not args.fsdp:
+        chunk_head(model)  # MKL's single call is the slow one there (BENCHMARKS.md)
 
 
 def setup_training(
