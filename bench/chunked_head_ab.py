@@ -2,8 +2,8 @@
 
 python bench/chunked_head_ab.py [--preset book-124m] [--batch-size 2] [--steps 20]
 
-Both models are built and compiled in one process and their steps alternate (ABAB, then
-BABA), so that a busy or throttled machine slows both alike; train_speed.py's
+Both models are built and compiled in one process and their steps alternate, the one that
+goes first swapping each round, so that a busy machine slows both alike; train_speed.py's
 --plain-head-row times the two one after the other. Prints the median step of each and
 the ratio. The-verdict's tokens, dropout on as in the preset, fused AdamW, the CLI's loss.
 """

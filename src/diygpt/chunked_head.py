@@ -5,8 +5,8 @@ and (50257, 512) x (512, 768) for the weight's gradient. On a 2-core AVX-512 Xeo
 each as one call at 218-262 GFLOP/s, against 330-355 GFLOP/s for the blocks' products. Cut
 into slices of a few thousand vocabulary entries (columns forward, rows for the gradient)
 they run at 317-352 GFLOP/s; slices from 1024 to 16384 entries measured alike. The compiled
-fp32 training step was 2.6% and 4.0% faster in two runs that interleaved its steps with
-the single-call head's (BENCHMARKS.md, fifteenth pass).
+fp32 training step was 0.8%, 2.6% and 4.0% faster in three runs that interleaved its steps
+with the single-call head's (BENCHMARKS.md, fifteenth pass).
 
 The slicing never splits a sum: each output element is one slice's product over the full
 inner dimension, so the values are the single call's up to how the BLAS orders its own
