@@ -15,10 +15,12 @@ import statistics
 
 import _common
 import torch
+from train_speed import step_fn  # train_speed.py's step, so that both time the same one
 
 from diygpt.chunked_head import chunk_head
 from diygpt.config import get_preset
 from diygpt.model import GPTModel
+from diygpt.precision import Precision
 from diygpt.speed import compile_loss, compile_model, make_adamw
 
 
@@ -28,16 +30,8 @@ def make_step(cfg, sliced: bool, x: torch.Tensor, y: torch.Tensor):
     if sliced:
         chunk_head(model)
     optimizer = make_adamw(model.parameters(), 4e-4, 0.1, fused=True)
-    forward, loss_fn = compile_model(model), compile_loss()
-
-    def step() -> float:
-        optimizer.zero_grad()
-        loss = loss_fn(forward(x), y)
-        loss.backward()
-        optimizer.step()
-        return loss.item()
-
-    return step
+    return step_fn(compile_model(model), optimizer, x, y, Precision(x.device, "fp32"),
+                   loss_fn=compile_loss())
 
 
 def main() -> None:
