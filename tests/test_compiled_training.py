@@ -84,3 +84,26 @@ def test_compiled_training_with_the_sliced_head_follows_the_plain_heads_run():
     want = want_model.state_dict()
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, want[name], rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_training_with_fast_draws_equals_torchs_draws(monkeypatch):
+    """diygpt.fast_draws under a compiled model: inductor's calls to torch's bernoulli_ reach
+    the kernel, and the run is the same to the bit (the same masks, in the same order)."""
+    from diygpt import fast_draws as fd
+
+    if fd.load_kernel() is None:
+        pytest.skip(f"fast draws unavailable: {fd.unavailable_reason()}")
+    want_losses, want_model = _train(compiled=True, steps=2)
+    want_rng = torch.get_rng_state()
+    calls = []
+    kernel = fd._kernel
+    monkeypatch.setattr(fd, "_kernel", lambda *args: calls.append(args[2]) or kernel(*args))
+    with fd.fast_draws():
+        losses, model = _train(compiled=True, steps=2)
+    # one embedding dropout and three per block (attention's weights, two shortcuts), 2 steps
+    assert len(calls) == 2 * (1 + 3 * CFG.n_layers)
+    assert losses == want_losses
+    assert torch.equal(torch.get_rng_state(), want_rng)
+    want = want_model.state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, want[name]), name

@@ -95,7 +95,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--nan-policy", choices=["stop", "skip"], default="stop",
                    help="on a non-finite loss or gradient norm: stop with an error (default) "
                    "or skip that step")
-    mem = p.add_argument_group("memory (every setting gives the same numbers)")
+    mem = p.add_argument_group("memory and exact speed-ups (every setting gives the same numbers)")
+    mem.add_argument("--fast-draws", action=argparse.BooleanOptionalAction, default=None,
+                     help="draw dropout's masks on the CPU with diygpt's vectorized copy of "
+                     "torch's generator (built once with the C compiler): the same masks, "
+                     "about 120 ms less per book-124m step. Default: on for the CPU; without "
+                     "a C compiler, torch's own draws")
     mem.add_argument("--optim-in-backward", action=argparse.BooleanOptionalAction, default=None,
                      help="step AdamW on each parameter inside backward, as soon as its gradient "
                      "is complete, so the gradients (650 MB for book-124m) never all live at "
@@ -171,6 +176,7 @@ def _train(args: argparse.Namespace, env, device) -> int:
     from diygpt.data import load_training_data, loaders_from_tokens
     from diygpt.distributed import wrap_model
     from diygpt.errors import CheckpointError, ConfigError, DataError
+    from diygpt.fast_draws import fast_draws, unavailable_reason
     from diygpt.lean import lean_activations
     from diygpt.memory import recompute_blocks, tune_malloc
     from diygpt.model import GPTModel
@@ -264,8 +270,12 @@ def _train(args: argparse.Namespace, env, device) -> int:
     if ckpt is not None:
         trainer.load_checkpoint(ckpt)
         warn(f"diygpt: resuming from {ckpt.folder} (after step {ckpt.state['global_step']})")
+    draws = device.type == "cpu" if args.fast_draws is None else args.fast_draws
     try:
-        history = trainer.fit()
+        with fast_draws(draws) as on:
+            if draws and not on:
+                warn(f"diygpt: torch's dropout draws, not the fast ones: {unavailable_reason()}")
+            history = trainer.fit()
     except Interrupted as stop:
         where = f"checkpoint saved to {stop.checkpoint}; " if stop.checkpoint else ""
         warn(f"diygpt: {stop}; {where}resume with: diygpt train --resume {args.out}")
