@@ -10,7 +10,9 @@ activations, and optim_in_backward, which never holds all gradients):
   seed run's peak. ``--trim-heap`` (the CLI's default on the CPU without ``--compile``)
   also hands the heap's free pages back after each training forward pass (60-115 MB less,
   2-5% slower; it is what keeps the seed's run under 3000 MiB); ``--low-memory`` does that and
-  trims again before the big updates (slower, ~600 MB less with its recomputation).
+  trims again before the big updates (slower, ~600 MB less with its recomputation). Where
+  the CLI does not trim (``--compile``), blocks of any size up to 1 GiB are recycled in the
+  heap instead, which saves the page faults of fresh mappings every step.
 - :func:`recompute_blocks` (``--low-memory``): activation checkpointing of each transformer
   block. Only a block's input is kept for backward; its forward runs again during backward
   with the RNG state of the first run, so dropout draws the same masks and the gradients
@@ -29,8 +31,12 @@ from torch.utils.checkpoint import checkpoint
 
 from diygpt.optim_in_backward import DEFER_SHARE
 
-M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
 STEADY_THRESHOLD = 32 << 20  # the ceiling of glibc's own dynamic threshold (64-bit)
+RECYCLE_THRESHOLD = 1 << 30  # tune_malloc(recycle=True): only bigger blocks get mappings
+RECYCLE_TRIM = (1 << 31) - 1  # ... and the heap's free top is kept, up to 2 GiB
+# Set by the user, these leave glibc's allocator to them.
+USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 @functools.cache
@@ -48,9 +54,9 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def _mallopt(param: int, value: int) -> bool:
-    """glibc's mallopt; False elsewhere, or if the user set ``MALLOC_MMAP_THRESHOLD_``."""
+    """glibc's mallopt; False elsewhere, or if the user set one of ``USER_SETTINGS``."""
     libc = _glibc()
-    if libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    if libc is None or any(name in os.environ for name in USER_SETTINGS):
         return False
     return libc.mallopt(param, value) == 1
 
@@ -62,7 +68,8 @@ def _malloc_trim() -> None:
 
 
 def tune_malloc(model: nn.Module, optimizer: torch.optim.Optimizer,
-                trim_after_forward: bool = False, trim_before_big_steps: bool = False) -> bool:
+                trim_after_forward: bool = False, trim_before_big_steps: bool = False,
+                recycle: bool = False) -> bool:
     """Cut what glibc's allocator keeps resident around a training step; True if glibc.
 
     - AdamW's moments are made at the first step, in the middle of the activations' heap,
@@ -79,9 +86,20 @@ def tune_malloc(model: nn.Module, optimizer: torch.optim.Optimizer,
       holding a tenth or more of all weights (whole, or the first of its row slices when
       AdamW steps inside backward), which comes once many activations are gone. On a 2-core
       CPU both trims together cost ~13% of a step in the fourth pass.
+    - ``recycle`` (the CLI's choice on the CPU where it does not trim, as under
+      ``--compile``): after the first step the mmap threshold goes to 1 GiB instead of
+      32 MiB, and freed memory at the heap's top is kept (up to 2 GiB) instead of handed
+      back. Blocks over 32 MiB, such as book-124m's 103 MB logits and their gradient and the
+      154 MB gradients of the head and the token embedding, are then reused from the heap
+      instead of mapped afresh each step, and those fresh pages' faults and zeroing had
+      taken about 12% of a compiled step. The peak stays where it was: the same blocks
+      are alive at the same moments (BENCHMARKS.md, sixteenth pass).
     """
     if not _mallopt(M_MMAP_THRESHOLD, 1 << 20):
         return False
+    if recycle:
+        _mallopt(M_TRIM_THRESHOLD, RECYCLE_TRIM)
+    steady = RECYCLE_THRESHOLD if recycle else STEADY_THRESHOLD
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     total = sum(p.numel() for p in params)
     big = [p for p in params if p.numel() >= DEFER_SHARE * total]
@@ -91,7 +109,7 @@ def tune_malloc(model: nn.Module, optimizer: torch.optim.Optimizer,
         # Done once every parameter has state, or a step made none (some get no gradient).
         count = len(opt.state)
         if count == seen[0] or all(len(opt.state.get(p, ())) for p in params):
-            _mallopt(M_MMAP_THRESHOLD, STEADY_THRESHOLD)
+            _mallopt(M_MMAP_THRESHOLD, steady)
             handle.remove()
         seen[0] = count
 
