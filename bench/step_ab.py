@@ -1,66 +1,177 @@
-"""The compiled fp32 CPU step with the output head sliced (diygpt.chunked_head) or as one call.
+"""One change to the CPU training step, timed against the step without it, steps interleaved.
 
-python bench/chunked_head_ab.py [--preset book-124m] [--batch-size 2] [--steps 20]
+python bench/step_ab.py --change head|draws|malloc [--eager] [--preset book-124m] [--steps 20]
 
-Both models are built and compiled in one process and their steps alternate, the one that
-goes first swapping each round, so that a busy machine slows both alike; train_speed.py's
---plain-head-row times the two one after the other. Prints the median step of each and
-the ratio. The-verdict's tokens, dropout on as in the preset, fused AdamW, the CLI's loss.
+- ``head``: the output head's products in vocabulary slices (diygpt.chunked_head) against
+  one call each; two models, built alike.
+- ``draws``: dropout's masks from diygpt.fast_draws against torch's own bernoulli_; one
+  model, each of its steps run with the kernel on or off.
+- ``malloc``: glibc's mmap and trim thresholds as memory.tune_malloc left them before
+  recycling (32 MiB, and glibc's 128 KiB) against ``recycle=True`` (1 GiB, 2 GiB). The
+  setting is the process's and shapes its whole heap (steps of the two arms interleaved in
+  one process showed a quarter of the gain, the plain arm reusing the recycled arm's
+  heap), so each arm runs in processes of its own, --rounds of each in turn, --steps each;
+  the table gives the median over all their steps.
+
+The two arms alternate, the one that goes first swapping each round, so that a busy
+machine slows both alike (a later row of train_speed.py gains about 5% from its place
+alone). The-verdict's tokens, dropout as in the preset, fused AdamW; compiled with the
+CLI's loss unless --eager. What an arm does not change is as in the CLI's compiled CPU
+step: fast draws, the allocator recycling. Prints the median step of each and the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import statistics
 
 import _common
 import torch
 from train_speed import step_fn  # train_speed.py's step, so that both time the same one
 
+from diygpt import memory
 from diygpt.chunked_head import chunk_head
 from diygpt.config import get_preset
+from diygpt.fast_draws import fast_draws, unavailable_reason
+from diygpt.losses import token_cross_entropy
 from diygpt.model import GPTModel
 from diygpt.precision import Precision
 from diygpt.speed import compile_loss, compile_model, make_adamw
 
 
-def make_step(cfg, sliced: bool, x: torch.Tensor, y: torch.Tensor):
+def make_step(cfg, x: torch.Tensor, y: torch.Tensor, compiled: bool, sliced: bool = False):
     torch.manual_seed(123)
     model = GPTModel(cfg).train()
     if sliced:
         chunk_head(model)
     optimizer = make_adamw(model.parameters(), 4e-4, 0.1, fused=True)
-    return step_fn(compile_model(model), optimizer, x, y, Precision(x.device, "fp32"),
-                   loss_fn=compile_loss())
+    if compiled:
+        return step_fn(compile_model(model), optimizer, x, y, Precision(x.device, "fp32"),
+                       loss_fn=compile_loss())
+    return step_fn(model, optimizer, x, y, Precision(x.device, "fp32"),
+                   loss_fn=token_cross_entropy)
+
+
+def setting(fast: bool = True, recycle: bool = True):
+    """A context: glibc's thresholds set (they stay set after it), fast draws open or not."""
+    thresholds = ((memory.RECYCLE_THRESHOLD, memory.RECYCLE_TRIM) if recycle
+                  else (memory.STEADY_THRESHOLD, 128 << 10))
+
+    @contextlib.contextmanager
+    def context():
+        if not (memory._mallopt(memory.M_MMAP_THRESHOLD, thresholds[0])
+                and memory._mallopt(memory.M_TRIM_THRESHOLD, thresholds[1])):
+            raise SystemExit("glibc's mallopt is not available here")
+        with fast_draws(fast):
+            yield
+    return context
+
+
+def arms(change: str, cfg, x, y, compiled: bool) -> dict:
+    """name -> (step, context to run it in)."""
+    with fast_draws() as on:
+        if not on:
+            raise SystemExit(f"fast draws unavailable: {unavailable_reason()}")
+    if change == "head":
+        return {"head in one call": (make_step(cfg, x, y, compiled), setting()),
+                "head sliced": (make_step(cfg, x, y, compiled, sliced=True), setting())}
+    step = make_step(cfg, x, y, compiled)
+    if change == "draws":
+        return {"torch's draws": (step, setting(fast=False)), "fast draws": (step, setting())}
+    return {"glibc 32 MiB / 128 KiB": (step, setting(recycle=False)),
+            "recycled 1 GiB / 2 GiB": (step, setting())}
+
+
+def time_arms(steps: dict, args, order: list[list[str]]) -> dict[str, list[float]]:
+    """Each round runs the arms in the given order, --block steps each."""
+    block = args.block or 1
+    timed = block - 1 if block > 1 else 1
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for names in order:
+        for name in names:
+            step, context = steps[name]
+            with context():
+                if block > 1:
+                    step()
+                for _ in range(timed):
+                    start = _common.CLOCK()
+                    step()
+                    times[name].append(_common.CLOCK() - start)
+    return times
+
+
+def malloc_in_processes(args) -> dict[str, list[float]]:
+    """Each arm in fresh processes, alternately: the step times they print."""
+    import subprocess
+    import sys
+
+    names = ["glibc 32 MiB / 128 KiB", "recycled 1 GiB / 2 GiB"]
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(args.rounds):
+        for name in (names if i % 2 else names[::-1]):
+            argv = [sys.executable, __file__, "--change", "malloc", "--arm", name, "--steps",
+                    str(args.steps), "--warmup", str(args.warmup), "--preset", args.preset,
+                    "--batch-size", str(args.batch_size)]
+            if args.eager:
+                argv.append("--eager")
+            if args.threads:
+                argv += ["--threads", str(args.threads)]
+            if args.cpu_time:
+                argv.append("--cpu-time")
+            done = subprocess.run(argv, capture_output=True, text=True, check=True)
+            times[name] += json.loads(done.stdout.splitlines()[-1])
+            print(f"round {i + 1}, {name}: {statistics.median(times[name][-args.steps:]):.3f} s",
+                  flush=True)
+    return times
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--change", choices=("head", "draws", "malloc"), required=True)
+    ap.add_argument("--eager", action="store_true", help="time the uncompiled step")
     ap.add_argument("--preset", default="book-124m")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per arm")
+    ap.add_argument("--block", type=int, default=None,
+                    help="steps per arm in a row (default 1); with more than one, the first "
+                    "of each block is not timed")
+    ap.add_argument("--rounds", type=int, default=3, help="malloc: processes per arm")
+    ap.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # malloc's child processes
     _common.add_common_args(ap)
     args = ap.parse_args()
     _common.apply_common_args(args)
     cfg = get_preset(args.preset)
-    x, y = _common.verdict_batch(args.batch_size, cfg.context_length, torch.device("cpu"))
-    steps = {"one call": make_step(cfg, False, x, y), "sliced": make_step(cfg, True, x, y)}
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for i in range(args.steps):
-        for name in (list(steps) if i % 2 else list(steps)[::-1]):
-            start = _common.CLOCK()
-            steps[name]()
-            times[name].append(_common.CLOCK() - start)
+    if args.change == "malloc" and args.arm is None:
+        times = malloc_in_processes(args)
+    else:
+        x, y = _common.verdict_batch(args.batch_size, cfg.context_length, torch.device("cpu"))
+        steps = arms(args.change, cfg, x, y, compiled=not args.eager)
+        if args.arm is not None:  # one arm, alone in this process, for malloc_in_processes
+            steps = {args.arm: steps[args.arm]}
+        for step, context in steps.values():
+            with context():
+                for _ in range(args.warmup):
+                    step()
+        timed = (args.block or 1) - 1 or 1
+        rounds = -(-args.steps // timed)
+        times = time_arms(steps, args, [list(steps) if i % 2 else list(steps)[::-1]
+                                        for i in range(rounds)])
+        if args.arm is not None:
+            print(json.dumps(times[args.arm]))
+            return
     tokens = args.batch_size * cfg.context_length
-    rows = [(f"diygpt --compile, fp32, head {name}", tokens / statistics.median(t))
+    how = "eager" if args.eager else "--compile"
+    rows = [(f"diygpt {how}, fp32, {name}", tokens / statistics.median(t))
             for name, t in times.items()]
+    timed_steps = len(next(iter(times.values())))
+    how_run = (f"{args.rounds} processes of each in turn" if args.change == "malloc"
+               else f"{args.block or 1} step(s) of each in turn")
     _common.print_table(
-        f"compiled training step, {args.preset} (batch {args.batch_size}), cpu, steps "
-        f"interleaved, median of {args.steps} each after {args.warmup} warm-up",
+        f"training step, {args.preset} (batch {args.batch_size}), cpu, {how_run}, median of "
+        f"{timed_steps} each after {args.warmup} warm-up",
         "tok/s", rows, rows[0][0],
     )
 

@@ -6,6 +6,12 @@ A step is the book's: zero_grad, forward, cross entropy, backward, AdamW step, o
 same batch of the-verdict's tokens. Peers run under the same --dtype autocast. Median of whole steps after warm-up; tokens per second
 is batch * context / step time. On CUDA add --dtype bf16 --compile --fused-adamw --pad-vocab
 for the fast GPU path (with MFU).
+
+On a CPU, diygpt's rows run as the CLI runs its step there: dropout drawn by
+diygpt.fast_draws, and glibc's allocator tuned by memory.tune_malloc(recycle=True) (the
+compiled CLI's setting; --default-malloc leaves it). That setting lasts for the process, so
+the peers are timed first, with glibc as it comes; --peer-recycled-row times transformers
+again at the end under it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import book_reference
 from diygpt import fused_ce
 from diygpt.chunked_head import chunk_head
 from diygpt.config import get_preset
+from diygpt.fast_draws import fast_draws
 from diygpt.losses import token_cross_entropy
+from diygpt.memory import tune_malloc
 from diygpt.model import GPTModel
 from diygpt.precision import Precision, enable_tf32
 from diygpt.speed import (
@@ -126,6 +134,17 @@ def main() -> None:
                     help="with --compile on a CPU in fp32, also time the first variant with "
                     "its output head as one product per step (the CLI slices it: "
                     "diygpt.chunked_head)")
+    ap.add_argument("--torch-draws-row", action="store_true",
+                    help="on a CPU, also time the first variant with dropout drawn by torch's "
+                    "bernoulli_ (diygpt's rows, as the CLI, use diygpt.fast_draws there)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="on a CPU, leave glibc's allocator as it is for diygpt's rows too "
+                    "(by default they run, as the CLI's compiled step, with "
+                    "memory.tune_malloc(recycle=True), which lasts for the rest of the process: "
+                    "so the peers are timed first)")
+    ap.add_argument("--peer-recycled-row", action="store_true",
+                    help="on a CPU, time transformers again at the end, under the allocator "
+                    "setting diygpt's rows ran with")
     ap.add_argument("--cudnn-row", action="store_true",
                     help="also time the first variant with SDPA forced onto cuDNN attention")
     ap.add_argument("--profile", action="store_true",
@@ -206,6 +225,11 @@ def main() -> None:
     chunk = args.compile and device.type == "cpu" and args.dtype == "fp32"
     if args.plain_head_row and chunk:
         variants.append((first, ", head in one product", {"plain_head": True}, fuse, "", None))
+    # As the CLI does, on a CPU dropout's masks come from diygpt.fast_draws (the peers keep
+    # torch's kernel: the context is open only around diygpt's rows).
+    draws = device.type == "cpu"
+    if args.torch_draws_row and draws:
+        variants.append((first, ", torch's dropout draws", {"torch_draws": True}, fuse, "", None))
     if args.cudnn_row:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         variants.append((first, ", cuDNN attention",
@@ -231,8 +255,11 @@ def main() -> None:
             fuse_qkv(model)
         if chunk and not how.get("plain_head"):
             chunk_head(model)
-        how = {k: v for k, v in how.items() if k != "plain_head"}
+        fast_rng = draws and not how.get("torch_draws")
+        how = {k: v for k, v in how.items() if k not in ("plain_head", "torch_draws")}
         opt = make_adamw(model.parameters(), 4e-4, 0.1, fused=args.fused_adamw)
+        if draws and not args.default_malloc:
+            tune_malloc(model, opt, recycle=True)
         if tuning == "max-autotune":  # as --compile-mode max-autotune does it
             wrapped = compile_model(model, args.autotune_mode)
         elif tuning == "reduce-overhead":
@@ -253,7 +280,8 @@ def main() -> None:
         how = {"loss_fn": loss_fn, **how}
         name = f"diygpt --attn {attn} ({label}{' + fused q/k/v' if fused else ''}{note})"
         try:
-            step = time_it(name, wrapped, opt, fast, **how)
+            with fast_draws(fast_rng):
+                step = time_it(name, wrapped, opt, fast, **how)
         except Exception as exc:  # a kernel this GPU or torch lacks: report, go on
             print(f"{name}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             continue
@@ -263,6 +291,12 @@ def main() -> None:
             except Exception as exc:  # the timings stand whatever the profiler does
                 print(f"profile failed: {type(exc).__name__}: {exc}")
         del model, opt, wrapped, step
+    if args.peer_recycled_row and draws and "hf" in peers:
+        torch.manual_seed(123)
+        hf = _common.hf_gpt2(cfg).to(device).train()
+        time_it(f"transformers GPT2LMHeadModel ({args.dtype}), diygpt's allocator setting", hf,
+                torch.optim.AdamW(hf.parameters(), lr=4e-4, weight_decay=0.1), fast, hf=True)
+        del hf
     _common.print_table(
         f"training step, {args.preset} (ctx {t}, batch {args.batch_size}, AdamW), "
         f"{device.type}, median of {args.steps} steps after {args.warmup} warm-up",
