@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,14 +42,17 @@ def test_values_and_state_equal_torchs(n: int, p: float) -> None:
     lambda: torch.empty(()),
     lambda: torch.empty(4, 9, dtype=torch.bfloat16),
     lambda: torch.empty(40, dtype=torch.float64),
+    lambda: torch.empty(40, dtype=torch.float16),
+    lambda: torch.empty(8, 5, dtype=torch.int16),
+    lambda: torch.empty(40, dtype=torch.int32)[::2],
     lambda: torch.empty(3, 40, dtype=torch.int64).t(),
     lambda: torch.empty(33, dtype=torch.bool),
     lambda: torch.empty(5, 7, dtype=torch.bool).t(),
     lambda: torch.empty(4100, dtype=torch.uint8),
     lambda: torch.empty(20, dtype=torch.int8),
     lambda: torch.empty(2, 3, 8, 8).to(memory_format=torch.channels_last),
-], ids=["transposed", "strided", "permuted-slice", "scalar", "bf16", "f64", "int64", "bool",
-        "bool-transposed", "uint8", "int8", "channels-last"])
+], ids=["transposed", "strided", "permuted-slice", "scalar", "bf16", "f64", "f16", "int16",
+        "int32-strided", "int64", "bool", "bool-transposed", "uint8", "int8", "channels-last"])
 def test_layouts_and_dtypes_equal_torchs(make) -> None:
     want, want_state = _draw(make, 0.7, 3, 17, fast=False)
     got, got_state = _draw(make, 0.7, 3, 17, fast=True)
@@ -83,14 +88,21 @@ def test_errors_match_torchs() -> None:
             torch.empty(3, dtype=torch.complex64).bernoulli_(0.5)
 
 
-def test_torchs_kernel_returns_when_the_outermost_block_closes() -> None:
+def test_torchs_kernel_returns_when_the_outermost_block_closes(monkeypatch) -> None:
+    calls = []
+    kernel = fd.load_kernel()
+    monkeypatch.setattr(fd, "_kernel", lambda *args: calls.append(args[2]) or kernel(*args))
     with fd.fast_draws():
         with fd.fast_draws():
             assert fd._users == 2
         assert fd._users == 1 and fd._library is not None
+        torch.empty(5).bernoulli_(0.5)
     assert fd._users == 0 and fd._library is None
+    torch.empty(6).bernoulli_(0.5)
     with fd.fast_draws(enabled=False) as on:
         assert not on and fd._library is None
+        torch.empty(7).bernoulli_(0.5)
+    assert calls == [5]
 
 
 def test_unavailable_kernel_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
@@ -106,10 +118,26 @@ def test_unavailable_kernel_is_reported_not_raised(monkeypatch: pytest.MonkeyPat
 
 def test_a_kernel_that_disagrees_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
     def wrong(state_ptr, out_ptr, n, threshold, one_byte) -> None:
-        torch.empty(0)  # draws nothing: the values stay whatever empty() held
+        pass  # draws nothing: the values stay whatever empty() held, the state unmoved
 
-    assert not fd._agrees_with_torch(wrong)
     assert fd._agrees_with_torch(fd.load_kernel())
+    monkeypatch.setattr(fd, "_kernel", None)
+    monkeypatch.setattr(fd, "_reason", None)
+    monkeypatch.setattr(fd, "_bind", lambda library: wrong)
+    assert fd.load_kernel() is None
+    assert "draws differently" in fd.unavailable_reason()
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs cc")
+def test_cc_may_carry_flags_and_a_failed_build_leaves_no_file(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("DIYGPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", f"{shutil.which('cc')} -std=c99")
+    built = fd.build_kernel()
+    assert built.parent == tmp_path and built.exists()
+    monkeypatch.setenv("CC", f"{shutil.which('cc')} -no-such-flag")
+    with pytest.raises(RuntimeError, match="could not build"):
+        fd.build_kernel()
+    assert [p.name for p in tmp_path.iterdir()] == [built.name]
 
 
 def test_cli_draws_fast_by_default_on_the_cpu_with_the_same_result(data, tmp_path, capsys,

@@ -1,15 +1,16 @@
 """Dropout's draws on the CPU, the same values as torch's and about 5x faster.
 
-On the CPU, every dropout mask comes from ``Tensor.bernoulli_(1 - p)``. torch fills it one
-element at a time from its MT19937 generator, on one core: for book-124m's batch, 28.7M
+On the CPU, every dropout mask comes from ``Tensor.bernoulli_(1 - p)``. torch (2.13 here)
+fills it one element at a time from its MT19937 generator, on one core: for book-124m's batch, 28.7M
 draws and about 150 ms of a training step, during which the second core idles. The values
 are fixed by the generator, so a faster route must produce the same ones to keep a seeded
 run, and the seed's log, what they are. ``mt_bernoulli.c`` does that: the same engine and
 the same 53-bit comparison, written as loops the compiler vectorizes (about 30 ms).
 
 - :func:`load_kernel` builds the C file once per machine with the system's C compiler
-  (``$CC``, else ``cc``), caches the library under ``~/.cache/diygpt`` (or
-  ``$DIYGPT_CACHE_DIR``), and compares it with torch's ``bernoulli_`` before it is used.
+  (``$CC``, else ``cc``), caches the library under ``$DIYGPT_CACHE_DIR``, else
+  ``$XDG_CACHE_HOME/diygpt``, else ``~/.cache/diygpt``, and compares it with torch's
+  ``bernoulli_`` before it is used.
   Without a compiler, or if the two ever disagree (another torch version drawing another
   way), it returns None and :func:`unavailable_reason` says why; training then keeps
   torch's kernel.
@@ -32,6 +33,7 @@ import hashlib
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import threading
@@ -78,6 +80,7 @@ def build_kernel() -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         raise RuntimeError("no C compiler found (set CC)")
+    command = shlex.split(cc)  # CC may carry a wrapper or flags: "ccache gcc"
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + cc.encode() + _cpu_tag().encode()).hexdigest()[:16]
     target = cache_dir() / f"mt_bernoulli-{key}.so"
@@ -86,13 +89,16 @@ def build_kernel() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")  # ranks may build at once
     error = ""
-    for flags in (["-O3", "-march=native"], ["-O3"]):  # some compilers lack -march=native
-        done = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(tmp), str(SOURCE)],
-                              capture_output=True, text=True, timeout=300)
-        if done.returncode == 0:
-            os.replace(tmp, target)
-            return target
-        error = (done.stderr.strip().splitlines() or ["failed"])[-1]
+    try:
+        for flags in (["-O3", "-march=native"], ["-O3"]):  # some compilers lack -march=native
+            done = subprocess.run([*command, *flags, "-shared", "-fPIC", "-o", str(tmp),
+                                   str(SOURCE)], capture_output=True, text=True, timeout=300)
+            if done.returncode == 0:
+                os.replace(tmp, target)
+                return target
+            error = (done.stderr.strip().splitlines() or ["failed"])[-1]
+    finally:
+        tmp.unlink(missing_ok=True)
     raise RuntimeError(f"{cc} could not build {SOURCE.name}: {error}")
 
 
@@ -183,12 +189,17 @@ def _bernoulli_(
 def _register() -> None:
     global _library, _users
     with _lock:
-        _users += 1
-        if _users == 1:
+        if _users == 0:
             with warnings.catch_warnings():  # torch warns that a kernel is overridden: we mean it
                 warnings.simplefilter("ignore")
-                _library = torch.library.Library("aten", "IMPL")
-                _library.impl("bernoulli_.float", _bernoulli_, "CPU")
+                library = torch.library.Library("aten", "IMPL")
+                try:
+                    library.impl("bernoulli_.float", _bernoulli_, "CPU")
+                except Exception:
+                    library._destroy()
+                    raise
+            _library = library
+        _users += 1
 
 
 def _unregister() -> None:

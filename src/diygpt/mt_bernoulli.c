@@ -1,6 +1,6 @@
 /* torch's CPU `Tensor.bernoulli_(p)`, draw for draw, vectorizable.
  *
- * torch 2.x draws a CPU tensor's Bernoulli(p) values one element at a time from its
+ * torch (2.13 here) draws a CPU tensor's Bernoulli(p) values one element at a time from its
  * generator's MT19937 engine (aten's bernoulli_scalar_kernel_default): two 32-bit outputs
  * make a 53-bit uniform double, and the element is 1 where that double is below p. That
  * loop is serial and scalar: about 150 ms a training step for book-124m's dropout masks.
