@@ -130,6 +130,23 @@ def test_malloc_recycling_settings(monkeypatch):
     assert calls == [(memory.M_MMAP_THRESHOLD, memory.RECYCLE_THRESHOLD)]
 
 
+def test_recycling_keeps_the_steady_threshold_where_glibc_refuses_1_gib(monkeypatch):
+    """glibc before 2.35 refuses an mmap threshold over 32 MiB."""
+    calls = []
+
+    def mallopt(param, value):
+        calls.append(value)
+        return value <= memory.STEADY_THRESHOLD or param == memory.M_TRIM_THRESHOLD
+
+    monkeypatch.setattr(memory, "_mallopt", mallopt)
+    model = GPTModel(SMALL)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    assert memory.tune_malloc(model, opt, recycle=True)
+    model(torch.randint(0, 50257, (2, 8))).sum().backward()
+    opt.step()
+    assert calls[-2:] == [memory.RECYCLE_THRESHOLD, memory.STEADY_THRESHOLD]
+
+
 @pytest.mark.skipif(not GLIBC, reason="glibc only")
 def test_malloc_setting_left_to_the_user(monkeypatch):
     model = GPTModel(SMALL)

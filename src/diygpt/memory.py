@@ -11,7 +11,7 @@ activations, and optim_in_backward, which never holds all gradients):
   also hands the heap's free pages back after each training forward pass (60-115 MB less,
   2-5% slower; it is what keeps the seed's run under 3000 MiB); ``--low-memory`` does that and
   trims again before the big updates (slower, ~600 MB less with its recomputation). Where
-  the CLI does not trim (``--compile``), blocks of any size up to 1 GiB are recycled in the
+  the CLI does not trim (``--compile``), blocks of up to 1 GiB are recycled in the
   heap instead, which saves the page faults of fresh mappings every step.
 - :func:`recompute_blocks` (``--low-memory``): activation checkpointing of each transformer
   block. Only a block's input is kept for backward; its forward runs again during backward
@@ -87,13 +87,14 @@ def tune_malloc(model: nn.Module, optimizer: torch.optim.Optimizer,
       AdamW steps inside backward), which comes once many activations are gone. On a 2-core
       CPU both trims together cost ~13% of a step in the fourth pass.
     - ``recycle`` (the CLI's choice on the CPU where it does not trim, as under
-      ``--compile``): after the first step the mmap threshold goes to 1 GiB instead of
-      32 MiB, and freed memory at the heap's top is kept (up to 2 GiB) instead of handed
-      back. Blocks over 32 MiB, such as book-124m's 103 MB logits and their gradient and the
-      154 MB gradients of the head and the token embedding, are then reused from the heap
-      instead of mapped afresh each step, and those fresh pages' faults and zeroing had
-      taken about 12% of a compiled step. The peak stays where it was: the same blocks
-      are alive at the same moments (BENCHMARKS.md, sixteenth pass).
+      ``--compile``): freed memory at the heap's top is kept (up to 2 GiB) instead of
+      handed back, and after the first step the mmap threshold goes to 1 GiB instead of
+      32 MiB. Blocks over 32 MiB, such as book-124m's 103 MB logits and their gradient and
+      the 154 MB gradients of the head and the token embedding, are then reused from the
+      heap instead of mapped afresh each step: those fresh pages' faults and zeroing had
+      made a compiled step 1.10-1.19x slower. The heap keeps more, though: the whole compiled
+      seed run peaked at 3812 MiB instead of 3439 (BENCHMARKS.md, sixteenth pass). glibc
+      before 2.35 refuses a threshold over 32 MiB; there the steady 32 MiB is kept.
     """
     if not _mallopt(M_MMAP_THRESHOLD, 1 << 20):
         return False
@@ -109,7 +110,8 @@ def tune_malloc(model: nn.Module, optimizer: torch.optim.Optimizer,
         # Done once every parameter has state, or a step made none (some get no gradient).
         count = len(opt.state)
         if count == seen[0] or all(len(opt.state.get(p, ())) for p in params):
-            _mallopt(M_MMAP_THRESHOLD, steady)
+            if not _mallopt(M_MMAP_THRESHOLD, steady):  # an older glibc's ceiling
+                _mallopt(M_MMAP_THRESHOLD, STEADY_THRESHOLD)
             handle.remove()
         seen[0] = count
 
