@@ -8,10 +8,10 @@ is batch * context / step time. On CUDA add --dtype bf16 --compile --fused-adamw
 for the fast GPU path (with MFU).
 
 On a CPU, diygpt's rows run as the CLI runs its step there: dropout drawn by
-diygpt.fast_draws, and glibc's allocator tuned by memory.tune_malloc(recycle=True) (the
-compiled CLI's setting; --default-malloc leaves it). That setting lasts for the process, so
-the peers are timed first, with glibc as it comes; --peer-recycled-row times transformers
-again at the end under it.
+diygpt.fast_draws, and with --compile glibc's allocator tuned by
+memory.tune_malloc(recycle=True) (--default-malloc leaves it). That setting lasts for the
+process, so the peers are timed first, with glibc as it comes; --peer-recycled-row times
+transformers again at the end under it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import book_reference
 from diygpt import fused_ce
 from diygpt.chunked_head import chunk_head
 from diygpt.config import get_preset
-from diygpt.fast_draws import fast_draws
+from diygpt.fast_draws import fast_draws, load_kernel, unavailable_reason
 from diygpt.losses import token_cross_entropy
 from diygpt.memory import tune_malloc
 from diygpt.model import GPTModel
@@ -138,13 +138,13 @@ def main() -> None:
                     help="on a CPU, also time the first variant with dropout drawn by torch's "
                     "bernoulli_ (diygpt's rows, as the CLI, use diygpt.fast_draws there)")
     ap.add_argument("--default-malloc", action="store_true",
-                    help="on a CPU, leave glibc's allocator as it is for diygpt's rows too "
-                    "(by default they run, as the CLI's compiled step, with "
+                    help="on a CPU with --compile, leave glibc's allocator as it is for "
+                    "diygpt's rows too (by default they run, as the CLI's compiled step, with "
                     "memory.tune_malloc(recycle=True), which lasts for the rest of the process: "
                     "so the peers are timed first)")
     ap.add_argument("--peer-recycled-row", action="store_true",
-                    help="on a CPU, time transformers again at the end, under the allocator "
-                    "setting diygpt's rows ran with")
+                    help="on a CPU with --compile, time transformers again at the end, under "
+                    "the allocator setting diygpt's rows ran with")
     ap.add_argument("--cudnn-row", action="store_true",
                     help="also time the first variant with SDPA forced onto cuDNN attention")
     ap.add_argument("--profile", action="store_true",
@@ -227,7 +227,10 @@ def main() -> None:
         variants.append((first, ", head in one product", {"plain_head": True}, fuse, "", None))
     # As the CLI does, on a CPU dropout's masks come from diygpt.fast_draws (the peers keep
     # torch's kernel: the context is open only around diygpt's rows).
-    draws = device.type == "cpu"
+    draws = device.type == "cpu" and load_kernel() is not None
+    if device.type == "cpu" and not draws:
+        print(f"fast draws unavailable, diygpt's rows draw with torch: {unavailable_reason()}")
+    recycle = device.type == "cpu" and args.compile and not args.default_malloc
     if args.torch_draws_row and draws:
         variants.append((first, ", torch's dropout draws", {"torch_draws": True}, fuse, "", None))
     if args.cudnn_row:
@@ -258,7 +261,7 @@ def main() -> None:
         fast_rng = draws and not how.get("torch_draws")
         how = {k: v for k, v in how.items() if k not in ("plain_head", "torch_draws")}
         opt = make_adamw(model.parameters(), 4e-4, 0.1, fused=args.fused_adamw)
-        if draws and not args.default_malloc:
+        if recycle:
             tune_malloc(model, opt, recycle=True)
         if tuning == "max-autotune":  # as --compile-mode max-autotune does it
             wrapped = compile_model(model, args.autotune_mode)
@@ -291,7 +294,7 @@ def main() -> None:
             except Exception as exc:  # the timings stand whatever the profiler does
                 print(f"profile failed: {type(exc).__name__}: {exc}")
         del model, opt, wrapped, step
-    if args.peer_recycled_row and draws and "hf" in peers:
+    if args.peer_recycled_row and recycle and "hf" in peers:
         torch.manual_seed(123)
         hf = _common.hf_gpt2(cfg).to(device).train()
         time_it(f"transformers GPT2LMHeadModel ({args.dtype}), diygpt's allocator setting", hf,
