@@ -35,7 +35,7 @@ from train_speed import step_fn  # train_speed.py's step, so that both time the 
 from diygpt import memory
 from diygpt.chunked_head import chunk_head
 from diygpt.config import get_preset
-from diygpt.fast_draws import fast_draws, unavailable_reason
+from diygpt.fast_draws import fast_draws, load_kernel, unavailable_reason
 from diygpt.losses import token_cross_entropy
 from diygpt.model import GPTModel
 from diygpt.precision import Precision
@@ -75,9 +75,8 @@ def setting(fast: bool = True, recycle: bool = True):
 
 def arms(change: str, cfg, x, y, compiled: bool) -> dict:
     """name -> (step, context to run it in)."""
-    with fast_draws() as on:
-        if not on:
-            raise SystemExit(f"fast draws unavailable: {unavailable_reason()}")
+    if load_kernel() is None:
+        raise SystemExit(f"fast draws unavailable: {unavailable_reason()}")
     if change == "head":
         return {"head in one call": (make_step(cfg, x, y, compiled), setting()),
                 "head sliced": (make_step(cfg, x, y, compiled, sliced=True), setting())}

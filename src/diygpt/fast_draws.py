@@ -102,6 +102,14 @@ def build_kernel() -> Path:
     raise RuntimeError(f"{cc} could not build {SOURCE.name}: {error}")
 
 
+def _fill(kernel: Callable[..., None], out: torch.Tensor, p: float, gen: torch.Generator) -> None:
+    """``out`` (contiguous; float32 or one byte) gets ``gen``'s next draws, ``gen`` advanced."""
+    state = gen.get_state()
+    kernel(state.data_ptr(), out.data_ptr(), out.numel(), math.ceil(p * 2**53),
+           out.dtype in _ONE_BYTE)
+    gen.set_state(state)
+
+
 def _agrees_with_torch(kernel: Callable[..., None]) -> bool:
     """The kernel's values and final generator state equal torch's for a few draws."""
     cases = ((123, 0, 1, 0.9, torch.float32), (1, 5, 1000, 0.9, torch.float32),
@@ -112,9 +120,7 @@ def _agrees_with_torch(kernel: Callable[..., None]) -> bool:
             torch.empty(skip).bernoulli_(0.5, generator=gen)
         expected = torch.empty(n, dtype=dtype).bernoulli_(p, generator=theirs)
         got = torch.empty(n, dtype=dtype)
-        state = mine.get_state()
-        kernel(state.data_ptr(), got.data_ptr(), n, math.ceil(p * 2**53), dtype in _ONE_BYTE)
-        mine.set_state(state)
+        _fill(kernel, got, p, mine)
         if not (torch.equal(got, expected) and torch.equal(mine.get_state(), theirs.get_state())):
             return False
     return True
@@ -173,13 +179,9 @@ def _bernoulli_(
     gen = torch.default_generator if generator is None else generator
     if gen.device.type != "cpu":
         raise RuntimeError(f"Expected a 'cpu' device type for generator but found '{gen.device}'")
-    one_byte = self.dtype in _ONE_BYTE
-    direct = self.is_contiguous() and (one_byte or self.dtype == torch.float32)
-    out = self if direct else torch.empty(self.numel())
-    state = gen.get_state()
-    _kernel(state.data_ptr(), out.data_ptr(), out.numel(), math.ceil(p * 2**53),
-            direct and one_byte)
-    gen.set_state(state)
+    direct = self.is_contiguous() and (self.dtype in _ONE_BYTE or self.dtype == torch.float32)
+    out = self if direct else torch.empty(self.numel())  # float32, copied over in order below
+    _fill(_kernel, out, p, gen)
     if not direct:
         view = _iteration_order(self)
         view.copy_(out.view(view.shape))
