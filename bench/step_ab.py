@@ -51,8 +51,9 @@ def make_step(cfg, x: torch.Tensor, y: torch.Tensor, compiled: bool, sliced: boo
     forward, loss_fn = ((compile_model(model), compile_loss()) if compiled
                         else (model, token_cross_entropy))
     step = step_fn(forward, optimizer, x, y, Precision(x.device, "fp32"), loss_fn=loss_fn)
-    # As memory.tune_malloc does: the first step, which makes AdamW's moments, maps them apart.
-    memory._mallopt(memory.M_MMAP_THRESHOLD, 1 << 20)
+    # As in the CLI, the first step maps AdamW's moments apart; each arm's context then sets
+    # the thresholds it times.
+    memory.tune_malloc(model, optimizer, recycle=True)
     with fast_draws():
         step()
     return step
@@ -73,6 +74,9 @@ def setting(fast: bool = True, recycle: bool = True):
     return context
 
 
+MALLOC_ARMS = ("glibc 32 MiB / 128 KiB", "recycled 1 GiB / 2 GiB")
+
+
 def arms(change: str, cfg, x, y, compiled: bool) -> dict:
     """name -> (step, context to run it in)."""
     if load_kernel() is None:
@@ -83,28 +87,20 @@ def arms(change: str, cfg, x, y, compiled: bool) -> dict:
     step = make_step(cfg, x, y, compiled)
     if change == "draws":
         return {"torch's draws": (step, setting(fast=False)), "fast draws": (step, setting())}
-    return {"glibc 32 MiB / 128 KiB": (step, setting(recycle=False)),
-            "recycled 1 GiB / 2 GiB": (step, setting())}
+    plain, recycled = MALLOC_ARMS
+    return {plain: (step, setting(recycle=False)), recycled: (step, setting())}
 
 
-def timed_per_block(block: int | None) -> int:
-    """Steps timed in each block: all of a one-step block, all but the first of longer ones."""
-    return max((block or 1) - 1, 1)
-
-
-def time_arms(steps: dict, args, order: list[list[str]]) -> dict[str, list[float]]:
-    """Each round runs the arms in the given order, --block steps each."""
+def time_arms(steps: dict, rounds: int) -> dict[str, list[float]]:
+    """One step of each arm per round, the one that goes first swapping each round."""
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for names in order:
-        for name in names:
+    for i in range(rounds):
+        for name in (list(steps) if i % 2 else list(steps)[::-1]):
             step, context = steps[name]
             with context():
-                if (args.block or 1) > 1:
-                    step()
-                for _ in range(timed_per_block(args.block)):
-                    start = _common.CLOCK()
-                    step()
-                    times[name].append(_common.CLOCK() - start)
+                start = _common.CLOCK()
+                step()
+                times[name].append(_common.CLOCK() - start)
     return times
 
 
@@ -113,10 +109,9 @@ def malloc_in_processes(args) -> dict[str, list[float]]:
     import subprocess
     import sys
 
-    names = ["glibc 32 MiB / 128 KiB", "recycled 1 GiB / 2 GiB"]
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, list[float]] = {name: [] for name in MALLOC_ARMS}
     for i in range(args.rounds):
-        for name in (names if i % 2 else names[::-1]):
+        for name in (MALLOC_ARMS if i % 2 else MALLOC_ARMS[::-1]):
             argv = [sys.executable, __file__, "--change", "malloc", "--arm", name, "--steps",
                     str(args.steps), "--warmup", str(args.warmup), "--preset", args.preset,
                     "--batch-size", str(args.batch_size)]
@@ -141,9 +136,6 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20, help="timed steps per arm")
-    ap.add_argument("--block", type=int, default=None,
-                    help="steps per arm in a row (default 1); with more than one, the first "
-                    "of each block is not timed")
     ap.add_argument("--rounds", type=int, default=3, help="malloc: processes per arm")
     ap.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # malloc's child processes
     _common.add_common_args(ap)
@@ -161,9 +153,7 @@ def main() -> None:
             with context():
                 for _ in range(args.warmup):
                     step()
-        rounds = -(-args.steps // timed_per_block(args.block))
-        times = time_arms(steps, args, [list(steps) if i % 2 else list(steps)[::-1]
-                                        for i in range(rounds)])
+        times = time_arms(steps, args.steps)
         if args.arm is not None:
             print(json.dumps(times[args.arm]))
             return
@@ -173,7 +163,7 @@ def main() -> None:
             for name, t in times.items()]
     timed_steps = len(next(iter(times.values())))
     how_run = (f"{args.rounds} processes of each in turn" if args.change == "malloc"
-               else f"{args.block or 1} step(s) of each in turn")
+               else "steps of each in turn")
     _common.print_table(
         f"training step, {args.preset} (batch {args.batch_size}), cpu, {how_run}, median of "
         f"{timed_steps} each after {args.warmup} warm-up",
