@@ -7,10 +7,9 @@ are fixed by the generator, so a faster route must produce the same ones to keep
 run, and the seed's log, what they are. ``mt_bernoulli.c`` does that: the same engine and
 the same 53-bit comparison, written as loops the compiler vectorizes (about 30 ms).
 
-- :func:`load_kernel` builds the C file once per machine with the system's C compiler
-  (``$CC``, else ``cc``), caches the library under ``$DIYGPT_CACHE_DIR``, else
-  ``$XDG_CACHE_HOME/diygpt``, else ``~/.cache/diygpt``, and compares it with torch's
-  ``bernoulli_`` before it is used.
+- :func:`load_kernel` builds the C file once per machine (:func:`diygpt.native.build`: the
+  system's C compiler, the library cached under ``~/.cache/diygpt``) and compares it with
+  torch's ``bernoulli_`` before it is used.
   Without a compiler, or if the two ever disagree (another torch version drawing another
   way), it returns None and :func:`unavailable_reason` says why; training then keeps
   torch's kernel.
@@ -29,19 +28,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import math
-import os
-import platform
-import shlex
-import shutil
-import subprocess
 import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+
+from diygpt import native
 
 SOURCE = Path(__file__).with_name("mt_bernoulli.c")
 # What torch's CPU bernoulli_ accepts (AT_DISPATCH_ALL_TYPES_AND3(Bool, BFloat16, Half)); the
@@ -59,47 +54,9 @@ _library: torch.library.Library | None = None
 _users = 0
 
 
-def cache_dir() -> Path:
-    if os.environ.get("DIYGPT_CACHE_DIR"):
-        return Path(os.environ["DIYGPT_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diygpt"
-
-
-def _cpu_tag() -> str:
-    """The instruction sets -march=native builds for, so a shared cache keeps one per kind."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith(("flags", "Features")))
-    except (OSError, StopIteration):
-        flags = ""
-    return f"{platform.machine()} {flags}"
-
-
 def build_kernel() -> Path:
     """Compile mt_bernoulli.c into the cache (once per source, compiler and CPU kind)."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc:
-        raise RuntimeError("no C compiler found (set CC)")
-    command = shlex.split(cc)  # CC may carry a wrapper or flags: "ccache gcc"
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + cc.encode() + _cpu_tag().encode()).hexdigest()[:16]
-    target = cache_dir() / f"mt_bernoulli-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")  # ranks may build at once
-    error = ""
-    try:
-        for flags in (["-O3", "-march=native"], ["-O3"]):  # some compilers lack -march=native
-            done = subprocess.run([*command, *flags, "-shared", "-fPIC", "-o", str(tmp),
-                                   str(SOURCE)], capture_output=True, text=True, timeout=300)
-            if done.returncode == 0:
-                os.replace(tmp, target)
-                return target
-            error = (done.stderr.strip().splitlines() or ["failed"])[-1]
-    finally:
-        tmp.unlink(missing_ok=True)
-    raise RuntimeError(f"{cc} could not build {SOURCE.name}: {error}")
+    return native.build(SOURCE)
 
 
 def _fill(kernel: Callable[..., None], out: torch.Tensor, p: float, gen: torch.Generator) -> None:
@@ -144,14 +101,9 @@ def load_kernel() -> Callable[..., None] | None:
     global _kernel, _reason
     with _lock:
         if _kernel is None and _reason is None:
-            try:
-                fn = _bind(ctypes.CDLL(str(build_kernel())))
-                if _agrees_with_torch(fn):
-                    _kernel = fn
-                else:
-                    _reason = f"torch {torch.__version__} draws differently from mt_bernoulli.c"
-            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                _reason = str(exc)
+            _kernel, _reason = native.load_checked(
+                SOURCE, [_bind], _agrees_with_torch,
+                f"torch {torch.__version__} draws differently from {SOURCE.name}")
         return _kernel
 
 

@@ -1,0 +1,90 @@
+"""Small C kernels that copy a torch CPU op's exact arithmetic, built on first use.
+
+torch's CPU kernels for dropout's draws and for AdamW's update are exact but slow in ways
+that cost a CPU training step a quarter of its time (BENCHMARKS.md, sixteenth and
+seventeenth passes). ``mt_bernoulli.c`` and ``adamw_step.c`` compute the same values faster;
+:mod:`diygpt.fast_draws` and :mod:`diygpt.fast_adamw` compare each with torch before using
+it. This module only builds them: with the system's C compiler (``$CC``, which may carry a
+wrapper or flags, else ``cc``), once per source, compiler and kind of CPU, into
+``$DIYGPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/diygpt``, else ``~/.cache/diygpt``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TypeVar
+
+K = TypeVar("K")
+
+# No product and sum may fuse into one rounding unless the source asks (fmaf): the kernels
+# must round where torch's do. -march=native and OpenMP first; some compilers lack them.
+_COMMON = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
+_TRIES = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], [])
+
+
+def cache_dir() -> Path:
+    if os.environ.get("DIYGPT_CACHE_DIR"):
+        return Path(os.environ["DIYGPT_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diygpt"
+
+
+def _cpu_tag() -> str:
+    """The instruction sets -march=native builds for, so a shared cache keeps one per kind."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        flags = ""
+    return f"{platform.machine()} {flags}"
+
+
+def build(source: Path) -> Path:
+    """The shared library of ``source`` in the cache, compiled if it is not there yet."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler found (set CC)")
+    command = shlex.split(cc)  # CC may carry a wrapper or flags: "ccache gcc"
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), cc.encode(), _cpu_tag().encode(),
+                                     shlex.join(_COMMON).encode()])).hexdigest()[:16]
+    target = cache_dir() / f"{source.stem}-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")  # ranks may build at once
+    error = ""
+    try:
+        for flags in _TRIES:
+            done = subprocess.run([*command, *_COMMON, *flags, "-o", str(tmp), str(source), "-lm"],
+                                  capture_output=True, text=True, timeout=300)
+            if done.returncode == 0:
+                os.replace(tmp, target)
+                return target
+            error = (done.stderr.strip().splitlines() or ["failed"])[-1]
+    finally:
+        tmp.unlink(missing_ok=True)
+    raise RuntimeError(f"{cc} could not build {source.name}: {error}")
+
+
+def load_checked(source: Path, binds: Iterable[Callable[[ctypes.CDLL], K]],
+                 agrees: Callable[[K], bool], mismatch: str) -> tuple[K | None, str | None]:
+    """(kernel, None) for the first binding of ``source`` that ``agrees`` with torch.
+
+    (None, why) when none does (``mismatch``), or when it cannot be built or loaded.
+    """
+    try:
+        library = ctypes.CDLL(str(build(source)))
+        for bind in binds:
+            kernel = bind(library)
+            if agrees(kernel):
+                return kernel, None
+        return None, mismatch
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        return None, str(exc)
