@@ -8,7 +8,7 @@ is batch * context / step time. On CUDA add --dtype bf16 --compile --fused-adamw
 for the fast GPU path (with MFU).
 
 On a CPU, diygpt's rows run as the CLI runs its step there: dropout drawn by
-diygpt.fast_draws, and with --compile glibc's allocator tuned by
+diygpt.fast_draws, AdamW as diygpt.fast_adamw (unless --fused-adamw), and with --compile glibc's allocator tuned by
 memory.tune_malloc(recycle=True) (--default-malloc leaves it). That setting lasts for the
 process, so the peers are timed first, with glibc as it comes; --peer-recycled-row times
 transformers again at the end under it.
@@ -260,7 +260,8 @@ def main() -> None:
             chunk_head(model)
         fast_rng = draws and not how.get("torch_draws")
         how = {k: v for k, v in how.items() if k not in ("plain_head", "torch_draws")}
-        opt = make_adamw(model.parameters(), 4e-4, 0.1, fused=args.fused_adamw)
+        opt = make_adamw(model.parameters(), 4e-4, 0.1, fused=args.fused_adamw,
+                         fast=device.type == "cpu")  # as the CLI: diygpt.fast_adamw there
         if recycle:
             tune_malloc(model, opt, recycle=True)
         if tuning == "max-autotune":  # as --compile-mode max-autotune does it

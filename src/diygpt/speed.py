@@ -11,7 +11,8 @@
   entropy and its backward run as two fused passes over the (B, T, V) logits instead of ~10.
 - :func:`training_loss`: ``--compile``'s loss; optionally, on CUDA, the Triton kernels of
   :mod:`diygpt.fused_ce`, which read a padded head's whole output.
-- :func:`make_adamw`: AdamW, optionally the fused single-kernel implementation.
+- :func:`make_adamw`: AdamW, optionally torch's fused single-kernel implementation or
+  :mod:`diygpt.fast_adamw`'s exact one-pass CPU update.
 - :class:`SpeedMeter`: tokens per second over training steps and, on a known GPU, MFU.
 - Elsewhere: :func:`diygpt.chunked_head.chunk_head`, the output head's products in
   vocabulary slices (``--compile`` on a CPU in fp32).
@@ -188,11 +189,21 @@ def training_loss(model: nn.Module, device: torch.device | str, fused: bool = Fa
 
 
 def make_adamw(
-    params: Iterable[torch.Tensor], lr: float, weight_decay: float, fused: bool = False
+    params: Iterable[torch.Tensor], lr: float, weight_decay: float, fused: bool = False,
+    fast: bool = False,
 ) -> torch.optim.AdamW:
-    """The book's AdamW; ``fused`` updates all parameters in one kernel per step."""
+    """The book's AdamW.
+
+    ``fused``: torch's single-kernel update of all parameters (other roundings). ``fast``
+    (without ``fused``): :class:`diygpt.fast_adamw.FastAdamW`, the book's numbers bit for
+    bit, its CPU updates in one pass over memory.
+    """
     if fused:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    if fast:
+        from diygpt.fast_adamw import FastAdamW
+
+        return FastAdamW(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 

@@ -46,7 +46,8 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
                    help="compute 50304 logits (a multiple of 64) and drop the extra 47; "
                    "checkpoints keep the 50257-row shape")
     s.add_argument("--fused-adamw", action="store_true",
-                   help="AdamW's fused single-kernel update")
+                   help="torch's fused single-kernel AdamW update (rounds differently from "
+                   "the book's AdamW; overrides --fast-adamw)")
     s.add_argument("--tf32", action="store_true",
                    help="allow TF32 tensor cores for fp32 matmuls (CUDA)")
 
@@ -97,7 +98,11 @@ def setup_training(
         training_loss,
     )
 
-    optimizer = make_adamw(model.parameters(), args.lr, args.weight_decay, fused=args.fused_adamw)
+    fast_adamw = getattr(args, "fast_adamw", None)
+    if fast_adamw is None:  # exact, so on wherever it applies
+        fast_adamw = device.type == "cpu"
+    optimizer = make_adamw(model.parameters(), args.lr, args.weight_decay,
+                           fused=args.fused_adamw, fast=fast_adamw)
     meter = None
     if speed_flags_used(args):
         meter = SpeedMeter(flops_per_token(unwrap_model(model).cfg), peak_flops(device))
