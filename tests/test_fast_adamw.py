@@ -21,10 +21,17 @@ TINY = {"vocab_size": 300, "context_length": 16, "emb_dim": 32, "n_heads": 2, "n
 
 
 def _counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The sizes the kernel is called with, from now on."""
+    """The sizes of the tensors the kernel updates, from now on."""
     calls: list[int] = []
     kernel = fa.load_kernel()
-    monkeypatch.setattr(fa, "_kernel", lambda p, *rest: calls.append(p.numel()) or kernel(p, *rest))
+
+    def counted(p, *rest) -> bool:
+        done = kernel(p, *rest)
+        if done:
+            calls.append(p.numel())
+        return done
+
+    monkeypatch.setattr(fa, "_kernel", counted)
     return calls
 
 
@@ -34,7 +41,7 @@ def _run(cls, params: list[torch.Tensor], grads: list[list[torch.Tensor]], **kwa
     opt = cls(params, **kwargs)
     for step_grads in grads:
         for p, g in zip(params, step_grads, strict=True):
-            p.grad = g.clone()
+            p.grad = g if g.is_neg() else g.clone()  # a clone would resolve the negation
         opt.step()
     return params, opt
 
@@ -67,7 +74,7 @@ def test_weights_and_moments_equal_torchs(n: int, kwargs, monkeypatch) -> None:
     grads = _grads([(n,)], steps=4)
     _assert_same(_run(fa.FastAdamW, params, grads, **kwargs),
                  _run(torch.optim.AdamW, params, grads, **kwargs))
-    assert calls == [n] * 4
+    assert calls == ([n] * 4 if n else [])  # empty tensors share the null storage: torch's
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -76,7 +83,8 @@ def test_a_model_with_two_groups_on_any_thread_count(threads: int, monkeypatch) 
     calls = _counted(monkeypatch)
     torch.manual_seed(0)
     model = GPTModel(TINY)
-    params = list(model.parameters())
+    # and one parameter large enough for three threads' parts (each at least 65,536)
+    params = [*model.parameters(), torch.randn(200_000)]
     shapes = [p.shape for p in params]
     grads = _grads(shapes, steps=3, seed=1)
 
@@ -115,26 +123,89 @@ def test_state_dict_is_adamws_both_ways() -> None:
         _assert_same((a, opt_a), (b, opt_b))
 
 
-@pytest.mark.parametrize("case", ["amsgrad", "maximize", "foreach", "float64", "transposed",
-                                  "tensor lr"])
+@pytest.mark.parametrize("case", ["amsgrad", "maximize", "foreach", "fused", "tensor lr", "tensor betas", "float64", "transposed",
+                                  "negated gradient"])
 def test_what_the_kernel_does_not_cover_is_torchs(case: str, monkeypatch) -> None:
     calls = _counted(monkeypatch)
     kwargs = {"lr": 4e-4, "weight_decay": 0.1}
     base = torch.randn(6, 40)
-    if case in ("amsgrad", "maximize", "foreach"):
+    if case in ("amsgrad", "maximize", "foreach", "fused"):
         kwargs[case] = True
     elif case == "tensor lr":
         kwargs["lr"] = torch.tensor(4e-4)
+    elif case == "tensor betas":
+        kwargs["betas"] = (torch.tensor(0.9), torch.tensor(0.999))
     elif case == "float64":
         base = base.double()
     params = [base.t() if case == "transposed" else base, torch.randn(7)]
     grads = [[g.to(p.dtype).reshape(p.shape) for g, p in zip(step, params, strict=True)]
              for step in _grads([(240,), (7,)], steps=3)]
+    if case == "negated gradient":  # contiguous float32, its values negated on reading
+        grads = [[torch._neg_view(-g) for g in step] for step in grads]
     ours = _run(fa.FastAdamW, params, grads, **kwargs)
     theirs = _run(torch.optim.AdamW, params, grads, **kwargs)
     _assert_same(ours, theirs)
     # A tensor that does not fit is updated by torch alone; a group that does not, all of it.
     assert calls == ([7] * 3 if case in ("float64", "transposed") else [])
+
+
+def test_an_lr_past_float32_raises_as_torchs_does() -> None:
+    for cls in (torch.optim.AdamW, fa.FastAdamW):
+        with pytest.raises(RuntimeError, match="overflow"):
+            _run(cls, [torch.randn(5)], _grads([(5,)], steps=1), lr=1e39, weight_decay=0.1)
+
+
+def test_a_gradient_that_is_the_weight_itself_is_torchs(monkeypatch) -> None:
+    calls = _counted(monkeypatch)
+    runs = []
+    for cls in (fa.FastAdamW, torch.optim.AdamW):
+        p = torch.randn(1000, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        opt = cls([p], lr=0.1, weight_decay=0.1)
+        for _ in range(3):
+            p.grad = p.detach()  # read and written in one pass would not be torch's order
+            opt.step()
+        runs.append(([p], opt))
+    _assert_same(*runs)
+    assert calls == []
+
+
+@pytest.mark.skipif(not torch.set_flush_denormal(False), reason="no flush-to-zero mode here")
+def test_flush_to_zero_leaves_the_update_to_torch(monkeypatch) -> None:
+    """torch's flush-to-zero is the calling thread's only: its result is torch's to make."""
+    calls = _counted(monkeypatch)
+    params = [torch.randn(200_000)]
+    grads = [[g * 1e-19 for g in step] for step in _grads([(200_000,)], steps=3)]  # denormal g**2
+    torch.set_flush_denormal(True)
+    try:
+        ours = _run(fa.FastAdamW, params, grads, lr=4e-4, weight_decay=0.1)
+        theirs = _run(torch.optim.AdamW, params, grads, lr=4e-4, weight_decay=0.1)
+    finally:
+        torch.set_flush_denormal(False)
+    _assert_same(ours, theirs)
+    assert calls == []
+    _run(fa.FastAdamW, params, grads, lr=4e-4, weight_decay=0.1)
+    assert calls == [200_000] * 3
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_hooks_run_once_and_the_closure_is_called(fits: bool, monkeypatch) -> None:
+    calls = _counted(monkeypatch)
+    seen = []
+    p = torch.randn(10, requires_grad=True)
+    opt = fa.FastAdamW([p], lr=1e-3, amsgrad=not fits)
+    opt.register_step_pre_hook(lambda *args: seen.append("pre"))
+    opt.register_step_post_hook(lambda *args: seen.append("post"))
+    torch.optim.AdamW([torch.randn(2, requires_grad=True)])  # torch wraps AdamW.step in hooks
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (p * p).sum()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure) is not None
+    assert seen == ["pre", "post"]
+    assert calls == ([10] if fits else [])
 
 
 def test_unavailable_kernel_is_reported_not_raised(monkeypatch, tmp_path) -> None:
@@ -154,6 +225,7 @@ def test_a_kernel_that_rounds_differently_is_not_used(monkeypatch) -> None:
     library = ctypes.CDLL(str(fa.native.build(fa.SOURCE)))
     kernel = fa._bind(library, fa._torch_sqrt())
     assert fa._agrees_with_torch(kernel)
+    assert not fa._agrees_with_torch(lambda *args: False)  # torch's values, but never the kernel's
 
     def off_by_one_ulp(p, g, m, v, scalars) -> None:
         kernel(p, g, m, v, scalars)

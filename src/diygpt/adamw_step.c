@@ -20,9 +20,16 @@
  * library) or NULL where torch's sqrt is the exact one. Build with -ffp-contract=off so
  * that no other product and sum fuse. diygpt/fast_adamw.py builds this file, checks it
  * against torch at load time, and uses it only if they agree.
+ *
+ * torch.set_flush_denormal(True) sets the calling thread's flush-to-zero modes only, so
+ * torch's own result then depends on which of its threads computes an element; with those
+ * modes on, the update is refused (returns 1) and left to torch.
  */
 #include <math.h>
 #include <stdint.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 enum { BLOCK = 2048, MIN_PER_THREAD = 1 << 16 };
 
@@ -56,9 +63,19 @@ static void run_block(const update *u, float *restrict p, const float *restrict 
     }
 }
 
-/* One parameter's update; `scalars` = decay, w, beta2, c, bc2, eps, s (see above). */
-void diygpt_adamw_f32(float *p, const float *g, float *m, float *v, int64_t n,
-                      const double *scalars, sqrt_fn vsqrt, int64_t mode, int threads) {
+static int flushing_denormals(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    return (_mm_getcsr() & 0x8040) != 0; /* FTZ or DAZ */
+#else
+    return 0;
+#endif
+}
+
+/* One parameter's update; `scalars` = decay, w, beta2, c, bc2, eps, s (see above).
+ * Returns 0 when done, 1 when refused (nothing written). */
+int diygpt_adamw_f32(float *p, const float *g, float *m, float *v, int64_t n,
+                     const double *scalars, sqrt_fn vsqrt, int64_t mode, int threads) {
+    if (flushing_denormals()) return 1;
     update u = {(float)scalars[0], (float)scalars[1], (float)scalars[2], (float)scalars[3],
                 (float)scalars[4], (float)scalars[5], (float)scalars[6],
                 0, vsqrt, mode};
@@ -75,4 +92,5 @@ void diygpt_adamw_f32(float *p, const float *g, float *m, float *v, int64_t n,
         run_block(&u, p + start, g + start, m + start, v + start,
                   n - start < BLOCK ? n - start : BLOCK);
     }
+    return 0;
 }

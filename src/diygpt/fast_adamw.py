@@ -11,8 +11,10 @@ cache, the blocks shared among torch's own OpenMP threads: 140 ms and 205 ms, wi
 weights and moments bit for bit.
 
 - :class:`FastAdamW` is ``torch.optim.AdamW`` with that update for CPU float32 tensors;
-  anything else (a GPU, another dtype, amsgrad, maximize, foreach, fused, capturable,
-  differentiable, tensor hyperparameters, a non-contiguous tensor) takes torch's own code.
+  anything else (a group with a GPU parameter, another dtype, amsgrad, maximize, foreach,
+  fused, capturable, differentiable, tensor hyperparameters, a non-contiguous, negated or
+  subclassed tensor, a gradient sharing the weight's storage, a learning rate past float32,
+  flush-to-zero mode) takes torch's own code.
   Its ``state_dict`` is AdamW's, so checkpoints load either way.
 - :func:`load_kernel` builds the C file once per machine (:func:`diygpt.native.build`) and
   compares it with torch's AdamW before it is used. Without a compiler, or if they ever
@@ -28,6 +30,7 @@ tests/test_fast_adamw.py compares weights and moments with torch's AdamW.
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,7 +45,10 @@ SOURCE = Path(__file__).with_name("adamw_step.c")
 # ATen's vml.h calls MKL with VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE.
 _VML_MODE = 0x2 | 0x140000 | 0x100
 
-Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Sequence[float]], None]
+# kernel(param, grad, exp_avg, exp_avg_sq, scalars) -> whether it updated them (False: refused,
+# nothing written: flush-to-zero is on, see adamw_step.c)
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Sequence[float]], bool]
+_FLOAT_MAX = torch.finfo(torch.float32).max
 
 _lock = threading.Lock()
 _kernel: Kernel | None = None
@@ -60,16 +66,16 @@ def _torch_sqrt() -> int | None:
 
 
 def _bind(library: ctypes.CDLL, sqrt: int | None) -> Kernel:
-    """kernel(param, grad, exp_avg, exp_avg_sq, scalars) over the C function."""
+    """A :data:`Kernel` over the C function."""
     fn = library.diygpt_adamw_f32
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.POINTER(ctypes.c_double),
                                            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
-    fn.restype = None
+    fn.restype = ctypes.c_int
 
     def kernel(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
-               scalars: Sequence[float]) -> None:
-        fn(p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel(),
-           (ctypes.c_double * 7)(*scalars), sqrt, _VML_MODE, torch.get_num_threads())
+               scalars: Sequence[float]) -> bool:
+        return fn(p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel(),
+                  (ctypes.c_double * 7)(*scalars), sqrt, _VML_MODE, torch.get_num_threads()) == 0
 
     return kernel
 
@@ -77,16 +83,24 @@ def _bind(library: ctypes.CDLL, sqrt: int | None) -> Kernel:
 def _agrees_with_torch(kernel: Kernel) -> bool:
     """Weights and moments equal torch's AdamW's over three steps, in a few settings."""
     gen = torch.Generator().manual_seed(0)
+    calls = []
+
+    def counted(*args) -> bool:
+        calls.append(kernel(*args))
+        return calls[-1]
+
     # Sizes: vector tails; several blocks; enough for two threads' halves.
-    for n, betas, decay in ((1, (0.9, 0.999), 0.1), (37, (0.3, 0.99), 0.0),
-                            (5000, (0.9, 0.999), 0.1), (140_000, (0.9, 0.95), 0.1)):
-        start = torch.randn(n, generator=gen)
+    cases = ((1, (0.9, 0.999), 0.1), (37, (0.3, 0.99), 0.0), (5000, (0.9, 0.999), 0.1),
+             (140_000, (0.9, 0.95), 0.1))
+    for n, betas, decay in cases:
+        start = torch.randn(n, generator=gen, dtype=torch.float32)
         params = [start.clone().requires_grad_() for _ in range(2)]
         optimizers = [cls(params=[p], lr=4e-4, betas=betas, weight_decay=decay)
                       for cls, p in zip((torch.optim.AdamW, FastAdamW), params, strict=True)]
-        optimizers[1].kernel = kernel  # load_kernel has not returned it yet
+        optimizers[1].kernel = counted  # load_kernel has not returned it yet
         for _ in range(3):  # gradients from 1e-7 to 10, as a training step has
-            grad = torch.randn(n, generator=gen) * 10.0 ** torch.randint(-7, 2, (n,), generator=gen)
+            grad = (torch.randn(n, generator=gen, dtype=torch.float32)
+                    * 10.0 ** torch.randint(-7, 2, (n,), generator=gen))
             for p, opt in zip(params, optimizers, strict=True):
                 p.grad = grad.clone()
                 opt.step()
@@ -94,7 +108,7 @@ def _agrees_with_torch(kernel: Kernel) -> bool:
         if not (torch.equal(params[0], params[1]) and
                 all(torch.equal(ours[k], theirs[k]) for k in ("exp_avg", "exp_avg_sq", "step"))):
             return False
-    return True
+    return calls == [True] * 3 * len(cases)  # it ran each time: no check passes by default
 
 
 def load_kernel() -> Kernel | None:
@@ -116,18 +130,24 @@ def unavailable_reason() -> str | None:
 
 
 def _group_fits(group: dict[str, Any]) -> bool:
-    """Whether torch would run its single-tensor AdamW, without amsgrad, for this group."""
+    """Whether torch runs its single-tensor AdamW, without amsgrad, on the CPU for this group.
+
+    (With a parameter on a GPU torch would pick its foreach code: the group is left to torch.)
+    """
     numbers = (group["lr"], *group["betas"], group["eps"], group["weight_decay"])
     flags = ("amsgrad", "maximize", "foreach", "fused", "capturable", "differentiable")
     return (all(isinstance(x, (int, float)) for x in numbers)
-            and not any(group.get(k) for k in flags) and group.get("decoupled_weight_decay", True))
+            and not any(group.get(k) for k in flags) and group.get("decoupled_weight_decay", True)
+            and all(p.device.type == "cpu" for p in group["params"]))
 
 
 def _tensors_fit(*tensors: torch.Tensor) -> bool:
-    """Plain contiguous CPU float32 tensors (not a subclass, such as FSDP's DTensor)."""
-    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
-               and t.dtype == torch.float32 and t.layout == torch.strided and t.is_contiguous()
-               for t in tensors)
+    """Plain contiguous CPU float32 tensors (not a subclass, such as FSDP's DTensor, nor a
+    lazily negated view) with storages of their own (the kernel reads all, then writes)."""
+    return (all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+                and t.dtype == torch.float32 and t.layout == torch.strided and t.is_contiguous()
+                and not t.is_neg() and not t.is_conj() for t in tensors)
+            and len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors))
 
 
 def _scalars(group: dict[str, Any], step: float) -> tuple[float, ...]:
@@ -137,6 +157,11 @@ def _scalars(group: dict[str, Any], step: float) -> tuple[float, ...]:
     bias_correction2 = 1 - beta2**step
     step_size = lr / bias_correction1
     return (1 - lr * decay, 1 - beta1, beta2, 1 - beta2, bias_correction2**0.5, eps, -step_size)
+
+
+def _as_floats(scalars: Sequence[float]) -> bool:
+    """Whether ATen converts each to float32 (it raises for a finite value out of range)."""
+    return all(not math.isfinite(x) or abs(x) <= _FLOAT_MAX for x in scalars)
 
 
 class FastAdamW(torch.optim.AdamW):
@@ -155,7 +180,7 @@ class FastAdamW(torch.optim.AdamW):
                 or getattr(self, "grad_scale", None) is not None
                 or getattr(self, "found_inf", None) is not None
                 or not all(_group_fits(g) for g in self.param_groups)):
-            return super().step(closure)
+            return self._torch_step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -164,12 +189,23 @@ class FastAdamW(torch.optim.AdamW):
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, [], steps)
             for p, g, m, v, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
-                if not _tensors_fit(p, g, m, v):
-                    _torch_update(group, p, g, m, v, step_t)
-                    continue
-                step_t += 1
-                kernel(p, g, m, v, _scalars(group, step_t.item()))
+                if _tensors_fit(p, g, m, v):
+                    step_t += 1
+                    scalars = _scalars(group, step_t.item())
+                    if _as_floats(scalars) and kernel(p, g, m, v, scalars):
+                        continue
+                    step_t -= 1  # exact: a whole number below 2**24
+                _torch_update(group, p, g, m, v, step_t)
         return loss
+
+    def _torch_step(self, closure: Callable[[], float] | None) -> float | None:
+        """AdamW's own step, without running the optimizer hooks a second time.
+
+        torch wraps each optimizer class's ``step`` in its hook runner when the first
+        instance is made; ``self.step`` has run them already.
+        """
+        step = torch.optim.AdamW.step
+        return (step.__wrapped__ if getattr(step, "hooked", False) else step)(self, closure)
 
 
 def _torch_update(group: dict[str, Any], p: torch.Tensor, g: torch.Tensor, m: torch.Tensor,

@@ -8,8 +8,9 @@ run, and the seed's log, what they are. ``mt_bernoulli.c`` does that: the same e
 the same 53-bit comparison, written as loops the compiler vectorizes (about 30 ms).
 
 - :func:`load_kernel` builds the C file once per machine (:func:`diygpt.native.build`: the
-  system's C compiler, the library cached under ``~/.cache/diygpt``) and compares it with
-  torch's ``bernoulli_`` before it is used.
+  system's C compiler, the library cached under ``$DIYGPT_CACHE_DIR``, else
+  ``$XDG_CACHE_HOME/diygpt``, else ``~/.cache/diygpt``) and compares it with torch's
+  ``bernoulli_`` before it is used.
   Without a compiler, or if the two ever disagree (another torch version drawing another
   way), it returns None and :func:`unavailable_reason` says why; training then keeps
   torch's kernel.

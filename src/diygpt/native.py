@@ -7,6 +7,13 @@ seventeenth passes). ``mt_bernoulli.c`` and ``adamw_step.c`` compute the same va
 it. This module only builds them: with the system's C compiler (``$CC``, which may carry a
 wrapper or flags, else ``cc``), once per source, compiler and kind of CPU, into
 ``$DIYGPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/diygpt``, else ``~/.cache/diygpt``.
+
+The first of these flag sets that compiles is kept: ``-march=native -fopenmp``, then without
+one or both. With gcc, ``-fopenmp`` links ``libgomp``, which resolves to the copy torch has
+already loaded, so ``adamw_step.c`` runs on torch's own threads. clang's links its
+``libomp`` instead, a second runtime with threads of its own (exact still; its speed not
+measured here). A build cached without OpenMP stays single-threaded; delete the cache folder
+to build again.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import platform
 import shlex
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -58,7 +66,10 @@ def build(source: Path) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")  # ranks may build at once
+    # A file of its own: ranks, or threads, may build at once; the last rename wins whole.
+    handle, name = tempfile.mkstemp(prefix=f"{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    tmp = Path(name)
     error = ""
     try:
         for flags in _TRIES:

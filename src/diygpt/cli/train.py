@@ -104,7 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     mem.add_argument("--fast-adamw", action=argparse.BooleanOptionalAction, default=None,
                      help="update AdamW's CPU float32 parameters with diygpt's one-pass copy of "
                      "torch's AdamW arithmetic (built once with the C compiler): the same "
-                     "weights, about 380 ms less per book-124m step. Default: on for the "
+                     "weights, about 195 ms less per book-124m step. Default: on for the "
                      "CPU; without a C compiler, or with --fused-adamw, torch's own")
     mem.add_argument("--optim-in-backward", action=argparse.BooleanOptionalAction, default=None,
                      help="step AdamW on each parameter inside backward, as soon as its gradient "
