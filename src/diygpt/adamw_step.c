@@ -3,8 +3,8 @@
  * On the CPU, torch.optim.AdamW (torch 2.13 here; foreach and fused off, as they are by
  * default there) updates each parameter with eight elementwise ops, each a full pass over
  * memory: mul_ (weight decay), lerp_ (first moment), mul_ and addcmul_ (second moment),
- * sqrt, a division and add_ (denominator), addcdiv_ (the step). For book-124m that is about
- * 500 ms a training step on two cores. Here the same float32 operations, rounded where torch
+ * sqrt, a division and add_ (denominator), addcdiv_ (the step). For book-124m that is 400 to
+ * 700 ms a training step on two cores. Here the same float32 operations, rounded where torch
  * rounds them, run over blocks small enough to stay in cache: one trip to memory instead
  * of eight, and with OpenMP the blocks are shared among torch's threads.
  *

@@ -1,7 +1,7 @@
 """Small C kernels that copy a torch CPU op's exact arithmetic, built on first use.
 
 torch's CPU kernels for dropout's draws and for AdamW's update are exact but slow in ways
-that cost a CPU training step a quarter of its time (BENCHMARKS.md, sixteenth and
+that cost an eager CPU training step a fifth of its time (BENCHMARKS.md, sixteenth and
 seventeenth passes). ``mt_bernoulli.c`` and ``adamw_step.c`` compute the same values faster;
 :mod:`diygpt.fast_draws` and :mod:`diygpt.fast_adamw` compare each with torch before using
 it. This module only builds them: with the system's C compiler (``$CC``, which may carry a

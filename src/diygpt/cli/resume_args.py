@@ -15,8 +15,8 @@ from diygpt.errors import CheckpointError, ConfigError
 
 # Flags that may differ from the checkpoint's: they do not change what is computed, they only
 # pick kernels (--compile-mode: a fresh machine need not autotune again; --fast-draws and
-# --fast-adamw: the same numbers either way), or they only lengthen the run (--epochs and --max-steps, which also
-# stretch a cosine schedule).
+# --fast-adamw: the same numbers either way), or they only lengthen the run (--epochs and
+# --max-steps, which also stretch a cosine schedule).
 CHANGEABLE = frozenset({
     "resume", "device", "tokenizer_dir", "progress", "save_every", "keep_last", "nan_policy",
     "epochs", "max_steps", "fsdp", "optim_in_backward", "low_memory", "malloc_tuning",
