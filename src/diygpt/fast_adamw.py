@@ -42,8 +42,7 @@ from torch.optim.adam import adam as torch_adam  # the functional form of its st
 from diygpt import native
 
 SOURCE = Path(__file__).with_name("adamw_step.c")
-# ATen's vml.h calls MKL with VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE.
-_VML_MODE = 0x2 | 0x140000 | 0x100
+_VML_MODE = native.VML_MODE
 
 # kernel(param, grad, exp_avg, exp_avg_sq, scalars) -> whether it updated them (False: refused,
 # nothing written: flush-to-zero is on, see adamw_step.c)
@@ -56,13 +55,7 @@ _reason: str | None = None  # why the kernel is unavailable, once known
 
 
 def _torch_sqrt() -> int | None:
-    """The address of MKL's vmsSqrt in torch's own library, where torch has one."""
-    for lib in sorted((Path(torch.__file__).parent / "lib").glob("libtorch_cpu.*")):
-        try:
-            return ctypes.cast(ctypes.CDLL(str(lib)).vmsSqrt, ctypes.c_void_p).value
-        except (OSError, AttributeError):
-            continue
-    return None
+    return native.torch_vml("vmsSqrt")
 
 
 def _bind(library: ctypes.CDLL, sqrt: int | None) -> Kernel:

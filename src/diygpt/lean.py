@@ -7,7 +7,8 @@ the linear layer after each LayerNorm and GELU keeps its input. Here:
 
 - :class:`LeanGELU` keeps only the input and recomputes the rest in backward, then applies
   the same backward formulas autograd would, in the order its engine runs them (the three
-  gradients reaching ``x`` are summed as its input buffer sums them).
+  gradients reaching ``x`` are summed as its input buffer sums them). Inside
+  ``diygpt.fast_gelu.fast_gelu()`` both directions are one C pass each, with the same values.
 - :class:`LeanDropout` draws its noise as ``F.dropout`` does on the CPU (``bernoulli_``
   then ``div_``, same RNG use) and keeps a bool mask, from which backward remakes the noise.
 - With ``recompute`` (diygpt.recompute): LayerNorm's output and parts, GELU's output and
@@ -30,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diygpt import fast_gelu
 from diygpt.model import (
-    _SQRT_2_OVER_PI,
     GELU,
     LayerNorm,
     MultiHeadAttention,
@@ -41,15 +42,9 @@ from diygpt.model import (
 from diygpt.recompute import Recipe, mark, recipe, recomputing
 
 
-def _gelu_halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two factors of the book's GELU, op for op: 0.5 x and tanh's output."""
-    return 0.5 * x, torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3)))
-
-
-def _gelu_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(the book's GELU of x, 0.5 x, tanh's output)."""
-    half_x, t = _gelu_halves(x)
-    return half_x * (1 + t), half_x, t
+def _gelu_parts(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(the book's GELU of x, 0.5 x, tanh's output): diygpt.fast_gelu's where it is on."""
+    return fast_gelu.forward(x, parts=True) or fast_gelu.torch_parts(x)
 
 
 def _mark_for_backward(out: torch.Tensor, made_by: Recipe | None) -> None:
@@ -63,7 +58,7 @@ class LeanGELU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
-        out = GELU.forward(None, x)  # the book's formula, op for op
+        out = (fast_gelu.forward(x) or (GELU.forward(None, x),))[0]  # the book's values
         # The next linear layer keeps GELU's output for its weight gradient; remade from x,
         # with tanh's output, which backward needs next (made once for both).
         ctx.recipe = recipe(_gelu_parts, x)
@@ -74,12 +69,11 @@ class LeanGELU(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         made = ctx.recipe.take_cached() if ctx.recipe is not None else None
-        half_x, t = made[1:] if made is not None else _gelu_halves(x)
-        grad_half_x, grad_t = grad * (1 + t), grad * half_x  # y = (0.5 x) * (1 + t)
-        grad_inner = torch.ops.aten.tanh_backward(grad_t, t) * _SQRT_2_OVER_PI
-        grad_cube = grad_inner * 0.044715
-        # pow's backward is grad * (3 * x^2); x's buffer sums the inner, cube, half-x parts
-        return (grad_inner + grad_cube * (3.0 * x.pow(2.0))) + grad_half_x * 0.5
+        grad_x = fast_gelu.backward(grad, x, made[2] if made is not None else None)
+        if grad_x is not None:
+            return grad_x
+        half_x, t = made[1:] if made is not None else fast_gelu.torch_halves(x)
+        return fast_gelu.torch_backward(grad, x, half_x, t)
 
 
 def _noise(kept: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:

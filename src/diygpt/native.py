@@ -1,16 +1,16 @@
 """Small C kernels that copy a torch CPU op's exact arithmetic, built on first use.
 
-torch's CPU kernels for dropout's draws and for AdamW's update are exact but slow in ways
-that cost an eager CPU training step a fifth of its time (BENCHMARKS.md, sixteenth and
-seventeenth passes). ``mt_bernoulli.c`` and ``adamw_step.c`` compute the same values faster;
-:mod:`diygpt.fast_draws` and :mod:`diygpt.fast_adamw` compare each with torch before using
-it. This module only builds them: with the system's C compiler (``$CC``, which may carry a
+torch's CPU kernels for dropout's draws, AdamW's update and the book's GELU are exact but
+slow in ways that cost an eager CPU training step a quarter of its time (BENCHMARKS.md,
+sixteenth and seventeenth passes). ``mt_bernoulli.c``, ``adamw_step.c`` and ``gelu_tanh.c``
+compute the same values faster; :mod:`diygpt.fast_draws`, :mod:`diygpt.fast_adamw` and
+:mod:`diygpt.fast_gelu` compare each with torch before using it. This module only builds them: with the system's C compiler (``$CC``, which may carry a
 wrapper or flags, else ``cc``), once per source, compiler and kind of CPU, into
 ``$DIYGPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/diygpt``, else ``~/.cache/diygpt``.
 
 The first of these flag sets that compiles is kept: ``-march=native -fopenmp``, then without
 one or both. With gcc, ``-fopenmp`` links ``libgomp``, which resolves to the copy torch has
-already loaded, so ``adamw_step.c`` runs on torch's own threads. clang's links its
+already loaded, so ``adamw_step.c`` and ``gelu_tanh.c`` run on torch's own threads. clang's links its
 ``libomp`` instead, a second runtime with threads of its own (exact still; its speed not
 measured here). A build cached without OpenMP stays single-threaded; delete the cache folder
 to build again.
@@ -99,3 +99,24 @@ def load_checked(source: Path, binds: Iterable[Callable[[ctypes.CDLL], K]],
         return None, mismatch
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         return None, str(exc)
+
+
+# ATen's vml.h calls MKL's VML functions with VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE.
+VML_MODE = 0x2 | 0x140000 | 0x100
+
+
+def torch_vml(name: str) -> int | None:
+    """The address of MKL's VML function ``name`` (e.g. vmsSqrt) in torch's own library.
+
+    torch's CPU sqrt and tanh are MKL's on x86, and not always the correctly rounded
+    results, so a kernel that must equal torch calls the same function. None where torch
+    has no MKL (its own vectorized code is then what a kernel must match).
+    """
+    import torch  # only here: the build functions above do not need it
+
+    for lib in sorted((Path(torch.__file__).parent / "lib").glob("libtorch_cpu.*")):
+        try:
+            return ctypes.cast(getattr(ctypes.CDLL(str(lib)), name), ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+    return None

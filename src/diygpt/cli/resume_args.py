@@ -14,13 +14,13 @@ from pathlib import Path
 from diygpt.errors import CheckpointError, ConfigError
 
 # Flags that may differ from the checkpoint's: they do not change what is computed, they only
-# pick kernels (--compile-mode: a fresh machine need not autotune again; --fast-draws and
-# --fast-adamw: the same numbers either way), or they only lengthen the run (--epochs and
-# --max-steps, which also stretch a cosine schedule).
+# pick kernels (--compile-mode: a fresh machine need not autotune again; --fast-draws,
+# --fast-adamw and --fast-gelu: the same numbers either way), or they only lengthen the run
+# (--epochs and --max-steps, which also stretch a cosine schedule).
 CHANGEABLE = frozenset({
     "resume", "device", "tokenizer_dir", "progress", "save_every", "keep_last", "nan_policy",
     "epochs", "max_steps", "fsdp", "optim_in_backward", "low_memory", "malloc_tuning",
-    "recompute", "trim_heap", "compile_mode", "fast_draws", "fast_adamw",
+    "recompute", "trim_heap", "compile_mode", "fast_draws", "fast_adamw", "fast_gelu",
 })
 NOT_SETTINGS = ("func", "argv", "parser")  # namespace entries that are not training settings
 

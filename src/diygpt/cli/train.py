@@ -106,6 +106,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "torch's AdamW arithmetic (built once with the C compiler): the same "
                      "weights, about 195 ms less per book-124m step. Default: on for the "
                      "CPU; without a C compiler, or with --fused-adamw, torch's own")
+    mem.add_argument("--fast-gelu", action=argparse.BooleanOptionalAction, default=None,
+                     help="run GELU and its backward on the CPU as one pass each with diygpt's "
+                     "copy of torch's arithmetic for the book's formula (built once with the "
+                     "C compiler): the same values. Default: on for the CPU without "
+                     "--compile; without a C compiler, torch's own ops")
     mem.add_argument("--optim-in-backward", action=argparse.BooleanOptionalAction, default=None,
                      help="step AdamW on each parameter inside backward, as soon as its gradient "
                      "is complete, so the gradients (650 MB for book-124m) never all live at "
@@ -179,7 +184,7 @@ def _free_frames(exc: BaseException) -> None:
 def _train(args: argparse.Namespace, env, device) -> int:
     import torch
 
-    from diygpt import fast_adamw
+    from diygpt import fast_adamw, fast_gelu
     from diygpt.cli.resume_args import NOT_SETTINGS, merge_resume_args
     from diygpt.data import load_training_data, loaders_from_tokens
     from diygpt.distributed import wrap_model
@@ -283,10 +288,15 @@ def _train(args: argparse.Namespace, env, device) -> int:
         trainer.load_checkpoint(ckpt)
         warn(f"diygpt: resuming from {ckpt.folder} (after step {ckpt.state['global_step']})")
     draws = device.type == "cpu" if args.fast_draws is None else args.fast_draws
+    # GELU's kernel serves diygpt.lean's GELU, which only the uncompiled CPU model has.
+    gelu = device.type == "cpu" and not args.compile if args.fast_gelu is None else args.fast_gelu
     try:
-        with fast_draws(draws) as on:
+        with fast_draws(draws) as on, fast_gelu.fast_gelu(gelu) as gelu_on:
             if draws and not on:
                 warn(f"diygpt: torch's dropout draws, not the fast ones: {unavailable_reason()}")
+            if gelu and not gelu_on:
+                warn(f"diygpt: torch's GELU ops, not the fast ones: "
+                     f"{fast_gelu.unavailable_reason()}")
             history = trainer.fit()
     except Interrupted as stop:
         where = f"checkpoint saved to {stop.checkpoint}; " if stop.checkpoint else ""
