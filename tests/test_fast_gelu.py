@@ -39,17 +39,20 @@ def _counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def _values(n: int, seed: int) -> torch.Tensor:
-    """From tiny to saturating, with a few infinities and a NaN."""
+    """From subnormal to saturating, with both zeros, infinities and a NaN."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=gen) * 10.0 ** torch.randint(-4, 2, (n,), generator=gen)
+    x[::5] *= 1e-40  # subnormal, and their cubes underflow
     if n > 10:
-        x[:3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+        x[:5] = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0])
     return x
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal values, NaN where the other has NaN."""
-    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a[~a.isnan()], b[~b.isnan()])
+    """The same bits (so -0.0 is not 0.0), and NaN where the other has NaN."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a[~nan].view(torch.int32),
+                                                       b[~nan].view(torch.int32))
 
 
 @pytest.mark.parametrize("n", [1, 17, 2047, 2049, 70_000, 200_000])
@@ -100,10 +103,46 @@ def test_torchs_ops_outside_the_block_and_for_other_tensors(monkeypatch) -> None
         assert fg.forward(x.double()) is None
         assert fg.forward(x.t()) is None
         assert fg.backward(x.t(), x, None) is None
+        assert fg.backward(torch.randn(3), x, None) is None  # another shape
+        assert fg.forward(x.clone().requires_grad_()) is None  # would leave autograd's graph
+        with torch.no_grad():
+            assert fg.forward(x.clone().requires_grad_()) is not None
+        empty, offset = torch.randn(0, 5), torch.randn(10)[3:]
+        assert fg.forward(empty)[0].shape == (0, 5)
+        assert _same(fg.forward(offset)[0], GELU.forward(None, offset))
     assert fg.forward(x) is None and fg._users == 0
     with fg.fast_gelu(enabled=False) as on:
         assert not on and fg.forward(x) is None
-    assert calls == ["forward", "forward"]
+    assert calls == ["forward"] * 5
+
+
+def test_a_non_contiguous_gradient_takes_torchs_backward(monkeypatch) -> None:
+    calls = _counted(monkeypatch)
+    x = torch.randn(8, 6)
+    results = []
+    for fast in (True, False):
+        leaf = x.clone().requires_grad_()
+        with fg.fast_gelu(fast):
+            y = lean_activations(torch.nn.Sequential(GELU()))(leaf)
+            (y.t() * torch.arange(48.0).reshape(6, 8)).sum().backward()  # grad arrives as y.t()'s
+        results.append((y, leaf.grad))
+    assert all(map(_same, *results))
+    assert calls == ["forward"]
+
+
+@pytest.mark.skipif(not torch.set_flush_denormal(False), reason="no flush-to-zero mode here")
+def test_flush_to_zero_leaves_gelu_to_torchs_ops(monkeypatch) -> None:
+    """torch's flush-to-zero is the calling thread's only: the split among threads decides."""
+    calls = _counted(monkeypatch)
+    x = _values(200_000, 5)
+    GELU.forward(None, x)  # torch's threads are up before the mode is set
+    torch.set_flush_denormal(True)
+    try:
+        with fg.fast_gelu():
+            assert fg.forward(x) is None and fg.backward(x, x, None) is None
+    finally:
+        torch.set_flush_denormal(False)
+    assert calls == ["forward", "backward"]  # asked, and refused
 
 
 def test_unavailable_kernel_is_reported_not_raised(monkeypatch, tmp_path) -> None:

@@ -10,8 +10,10 @@ float32 values, rounded where torch rounds them (with MKL's own ``vmsTanh``, as 
   it with torch's ops before it is used; without a compiler, or if they disagree, it
   returns None and :func:`unavailable_reason` says why.
 - :func:`fast_gelu` is a context manager; while it is open (and the kernel is there),
-  :func:`forward` and :func:`backward` return the kernel's results for CPU float32 tensors
-  and None otherwise, and ``diygpt.lean`` then uses torch's ops as before.
+  :func:`forward` and :func:`backward` return the kernel's results for plain contiguous CPU
+  float32 tensors of one shape, outside autograd's graph (as ``diygpt.lean``'s Function
+  calls them) and not in flush-to-zero mode; otherwise None, and ``diygpt.lean`` then uses
+  torch's ops as before.
 
 tests/test_fast_gelu.py compares values with the book's GELU and with autograd's gradient.
 """
@@ -47,22 +49,26 @@ class _Kernel:
         tail = [ctypes.c_int64, f, f, p, ctypes.c_int64, ctypes.c_int]
         self._forward.argtypes = [p, p, p, p, *tail]
         self._backward.argtypes = [p, p, p, p, *tail]
-        self._forward.restype = self._backward.restype = None
+        self._forward.restype = self._backward.restype = ctypes.c_int
         self._tail = (_SQRT_2_OVER_PI, _CUBE, tanh, native.VML_MODE)
 
-    def forward(self, x: torch.Tensor, parts: bool) -> tuple[torch.Tensor, ...]:
-        """(GELU(x),) or, with ``parts``, (GELU(x), 0.5 x, tanh's output)."""
+    def forward(self, x: torch.Tensor, parts: bool) -> tuple[torch.Tensor, ...] | None:
+        """(GELU(x),) or, with ``parts``, (GELU(x), 0.5 x, tanh's output); None if refused
+        (flush-to-zero mode, see gelu_tanh.c)."""
         outs = [torch.empty_like(x) for _ in range(3 if parts else 1)]
         half, t = (o.data_ptr() for o in outs[1:]) if parts else (None, None)
-        self._forward(x.data_ptr(), outs[0].data_ptr(), half, t, x.numel(), *self._tail,
-                      torch.get_num_threads())
-        return tuple(outs)
+        refused = self._forward(x.data_ptr(), outs[0].data_ptr(), half, t, x.numel(),
+                                *self._tail, torch.get_num_threads())
+        return None if refused else tuple(outs)
 
-    def backward(self, grad: torch.Tensor, x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+    def backward(self, grad: torch.Tensor, x: torch.Tensor,
+                 t: torch.Tensor | None) -> torch.Tensor | None:
+        """x's gradient; None if refused."""
         dx = torch.empty_like(x)
-        self._backward(grad.data_ptr(), x.data_ptr(), None if t is None else t.data_ptr(),
-                       dx.data_ptr(), x.numel(), *self._tail, torch.get_num_threads())
-        return dx
+        refused = self._backward(grad.data_ptr(), x.data_ptr(),
+                                 None if t is None else t.data_ptr(), dx.data_ptr(), x.numel(),
+                                 *self._tail, torch.get_num_threads())
+        return None if refused else dx
 
 
 def torch_halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,14 +101,20 @@ def _agrees_with_torch(kernel: _Kernel) -> bool:
         x[: n // 7] *= 10  # tanh saturates
         grad = torch.randn(n, generator=gen, dtype=torch.float32)
         y, half, t = torch_parts(x)
-        mine = kernel.forward(x, parts=True)
-        if not (torch.equal(GELU.forward(None, x), y) and all(map(torch.equal, mine, (y, half, t)))
-                and torch.equal(kernel.forward(x, parts=False)[0], y)):
+        mine, alone = kernel.forward(x, parts=True), kernel.forward(x, parts=False)
+        if (mine is None or alone is None or not _bits_equal(GELU.forward(None, x), y)
+                or not all(map(_bits_equal, (*mine, alone[0]), (y, half, t, y)))):
             return False
         expected = torch_backward(grad, x, half, t)
-        if not all(torch.equal(kernel.backward(grad, x, tt), expected) for tt in (t, None)):
-            return False
+        for remade in (t, None):
+            got = kernel.backward(grad, x, remade)
+            if got is None or not _bits_equal(got, expected):
+                return False
     return True
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))  # -0.0 is not 0.0 here
 
 
 def load_kernel() -> _Kernel | None:
@@ -123,10 +135,13 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
-def _fits(*tensors: torch.Tensor) -> bool:
-    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
-               and t.dtype == torch.float32 and t.is_contiguous() and not t.is_neg()
-               for t in tensors)
+def _fits(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Plain contiguous CPU float32 tensors of x's shape, x not asking for a gradient (the
+    kernel's results are not part of autograd's graph)."""
+    return (not (torch.is_grad_enabled() and x.requires_grad)
+            and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+                    and t.dtype == torch.float32 and t.is_contiguous() and not t.is_neg()
+                    and t.shape == x.shape for t in (x, *others)))
 
 
 def _active() -> _Kernel | None:
@@ -142,13 +157,14 @@ def forward(x: torch.Tensor, parts: bool = False) -> tuple[torch.Tensor, ...] | 
 def backward(grad: torch.Tensor, x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor | None:
     """x's gradient (``t``: tanh's output, or None to remake it), or None outside the block."""
     kernel = _active()
-    fits = kernel is not None and _fits(grad, x, *([] if t is None else [t]))
+    fits = kernel is not None and _fits(x, grad, *([] if t is None else [t]))
     return kernel.backward(grad, x, t) if fits else None
 
 
 @contextlib.contextmanager
 def fast_gelu(enabled: bool = True) -> Iterator[bool]:
-    """While open, diygpt.lean's GELU runs the checked kernel; yields whether it does. Nests."""
+    """While open, diygpt.lean's GELU runs the checked kernel. Nests; yields whether this
+    block turned it on (False when ``enabled`` is False or the kernel is unavailable)."""
     global _users
     active = enabled and load_kernel() is not None
     with _lock:

@@ -15,9 +15,16 @@
  * torch's tanh on x86 is MKL's vmsTanh (high-accuracy mode); the caller passes it from
  * torch's own library, or NULL for C's tanhf, whichever agrees with torch at load time
  * (diygpt/fast_gelu.py). Built with -ffp-contract=off: only the fma above is fused.
+ *
+ * As in adamw_step.c, with flush-to-zero on in the calling thread (torch.set_flush_denormal,
+ * which sets it there only) torch's result depends on how its threads split the work, so
+ * both functions then refuse (return 1, nothing written) and torch's ops run instead.
  */
 #include <math.h>
 #include <stdint.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 enum { BLOCK = 2048, MIN_PER_THREAD = 1 << 15 };
 
@@ -39,14 +46,24 @@ static void block_t(const float *x, float *t, int64_t n, float s, float k, vml_f
     tanh_block(vtanh, mode, inner, t, n);
 }
 
+static int flushing_denormals(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    return (_mm_getcsr() & 0x8040) != 0; /* FTZ or DAZ */
+#else
+    return 0;
+#endif
+}
+
 static int thread_count(int threads, int64_t n) {
     if (threads > n / MIN_PER_THREAD) threads = (int)(n / MIN_PER_THREAD);
     return threads < 1 ? 1 : threads;
 }
 
-/* y = GELU(x); with `half` and `tanh_out` not NULL, also 0.5 x and t (diygpt.lean's parts). */
-void diygpt_gelu_forward(const float *x, float *y, float *half, float *tanh_out, int64_t n,
-                         float s, float k, vml_fn vtanh, int64_t mode, int threads) {
+/* y = GELU(x); with `half` and `tanh_out` not NULL, also 0.5 x and t (diygpt.lean's parts).
+ * Returns 0, or 1 when refused. */
+int diygpt_gelu_forward(const float *x, float *y, float *half, float *tanh_out, int64_t n,
+                        float s, float k, vml_fn vtanh, int64_t mode, int threads) {
+    if (flushing_denormals()) return 1;
     int64_t blocks = (n + BLOCK - 1) / BLOCK;
     threads = thread_count(threads, n);
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
@@ -61,11 +78,14 @@ void diygpt_gelu_forward(const float *x, float *y, float *half, float *tanh_out,
             y[start + i] = h * (t[i] + 1.0f);
         }
     }
+    return 0;
 }
 
-/* dx from the output's gradient g; t (tanh's output) recomputed from x when NULL. */
-void diygpt_gelu_backward(const float *g, const float *x, const float *tanh_in, float *dx,
-                          int64_t n, float s, float k, vml_fn vtanh, int64_t mode, int threads) {
+/* dx from the output's gradient g; t (tanh's output) recomputed from x when NULL.
+ * Returns 0, or 1 when refused. */
+int diygpt_gelu_backward(const float *g, const float *x, const float *tanh_in, float *dx,
+                         int64_t n, float s, float k, vml_fn vtanh, int64_t mode, int threads) {
+    if (flushing_denormals()) return 1;
     int64_t blocks = (n + BLOCK - 1) / BLOCK;
     threads = thread_count(threads, n);
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
@@ -84,4 +104,5 @@ void diygpt_gelu_backward(const float *g, const float *x, const float *tanh_in, 
             dx[start + i] = (grad_inner + grad_cube * ((xi * xi) * 3.0f)) + grad_half * 0.5f;
         }
     }
+    return 0;
 }

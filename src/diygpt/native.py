@@ -4,8 +4,9 @@ torch's CPU kernels for dropout's draws, AdamW's update and the book's GELU are 
 slow in ways that cost an eager CPU training step a quarter of its time (BENCHMARKS.md,
 sixteenth and seventeenth passes). ``mt_bernoulli.c``, ``adamw_step.c`` and ``gelu_tanh.c``
 compute the same values faster; :mod:`diygpt.fast_draws`, :mod:`diygpt.fast_adamw` and
-:mod:`diygpt.fast_gelu` compare each with torch before using it. This module only builds them: with the system's C compiler (``$CC``, which may carry a
-wrapper or flags, else ``cc``), once per source, compiler and kind of CPU, into
+:mod:`diygpt.fast_gelu` compare each with torch before using it. This module only builds
+them: with the system's C compiler (``$CC``, which may carry a wrapper or flags, else
+``cc``), once per source, compiler and kind of CPU, into
 ``$DIYGPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/diygpt``, else ``~/.cache/diygpt``.
 
 The first of these flag sets that compiles is kept: ``-march=native -fopenmp``, then without

@@ -110,7 +110,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="run GELU and its backward on the CPU as one pass each with diygpt's "
                      "copy of torch's arithmetic for the book's formula (built once with the "
                      "C compiler): the same values. Default: on for the CPU without "
-                     "--compile; without a C compiler, torch's own ops")
+                     "--compile (it serves the uncompiled CPU model only); without a C "
+                     "compiler, torch's own ops")
     mem.add_argument("--optim-in-backward", action=argparse.BooleanOptionalAction, default=None,
                      help="step AdamW on each parameter inside backward, as soon as its gradient "
                      "is complete, so the gradients (650 MB for book-124m) never all live at "
