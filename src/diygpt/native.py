@@ -1,8 +1,8 @@
 """Small C kernels that copy a torch CPU op's exact arithmetic, built on first use.
 
 torch's CPU kernels for dropout's draws, AdamW's update and the book's GELU are exact but
-slow in ways that cost an eager CPU training step a quarter of its time (BENCHMARKS.md,
-sixteenth and seventeenth passes). ``mt_bernoulli.c``, ``adamw_step.c`` and ``gelu_tanh.c``
+slow: the draws took 150 ms of a book-124m step, AdamW 400 and GELU about 230 of an eager
+step of 2.4 s (BENCHMARKS.md, sixteenth and seventeenth passes). ``mt_bernoulli.c``, ``adamw_step.c`` and ``gelu_tanh.c``
 compute the same values faster; :mod:`diygpt.fast_draws`, :mod:`diygpt.fast_adamw` and
 :mod:`diygpt.fast_gelu` compare each with torch before using it. This module only builds
 them: with the system's C compiler (``$CC``, which may carry a wrapper or flags, else
