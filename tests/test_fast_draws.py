@@ -132,11 +132,11 @@ def test_a_kernel_that_disagrees_is_not_used(monkeypatch: pytest.MonkeyPatch) ->
 def test_cc_may_carry_flags_and_a_failed_build_leaves_no_file(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("DIYGPT_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", f"{shutil.which('cc')} -std=c99")
-    built = fd.build_kernel()
+    built = fd.native.build(fd.SOURCE)
     assert built.parent == tmp_path and built.exists()
     monkeypatch.setenv("CC", f"{shutil.which('cc')} -no-such-flag")
     with pytest.raises(RuntimeError, match="could not build"):
-        fd.build_kernel()
+        fd.native.build(fd.SOURCE)
     assert [p.name for p in tmp_path.iterdir()] == [built.name]
 
 

@@ -27,9 +27,8 @@
  */
 #include <math.h>
 #include <stdint.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h>
-#endif
+
+#include "native_fp.h"
 
 enum { BLOCK = 2048, MIN_PER_THREAD = 1 << 16 };
 
@@ -63,19 +62,11 @@ static void run_block(const update *u, float *restrict p, const float *restrict 
     }
 }
 
-static int flushing_denormals(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    return (_mm_getcsr() & 0x8040) != 0; /* FTZ or DAZ */
-#else
-    return 0;
-#endif
-}
-
 /* One parameter's update; `scalars` = decay, w, beta2, c, bc2, eps, s (see above).
  * Returns 0 when done, 1 when refused (nothing written). */
 int diygpt_adamw_f32(float *p, const float *g, float *m, float *v, int64_t n,
                      const double *scalars, sqrt_fn vsqrt, int64_t mode, int threads) {
-    if (flushing_denormals()) return 1;
+    if (diygpt_flushing_denormals()) return 1;
     update u = {(float)scalars[0], (float)scalars[1], (float)scalars[2], (float)scalars[3],
                 (float)scalars[4], (float)scalars[5], (float)scalars[6],
                 0, vsqrt, mode};

@@ -55,11 +55,6 @@ _library: torch.library.Library | None = None
 _users = 0
 
 
-def build_kernel() -> Path:
-    """Compile mt_bernoulli.c into the cache (once per source, compiler and CPU kind)."""
-    return native.build(SOURCE)
-
-
 def _fill(kernel: Callable[..., None], out: torch.Tensor, p: float, gen: torch.Generator) -> None:
     """``out`` (contiguous; float32 or one byte) gets ``gen``'s next draws, ``gen`` advanced."""
     state = gen.get_state()

@@ -22,9 +22,8 @@
  */
 #include <math.h>
 #include <stdint.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h>
-#endif
+
+#include "native_fp.h"
 
 enum { BLOCK = 2048, MIN_PER_THREAD = 1 << 15 };
 
@@ -46,14 +45,6 @@ static void block_t(const float *x, float *t, int64_t n, float s, float k, vml_f
     tanh_block(vtanh, mode, inner, t, n);
 }
 
-static int flushing_denormals(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    return (_mm_getcsr() & 0x8040) != 0; /* FTZ or DAZ */
-#else
-    return 0;
-#endif
-}
-
 static int thread_count(int threads, int64_t n) {
     if (threads > n / MIN_PER_THREAD) threads = (int)(n / MIN_PER_THREAD);
     return threads < 1 ? 1 : threads;
@@ -63,7 +54,7 @@ static int thread_count(int threads, int64_t n) {
  * Returns 0, or 1 when refused. */
 int diygpt_gelu_forward(const float *x, float *y, float *half, float *tanh_out, int64_t n,
                         float s, float k, vml_fn vtanh, int64_t mode, int threads) {
-    if (flushing_denormals()) return 1;
+    if (diygpt_flushing_denormals()) return 1;
     int64_t blocks = (n + BLOCK - 1) / BLOCK;
     threads = thread_count(threads, n);
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
@@ -85,7 +76,7 @@ int diygpt_gelu_forward(const float *x, float *y, float *half, float *tanh_out, 
  * Returns 0, or 1 when refused. */
 int diygpt_gelu_backward(const float *g, const float *x, const float *tanh_in, float *dx,
                          int64_t n, float s, float k, vml_fn vtanh, int64_t mode, int threads) {
-    if (flushing_denormals()) return 1;
+    if (diygpt_flushing_denormals()) return 1;
     int64_t blocks = (n + BLOCK - 1) / BLOCK;
     threads = thread_count(threads, n);
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)

@@ -6,8 +6,9 @@ step of 2.4 s (BENCHMARKS.md, sixteenth and seventeenth passes). ``mt_bernoulli.
 compute the same values faster; :mod:`diygpt.fast_draws`, :mod:`diygpt.fast_adamw` and
 :mod:`diygpt.fast_gelu` compare each with torch before using it. This module only builds
 them: with the system's C compiler (``$CC``, which may carry a wrapper or flags, else
-``cc``), once per source, compiler and kind of CPU, into
-``$DIYGPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/diygpt``, else ``~/.cache/diygpt``.
+``cc``), once per source (with the headers beside it, ``native_fp.h``), compiler and kind
+of CPU, into ``$DIYGPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/diygpt``, else
+``~/.cache/diygpt``.
 
 The first of these flag sets that compiles is kept: ``-march=native -fopenmp``, then without
 one or both. With gcc, ``-fopenmp`` links ``libgomp``, which resolves to the copy torch has
@@ -61,8 +62,10 @@ def build(source: Path) -> Path:
     if not cc:
         raise RuntimeError("no C compiler found (set CC)")
     command = shlex.split(cc)  # CC may carry a wrapper or flags: "ccache gcc"
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), cc.encode(), _cpu_tag().encode(),
-                                     shlex.join(_COMMON).encode()])).hexdigest()[:16]
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # what it may include
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), *headers, cc.encode(),
+                                     _cpu_tag().encode(), shlex.join(_COMMON).encode()]))
+    key = key.hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
         return target
