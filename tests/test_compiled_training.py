@@ -96,8 +96,8 @@ def test_compiled_training_with_fast_draws_equals_torchs_draws(monkeypatch):
     want_losses, want_model = _train(compiled=True, steps=2)
     want_rng = torch.get_rng_state()
     calls = []
-    kernel = fd._kernel
-    monkeypatch.setattr(fd, "_kernel", lambda *args: calls.append(args[2]) or kernel(*args))
+    kernel = fd._loaded.kernel
+    monkeypatch.setattr(fd._loaded, "kernel", lambda *args: calls.append(args[2]) or kernel(*args))
     with fd.fast_draws():
         losses, model = _train(compiled=True, steps=2)
     # one embedding dropout and three per block (attention's weights, two shortcuts), 2 steps

@@ -31,7 +31,7 @@ def _counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
             calls.append(p.numel())
         return done
 
-    monkeypatch.setattr(fa, "_kernel", counted)
+    monkeypatch.setattr(fa._loaded, "kernel", counted)
     return calls
 
 
@@ -209,8 +209,8 @@ def test_hooks_run_once_and_the_closure_is_called(fits: bool, monkeypatch) -> No
 
 
 def test_unavailable_kernel_is_reported_not_raised(monkeypatch, tmp_path) -> None:
-    monkeypatch.setattr(fa, "_kernel", None)
-    monkeypatch.setattr(fa, "_reason", None)
+    monkeypatch.setattr(fa._loaded, "kernel", None)
+    monkeypatch.setattr(fa._loaded, "reason", None)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("DIYGPT_CACHE_DIR", str(tmp_path))
     assert fa.load_kernel() is None
@@ -231,8 +231,8 @@ def test_a_kernel_that_rounds_differently_is_not_used(monkeypatch) -> None:
         kernel(p, g, m, v, scalars)
         p.copy_(torch.nextafter(p, torch.full_like(p, float("inf"))))
 
-    monkeypatch.setattr(fa, "_kernel", None)
-    monkeypatch.setattr(fa, "_reason", None)
+    monkeypatch.setattr(fa._loaded, "kernel", None)
+    monkeypatch.setattr(fa._loaded, "reason", None)
     monkeypatch.setattr(fa, "_bind", lambda library, sqrt: off_by_one_ulp)
     assert fa.load_kernel() is None
     assert "rounds differently" in fa.unavailable_reason()
@@ -262,7 +262,7 @@ def test_cli_uses_it_by_default_on_the_cpu_with_the_same_result(data, tmp_path, 
 def test_cli_says_in_one_line_when_the_kernel_is_unavailable(data, tmp_path, capsys,
                                                              monkeypatch) -> None:
     monkeypatch.setattr(fa, "load_kernel", lambda: None)
-    monkeypatch.setattr(fa, "_reason", "no C compiler found (set CC)")
+    monkeypatch.setattr(fa._loaded, "reason", "no C compiler found (set CC)")
     rc, _, err = train_tiny(capsys, data, tmp_path / "run", "--max-steps", "1")
     assert rc == 0, err
     assert "torch's AdamW update, not the fast one: no C compiler found (set CC)" in err

@@ -91,7 +91,7 @@ def test_errors_match_torchs() -> None:
 def test_torchs_kernel_returns_when_the_outermost_block_closes(monkeypatch) -> None:
     calls = []
     kernel = fd.load_kernel()
-    monkeypatch.setattr(fd, "_kernel", lambda *args: calls.append(args[2]) or kernel(*args))
+    monkeypatch.setattr(fd._loaded, "kernel", lambda *args: calls.append(args[2]) or kernel(*args))
     with fd.fast_draws():
         with fd.fast_draws():
             assert fd._users == 2
@@ -106,8 +106,8 @@ def test_torchs_kernel_returns_when_the_outermost_block_closes(monkeypatch) -> N
 
 
 def test_unavailable_kernel_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    monkeypatch.setattr(fd, "_kernel", None)
-    monkeypatch.setattr(fd, "_reason", None)
+    monkeypatch.setattr(fd._loaded, "kernel", None)
+    monkeypatch.setattr(fd._loaded, "reason", None)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("DIYGPT_CACHE_DIR", str(tmp_path))
     assert fd.load_kernel() is None
@@ -121,8 +121,8 @@ def test_a_kernel_that_disagrees_is_not_used(monkeypatch: pytest.MonkeyPatch) ->
         pass  # draws nothing: the values stay whatever empty() held, the state unmoved
 
     assert fd._agrees_with_torch(fd.load_kernel())
-    monkeypatch.setattr(fd, "_kernel", None)
-    monkeypatch.setattr(fd, "_reason", None)
+    monkeypatch.setattr(fd._loaded, "kernel", None)
+    monkeypatch.setattr(fd._loaded, "reason", None)
     monkeypatch.setattr(fd, "_bind", lambda library: wrong)
     assert fd.load_kernel() is None
     assert "draws differently" in fd.unavailable_reason()
@@ -146,7 +146,7 @@ def test_cli_draws_fast_by_default_on_the_cpu_with_the_same_result(data, tmp_pat
 
     calls = []
     kernel = fd.load_kernel()
-    monkeypatch.setattr(fd, "_kernel", lambda *args: calls.append(args[2]) or kernel(*args))
+    monkeypatch.setattr(fd._loaded, "kernel", lambda *args: calls.append(args[2]) or kernel(*args))
     runs = []
     for extra in ([], ["--no-fast-draws"], ["--attn", "eager"], ["--attn", "eager", "--no-fast-draws"]):
         out = tmp_path / f"run{len(runs)}"
@@ -164,7 +164,7 @@ def test_cli_says_in_one_line_when_the_kernel_is_unavailable(data, tmp_path, cap
     from cli_helpers import train_tiny
 
     monkeypatch.setattr(fd, "load_kernel", lambda: None)
-    monkeypatch.setattr(fd, "_reason", "no C compiler found (set CC)")
+    monkeypatch.setattr(fd._loaded, "reason", "no C compiler found (set CC)")
     rc, _, err = train_tiny(capsys, data, tmp_path / "run", "--max-steps", "1")
     assert rc == 0, err
     assert "torch's dropout draws, not the fast ones: no C compiler found (set CC)" in err

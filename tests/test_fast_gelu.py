@@ -34,7 +34,7 @@ def _counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             calls.append("backward")
             return kernel.backward(grad, x, t)
 
-    monkeypatch.setattr(fg, "_kernel", Counted())
+    monkeypatch.setattr(fg._loaded, "kernel", Counted())
     return calls
 
 
@@ -146,8 +146,8 @@ def test_flush_to_zero_leaves_gelu_to_torchs_ops(monkeypatch) -> None:
 
 
 def test_unavailable_kernel_is_reported_not_raised(monkeypatch, tmp_path) -> None:
-    monkeypatch.setattr(fg, "_kernel", None)
-    monkeypatch.setattr(fg, "_reason", None)
+    monkeypatch.setattr(fg._loaded, "kernel", None)
+    monkeypatch.setattr(fg._loaded, "reason", None)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("DIYGPT_CACHE_DIR", str(tmp_path))
     assert fg.load_kernel() is None
@@ -169,8 +169,8 @@ def test_a_kernel_that_rounds_differently_is_not_used(monkeypatch) -> None:
 
     assert fg._agrees_with_torch(kernel)
     assert not fg._agrees_with_torch(OneUlpOff())
-    monkeypatch.setattr(fg, "_kernel", None)
-    monkeypatch.setattr(fg, "_reason", None)
+    monkeypatch.setattr(fg._loaded, "kernel", None)
+    monkeypatch.setattr(fg._loaded, "reason", None)
     monkeypatch.setattr(fg, "_Kernel", lambda library, tanh: OneUlpOff())
     assert fg.load_kernel() is None
     assert "round differently" in fg.unavailable_reason()
@@ -194,7 +194,7 @@ def test_cli_uses_it_by_default_on_the_cpu_with_the_same_result(data, tmp_path, 
 def test_cli_says_in_one_line_when_the_kernel_is_unavailable(data, tmp_path, capsys,
                                                              monkeypatch) -> None:
     monkeypatch.setattr(fg, "load_kernel", lambda: None)
-    monkeypatch.setattr(fg, "_reason", "no C compiler found (set CC)")
+    monkeypatch.setattr(fg._loaded, "reason", "no C compiler found (set CC)")
     rc, _, err = train_tiny(capsys, data, tmp_path / "run", "--max-steps", "1")
     assert rc == 0, err
     assert "torch's GELU ops, not the fast ones: no C compiler found (set CC)" in err

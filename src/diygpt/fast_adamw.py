@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,10 +47,6 @@ _VML_MODE = native.VML_MODE
 # nothing written: flush-to-zero is on, see adamw_step.c)
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Sequence[float]], bool]
 _FLOAT_MAX = torch.finfo(torch.float32).max
-
-_lock = threading.Lock()
-_kernel: Kernel | None = None
-_reason: str | None = None  # why the kernel is unavailable, once known
 
 
 def _torch_sqrt() -> int | None:
@@ -104,22 +99,24 @@ def _agrees_with_torch(kernel: Kernel) -> bool:
     return calls == [True] * 3 * len(cases)  # it ran each time: no check passes by default
 
 
+def _binds() -> list[Callable[[ctypes.CDLL], Kernel]]:
+    # MKL's root first, as torch's x86 builds use it; the exact one otherwise.
+    return [lambda library, s=sqrt: _bind(library, s)
+            for sqrt in dict.fromkeys([_torch_sqrt(), None])]
+
+
+_loaded = native.CheckedKernel(
+    SOURCE, _binds, _agrees_with_torch,
+    f"torch {torch.__version__}'s AdamW rounds differently from {SOURCE.name}")
+
+
 def load_kernel() -> Kernel | None:
     """The checked kernel, built on first use; None when it cannot be had (see the reason)."""
-    global _kernel, _reason
-    with _lock:
-        if _kernel is None and _reason is None:
-            # MKL's root first, as torch's x86 builds use it; the exact one otherwise.
-            binds = [lambda library, s=sqrt: _bind(library, s)
-                     for sqrt in dict.fromkeys([_torch_sqrt(), None])]
-            _kernel, _reason = native.load_checked(
-                SOURCE, binds, _agrees_with_torch,
-                f"torch {torch.__version__}'s AdamW rounds differently from {SOURCE.name}")
-        return _kernel
+    return _loaded.load()
 
 
 def unavailable_reason() -> str | None:
-    return _reason
+    return _loaded.reason
 
 
 def _group_fits(group: dict[str, Any]) -> bool:

@@ -48,9 +48,7 @@ _DTYPES = frozenset({
 })
 _ONE_BYTE = frozenset({torch.bool, torch.uint8, torch.int8})
 
-_lock = threading.Lock()
-_kernel: Callable[..., None] | None = None
-_reason: str | None = None  # why the kernel is unavailable, once known
+_lock = threading.Lock()  # the registration's count
 _library: torch.library.Library | None = None
 _users = 0
 
@@ -92,19 +90,17 @@ def _bind(library: ctypes.CDLL) -> Callable[..., None]:
     return kernel
 
 
+_loaded = native.CheckedKernel(SOURCE, lambda: [_bind], _agrees_with_torch,
+                               f"torch {torch.__version__} draws differently from {SOURCE.name}")
+
+
 def load_kernel() -> Callable[..., None] | None:
     """The checked kernel, built on first use; None when it cannot be had (see the reason)."""
-    global _kernel, _reason
-    with _lock:
-        if _kernel is None and _reason is None:
-            _kernel, _reason = native.load_checked(
-                SOURCE, [_bind], _agrees_with_torch,
-                f"torch {torch.__version__} draws differently from {SOURCE.name}")
-        return _kernel
+    return _loaded.load()
 
 
 def unavailable_reason() -> str | None:
-    return _reason
+    return _loaded.reason
 
 
 def _iteration_order(t: torch.Tensor) -> torch.Tensor:
@@ -129,7 +125,7 @@ def _bernoulli_(
         raise RuntimeError(f"Expected a 'cpu' device type for generator but found '{gen.device}'")
     direct = self.is_contiguous() and (self.dtype in _ONE_BYTE or self.dtype == torch.float32)
     out = self if direct else torch.empty(self.numel())  # float32, copied over in order below
-    _fill(_kernel, out, p, gen)
+    _fill(_loaded.kernel, out, p, gen)
     if not direct:
         view = _iteration_order(self)
         view.copy_(out.view(view.shape))

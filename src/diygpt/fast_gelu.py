@@ -34,9 +34,7 @@ from diygpt.model import _SQRT_2_OVER_PI, GELU
 SOURCE = Path(__file__).with_name("gelu_tanh.c")
 _CUBE = 0.044715
 
-_lock = threading.Lock()
-_kernel: _Kernel | None = None
-_reason: str | None = None
+_lock = threading.Lock()  # the users' count
 _users = 0
 
 
@@ -117,22 +115,24 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(torch.int32), b.view(torch.int32))  # -0.0 is not 0.0 here
 
 
+def _binds() -> list[Callable[[ctypes.CDLL], _Kernel]]:
+    # MKL's tanh first, as torch's x86 builds use it; C's otherwise.
+    return [lambda library, f=tanh: _Kernel(library, f)
+            for tanh in dict.fromkeys([native.torch_vml("vmsTanh"), None])]
+
+
+_loaded = native.CheckedKernel(
+    SOURCE, _binds, _agrees_with_torch,
+    f"torch {torch.__version__}'s GELU ops round differently from {SOURCE.name}")
+
+
 def load_kernel() -> _Kernel | None:
     """The checked kernel, built on first use; None when it cannot be had (see the reason)."""
-    global _kernel, _reason
-    with _lock:
-        if _kernel is None and _reason is None:
-            binds: list[Callable[[ctypes.CDLL], _Kernel]] = [
-                lambda library, f=tanh: _Kernel(library, f)
-                for tanh in dict.fromkeys([native.torch_vml("vmsTanh"), None])]
-            _kernel, _reason = native.load_checked(
-                SOURCE, binds, _agrees_with_torch,
-                f"torch {torch.__version__}'s GELU ops round differently from {SOURCE.name}")
-        return _kernel
+    return _loaded.load()
 
 
 def unavailable_reason() -> str | None:
-    return _reason
+    return _loaded.reason
 
 
 def _fits(x: torch.Tensor, *others: torch.Tensor) -> bool:
@@ -145,7 +145,7 @@ def _fits(x: torch.Tensor, *others: torch.Tensor) -> bool:
 
 
 def _active() -> _Kernel | None:
-    return _kernel if _users > 0 else None
+    return _loaded.kernel if _users > 0 else None
 
 
 def forward(x: torch.Tensor, parts: bool = False) -> tuple[torch.Tensor, ...] | None:

@@ -28,9 +28,10 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 K = TypeVar("K")
 
@@ -88,21 +89,39 @@ def build(source: Path) -> Path:
     raise RuntimeError(f"{cc} could not build {source.name}: {error}")
 
 
-def load_checked(source: Path, binds: Iterable[Callable[[ctypes.CDLL], K]],
-                 agrees: Callable[[K], bool], mismatch: str) -> tuple[K | None, str | None]:
-    """(kernel, None) for the first binding of ``source`` that ``agrees`` with torch.
+class CheckedKernel(Generic[K]):
+    """One process's copy of a C kernel: built, bound and compared with torch on first use.
 
-    (None, why) when none does (``mismatch``), or when it cannot be built or loaded.
+    ``binds()`` lists the ways to bind the library, tried in order; ``agrees(kernel)``
+    compares one with torch. After :meth:`load`, ``kernel`` is the first that agrees, or
+    None with ``reason`` saying why (``mismatch`` when none agrees, else why the library
+    could not be built or loaded). Both are kept: the check runs once a process.
     """
-    try:
-        library = ctypes.CDLL(str(build(source)))
-        for bind in binds:
-            kernel = bind(library)
-            if agrees(kernel):
-                return kernel, None
-        return None, mismatch
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        return None, str(exc)
+
+    def __init__(self, source: Path, binds: Callable[[], Iterable[Callable[[ctypes.CDLL], K]]],
+                 agrees: Callable[[K], bool], mismatch: str) -> None:
+        self.source = source
+        self._binds, self._agrees, self._mismatch = binds, agrees, mismatch
+        self._lock = threading.Lock()
+        self.kernel: K | None = None
+        self.reason: str | None = None
+
+    def load(self) -> K | None:
+        with self._lock:
+            if self.kernel is None and self.reason is None:
+                self.kernel, self.reason = self._check()
+            return self.kernel
+
+    def _check(self) -> tuple[K | None, str | None]:
+        try:
+            library = ctypes.CDLL(str(build(self.source)))
+            for bind in self._binds():
+                kernel = bind(library)
+                if self._agrees(kernel):
+                    return kernel, None
+            return None, self._mismatch
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            return None, str(exc)
 
 
 # ATen's vml.h calls MKL's VML functions with VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE.
