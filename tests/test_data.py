@@ -74,6 +74,17 @@ def test_too_short_text_says_how_many_tokens(tokenizer):
         prepare_loaders("just a few words", tokenizer, 2, 256)
 
 
+def test_the_books_loader_on_too_short_text(tokenizer):
+    # Shuffled, torch's sampler would fail deep inside on zero windows: one clear line instead.
+    with pytest.raises(DataError, match=r"has 2 tokens but needs at least 17 .* max_length 16"):
+        create_dataloader_v1("Hello world", batch_size=2, max_length=16, stride=16,
+                             tokenizer=tokenizer)
+    # Unshuffled, the book's empty loader (calc_loss_loader gives nan on it).
+    loader = create_dataloader_v1("Hello world", batch_size=2, max_length=16, stride=16,
+                                  shuffle=False, tokenizer=tokenizer)
+    assert len(loader) == 0
+
+
 def test_batch_larger_than_windows_with_drop_last(verdict_text, tokenizer):
     with pytest.raises(DataError, match="larger than the"):
         prepare_loaders(verdict_text, tokenizer, batch_size=100, max_length=256)

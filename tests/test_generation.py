@@ -116,6 +116,25 @@ def test_empty_prompt_and_zero_tokens(model):
     assert generate(model, torch.tensor([[1, 2]]), 0, 16).tolist() == [[1, 2]]
 
 
+@pytest.mark.parametrize(
+    "prompt,message",
+    [(torch.tensor([1, 2, 3]), r"\(batch, tokens\) tensor, got shape \(3,\).*unsqueeze\(0\)"),
+     (torch.tensor([[1.0, 2.0]]), "integer token ids, got torch.float32"),
+     (torch.tensor([[True]]), "integer token ids, got torch.bool")],
+)
+def test_a_prompt_of_the_wrong_shape_or_type_is_named(model, prompt, message):
+    # A tensor of ids without the batch dimension is a reader's easy slip: not "empty".
+    with pytest.raises(GenerationError, match=message):
+        generate(model, prompt, 3, 16)
+
+
+@pytest.mark.parametrize("context_size", [0, -4, 2.5, True])
+def test_context_size_must_be_a_positive_integer(model, context_size):
+    for use_cache in (True, False):
+        with pytest.raises(GenerationError, match=f"context_size .* got {context_size}"):
+            generate(model, torch.tensor([[1, 2]]), 3, context_size, use_cache=use_cache)
+
+
 def test_top_k_above_vocab_is_clamped(model):
     torch.manual_seed(0)
     out = generate(model, torch.tensor([[1]]), 3, 16, temperature=1.0, top_k=10**6)

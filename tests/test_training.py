@@ -1,4 +1,8 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +55,23 @@ def test_train_model_simple_keeps_the_books_signature(verdict_text, tokenizer, c
     assert len(tl) == len(vl) == len(seen) == len([ln for ln in out if ln.startswith("Ep ")])
 
 
+def test_train_model_simple_takes_a_list_of_batches_as_the_book_does(verdict_text, tokenizer):
+    # The book's loop only iterates its loaders; a list has no sampler generator to snapshot.
+    # No dropout: a DataLoader draws a seed from torch's RNG at each iter(), a list does not.
+    results = []
+    for as_list in (False, True):
+        torch.manual_seed(123)
+        train, val = prepare_loaders(verdict_text[:6000], tokenizer, 4, 32, shuffle=False)
+        model = GPTModel(TINY)
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
+        loaders = (list(train), list(val)) if as_list else (train, val)
+        losses = train_model_simple(model, *loaders, opt, "cpu", num_epochs=2, eval_freq=3,
+                                    eval_iter=1, start_context="Every effort", tokenizer=tokenizer)
+        results.append((losses, model.out_head.weight.detach().clone()))
+    assert results[0][0] == results[1][0] and len(results[0][0][0]) > 1
+    assert torch.equal(results[0][1], results[1][1])
+
+
 def test_gradient_accumulation_gives_the_same_update(verdict_text, tokenizer):
     results = []
     for accum in (1, 2):
@@ -87,3 +108,21 @@ def test_the_books_function_names_are_importable():
                  "generate_text_simple", "generate", "text_to_token_ids", "token_ids_to_text",
                  "plot_losses", "load_pretrained"):
         assert callable(getattr(diygpt, name)), name
+
+
+def test_plot_losses_returns_the_figure_and_leaves_matplotlibs_backend_alone(tmp_path):
+    # A notebook's inline backend must survive the import; the book's figure comes back.
+    code = ("import matplotlib; matplotlib.use('pdf'); from diygpt import plot_losses; "
+            "fig = plot_losses([0, 1], [10, 20], [3.0, 2.0], [3.5, 2.5], path=None); "
+            "print(matplotlib.get_backend(), type(fig).__name__, len(fig.axes))")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, timeout=120, cwd=tmp_path).stdout.split()
+    assert out == ["pdf", "Figure", "2"]
+    assert list(tmp_path.iterdir()) == []  # path=None saves nothing
+    from diygpt import plot_losses
+
+    fig = plot_losses([0, 1], [10, 20], [3.0, 2.0], [3.5, 2.5], tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [line.get_label() for line in fig.axes[0].lines] == ["Training loss", "Validation loss"]

@@ -130,6 +130,12 @@ def create_dataloader_v1(
     """The book's loader: same windows, same batches, same order for the same seed."""
     tokenizer = get_tokenizer() if tokenizer is None else tokenizer
     dataset = GPTDatasetV1(txt, tokenizer, max_length, stride)
+    if shuffle and len(dataset) == 0:  # torch's sampler would fail deep inside; unshuffled,
+        # the book's empty loader stays (its loss is nan)
+        raise DataError(
+            f"the text has {len(dataset.tokens)} tokens but needs at least {max_length + 1} "
+            f"for one window of max_length {max_length}; use more text or a smaller max_length"
+        )
     return make_loader(dataset, batch_size, shuffle, drop_last, num_workers, generator)
 
 

@@ -38,8 +38,15 @@ def check_sampling_args(
 
 def check_prompt(model: nn.Module, idx: torch.Tensor) -> None:
     """A prompt must be a non-empty (B, T) batch of ids inside the model's vocabulary."""
-    if idx.dim() != 2 or idx.shape[1] == 0:
+    if idx.dim() != 2:
+        raise GenerationError(
+            f"the prompt must be a (batch, tokens) tensor, got shape {tuple(idx.shape)}; "
+            "text_to_token_ids makes one, or add the batch dimension with idx.unsqueeze(0)"
+        )
+    if idx.shape[1] == 0:
         raise GenerationError("the prompt is empty: give at least one token")
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise GenerationError(f"the prompt must hold integer token ids, got {idx.dtype}")
     vocab_size = model.tok_emb.num_embeddings
     if int(idx.min()) < 0 or int(idx.max()) >= vocab_size:
         raise GenerationError(
@@ -164,6 +171,8 @@ def stream_generate(
     """
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     check_prompt(model, idx)
+    if isinstance(context_size, bool) or int(context_size) != context_size or context_size < 1:
+        raise GenerationError(f"context_size must be a positive integer, got {context_size}")
     context_size = min(int(context_size), model.context_length)
     device, _ = _model_device_dtype(model)
     idx = idx.to(device)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # write files only; never open a window
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+# A Figure of its own, not pyplot's: nothing here picks or changes matplotlib's backend, so
+# the CLI writes files on a machine without a display and a notebook keeps its inline plots.
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def plot_losses(
@@ -17,9 +16,15 @@ def plot_losses(
     tokens_seen: Sequence[int],
     train_losses: Sequence[float],
     val_losses: Sequence[float],
-    path: str | os.PathLike = "loss.png",
-) -> None:
-    fig, ax1 = plt.subplots(figsize=(5, 3))
+    path: str | os.PathLike | None = "loss.png",
+) -> Figure:
+    """Draw the book's figure, save it to ``path`` (None: do not save) and return it.
+
+    In a notebook, the returned figure shows when it ends a cell (``fig = plot_losses(...)``
+    then ``fig``).
+    """
+    fig = Figure(figsize=(5, 3))
+    ax1 = fig.subplots()
     ax1.plot(epochs_seen, train_losses, label="Training loss")
     ax1.plot(epochs_seen, val_losses, linestyle="-.", label="Validation loss")
     ax1.set_xlabel("Epochs")
@@ -30,5 +35,6 @@ def plot_losses(
     ax2.plot(tokens_seen, train_losses, alpha=0)
     ax2.set_xlabel("Tokens seen")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig

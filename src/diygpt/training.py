@@ -242,18 +242,23 @@ class Trainer:
         return h
 
     # -- checkpoints and resume --------------------------------------------------------------
+    @property
+    def _loader_generator(self) -> torch.Generator | None:
+        # The book's loop takes any iterable of batches; only a DataLoader has a generator.
+        return getattr(self.train_loader, "generator", None)
+
     def _epoch_batches(self):
         """This epoch's batch iterator; on resume, positioned where the checkpoint was taken."""
         point, self._resume_point = self._resume_point, None
         if point is not None:
-            restore_rng(point.epoch_rng, self.train_loader.generator)
-        self._epoch_rng = capture_rng(self.train_loader.generator)
+            restore_rng(point.epoch_rng, self._loader_generator)
+        self._epoch_rng = capture_rng(self._loader_generator)
         batches = iter(self.train_loader)
         self.batch_in_epoch = 0
         if point is not None:
             skip_batches(batches, point.batch)
             self.batch_in_epoch = point.batch
-            restore_rng(point.step_rng, self.train_loader.generator)
+            restore_rng(point.step_rng, self._loader_generator)
         return batches
 
     def _after_step(self) -> None:
@@ -286,7 +291,7 @@ class Trainer:
             return None
         point = ResumePoint(
             self.epoch, self.batch_in_epoch, self._epoch_rng,
-            capture_rng(self.train_loader.generator),
+            capture_rng(self._loader_generator),
         )
         state = {"config": unwrap_model(self.model).cfg.to_dict(), **self.training_state()}
         if self.precision.scaler is not None:  # fp16: its loss scale, so resume is exact
