@@ -93,6 +93,12 @@ def test_nan_temperature_is_an_argument_error(run, capsys):
     assert rc == 2 and "expected a finite number" in err
 
 
+def test_eval_of_a_model_with_a_smaller_vocabulary(data, capsys):
+    tiny_hf = Path(__file__).parent / "fixtures" / "gpt2-tiny-hf"  # a 500-token vocabulary
+    line = one_line_error(capsys, "eval", "--weights", tiny_hf, "--data", data, "--max-batches", "1")
+    assert "outside the model's vocabulary of 500" in line
+
+
 def test_top_k_above_the_vocabulary_is_clamped(run, capsys):
     rc, out, _ = run_cli(
         capsys, "generate", "--checkpoint", run, "--top-k", "999999", "--temperature", "1",

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     from diygpt.data import GPTDatasetV1, check_enough_tokens, make_loader, read_text
     from diygpt.device import select_device
-    from diygpt.errors import ConfigError
+    from diygpt.errors import ConfigError, DataError
     from diygpt.losses import calc_loss_loader, perplexity
     from diygpt.tokenizer import ENDOFTEXT, get_tokenizer
 
@@ -51,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
         )
     ids = tokenizer.encode(read_text(args.data), allowed_special={ENDOFTEXT})
     check_enough_tokens(len(ids), length, "the text")
+    vocab_size = model.tok_emb.num_embeddings
+    if max(ids) >= vocab_size:  # a model made for another tokenizer, e.g. a small test model
+        raise DataError(f"the text has token id {max(ids)}, outside the model's vocabulary of "
+                        f"{vocab_size}: the model was not made for GPT-2's tokenizer")
     dataset = GPTDatasetV1(None, tokenizer, length, args.stride or length, token_ids=ids)
     loader = make_loader(dataset, args.batch_size, shuffle=False, drop_last=False)
     with torch.no_grad():
