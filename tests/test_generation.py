@@ -92,6 +92,13 @@ def test_eos_stops_like_the_book(model):
     assert torch.equal(book_generate(model, prompt, 10, 16, eos_id=first), prompt)
 
 
+def test_streaming_takes_generates_arguments_in_the_same_order():
+    import inspect
+
+    assert (list(inspect.signature(stream_generate).parameters)
+            == list(inspect.signature(generate).parameters))
+
+
 def test_streaming_yields_each_token(model):
     prompt = torch.tensor([[4, 5]])
     streamed = [t.item() for t in stream_generate(model, prompt, 6, 16)]

@@ -156,13 +156,13 @@ def stream_generate(
     context_size: int,
     temperature: float = 0.0,
     top_k: int | None = None,
-    top_p: float | None = None,
     eos_id: int | None = None,
+    top_p: float | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     compile: bool = False,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token ids (B, 1) one step at a time.
+    """Yield the next token ids (B, 1) one step at a time (:func:`generate`'s arguments).
 
     Stops after ``max_new_tokens`` or once every row has produced ``eos_id`` (the end
     token itself is not yielded when all rows end together; rows that finished earlier
@@ -215,7 +215,7 @@ def generate(
     device, _ = _model_device_dtype(model)
     out = [idx.to(device)]
     for idx_next in stream_generate(
-        model, idx, max_new_tokens, context_size, temperature, top_k, top_p, eos_id,
+        model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, top_p,
         use_cache, generator, compile,
     ):
         out.append(idx_next)

@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "tokens or the top-p nucleus. Tokens are printed as they are generated.",
     )
     add_model_source_flags(p)
-    p.add_argument("--prompt", default="Every effort moves you", help="start text")
+    p.add_argument("--prompt", default="Every effort moves you",
+                   help="start text (default: the book's 'Every effort moves you')")
     p.add_argument("--max-new-tokens", type=int, default=50,
                    help="how many tokens to add (default 50)")
     p.add_argument("--temperature", type=finite_float, default=0.0,
@@ -102,9 +103,9 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     for next_id in stream_generate(
-        model, idx, args.max_new_tokens, model.context_length, args.temperature,
-        args.top_k, args.top_p, EOT_ID if args.eos else None, use_cache=args.use_cache,
-        compile=args.compile,
+        model, idx, args.max_new_tokens, model.context_length, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, eos_id=EOT_ID if args.eos else None,
+        use_cache=args.use_cache, compile=args.compile,
     ):
         printer.feed(int(next_id[0, 0]))
     printer.close()
