@@ -3,6 +3,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ASSETS ?= ../shared/assets
 export DIYGPT_TOKENIZER_DIR ?= $(abspath $(ASSETS)/gpt2)
+export DIYGPT_ASSETS ?= $(abspath $(ASSETS))
+# Where pip does not find the CPU wheel of torch by itself (public PyPI on Linux gives the
+# CUDA build): make demo TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_PIP_ARGS ?=
 
 .PHONY: setup demo test lint gpu-stage clean
 
@@ -12,7 +16,7 @@ export DIYGPT_TOKENIZER_DIR ?= $(abspath $(ASSETS)/gpt2)
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	$(PY) -m pip install -q -c constraints.txt --target $(VENV)/triton-tests triton
 	touch $@

@@ -46,7 +46,12 @@ def test_documents_are_separated_by_endoftext(tmp_path, tokenizer):
 def test_cli_reports_rate_and_bad_input_is_one_line(tmp_path, verdict_path, capsys):
     out = tmp_path / "t.bin"
     assert main(["prepare", "--data", str(verdict_path), "--out", str(out), "--no-progress"]) == 0
-    assert "5145 tokens" in capsys.readouterr().out
+    done = capsys.readouterr()
+    assert "5145 tokens" in done.out and "note" not in done.err
+    other = tmp_path / "t.tok"  # written all the same; train would take it for text
+    assert main(["prepare", "--data", str(verdict_path), "--out", str(other), "--no-progress"]) == 0
+    assert "reads token files named *.bin" in capsys.readouterr().err
+    assert other.read_bytes() == out.read_bytes()
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"ok\n\xff\xfe\n")
     assert main(["prepare", "--data", str(bad), "--out", str(out)]) == 2

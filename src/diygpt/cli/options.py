@@ -64,7 +64,8 @@ def add_model_source_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn", choices=ATTENTION_IMPLS, default=None, help="attention kernel")
     p.add_argument(
         "--dtype", choices=["fp32", "bf16", "fp16"], default=None,
-        help="weights dtype, applied at load time (default: as stored, fp32 for runs)",
+        help="weights dtype, applied at load time (default: fp32; a run folder or book "
+        "file with --checkpoint: as stored)",
     )
 
 

@@ -20,14 +20,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
                    help="text file(s), or folder(s) of .txt files (UTF-8)")
-    p.add_argument("--out", required=True, metavar="FILE", help="output token file, e.g. train.bin")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="output token file; `diygpt train --data` reads it when its name ends "
+                   "in .bin (e.g. train.bin)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="encoding threads (default: all CPU cores)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar on stderr")
     p.add_argument("--tokenizer-dir", default=None, metavar="DIR",
                    help="folder with GPT-2's encoder.json and vocab.bpe (default: "
-                   "$DIYGPT_TOKENIZER_DIR, then tiktoken's cache)")
+                   "$DIYGPT_TOKENIZER_DIR, then tiktoken's cache, then download)")
     p.set_defaults(func=run)
 
 
@@ -41,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
     from diygpt.prepare import prepare_tokens
     from diygpt.tokenizer import get_tokenizer
 
+    if not str(args.out).endswith(".bin"):
+        print(f"diygpt: note: `diygpt train --data` reads token files named *.bin; {args.out} "
+              "would be read as text", file=sys.stderr)
     tokenizer = get_tokenizer(args.tokenizer_dir)
     t0 = time.perf_counter()
     stats = prepare_tokens(args.data, args.out, tokenizer, args.threads, progress=args.progress)

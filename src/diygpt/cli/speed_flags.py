@@ -39,7 +39,7 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
                    "the fused kernels at the first step; about 6 minutes for gpt2-small on "
                    "an H200, then cached on that machine's disk; 0.4-2.8%% faster there. "
                    "'max-autotune-aten': the same with cuBLAS's own variants only, no "
-                   "Triton templates (cuBLAS won every product on the H200): about 2 "
+                   "Triton templates (cuBLAS won every product on the H200): about 2.5 "
                    "minutes, and as fast (0.2-2.0%% faster over three H200s). "
                    "Default: default, inductor's plain compile")
     s.add_argument("--pad-vocab", action="store_true",

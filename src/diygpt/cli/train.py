@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="text file(s) or folder(s) of .txt files (UTF-8), or .bin token file(s) "
                    "from `diygpt prepare`; required unless --resume")
     d.add_argument("--train-ratio", type=finite_float, default=0.9,
-                   help="fraction of characters used for training, the rest validates (default 0.9)")
+                   help="fraction of characters (of tokens for .bin files) used for training, the "
+                   "rest validates (default 0.9)")
     d.add_argument("--stride", type=positive_int, default=None,
                    help="step between windows in tokens (default: the context length)")
     d.add_argument("--no-shuffle", dest="shuffle", action="store_false",
@@ -91,7 +92,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep the newest K checkpoints (default 2)")
     c.add_argument("--resume", metavar="RUN", default=None,
                    help="continue RUN from its last complete checkpoint, exactly, with its "
-                   "saved settings (device, --epochs, --max-steps, --save-every may change)")
+                   "saved settings; the device, run length, checkpoint and progress flags, "
+                   "--tokenizer-dir, --fsdp, --compile-mode and the memory and exact speed-up "
+                   "flags may change (docs/checkpoints.md)")
     c.add_argument("--nan-policy", choices=["stop", "skip"], default="stop",
                    help="on a non-finite loss or gradient norm: stop with an error (default) "
                    "or skip that step")
@@ -127,7 +130,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     mem.add_argument("--no-recompute", dest="recompute", action="store_false",
                      help="keep LayerNorm's and GELU's outputs and attention's dropped weights "
                      "for backward instead of recomputing them there from what is kept anyway "
-                     "(CPU): about 180 MB more for book-124m, at the same speed")
+                     "(CPU): about 180-200 MB more for book-124m, at the same speed")
     mem.add_argument("--no-malloc-tuning", dest="malloc_tuning", action="store_false",
                      help="leave glibc's allocator alone; by default AdamW's moments get "
                      "mappings of their own, apart from the activations, and on the CPU "
