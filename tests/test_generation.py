@@ -92,6 +92,18 @@ def test_eos_stops_like_the_book(model):
     assert torch.equal(book_generate(model, prompt, 10, 16, eos_id=first), prompt)
 
 
+def test_a_model_in_training_mode_draws_the_books_tokens():
+    # Dropout on: the book's loop re-reads the whole window, drawing masks for all of it.
+    torch.manual_seed(4)
+    model = GPTModel({**CFG, "drop_rate": 0.3}).train()
+    prompt = torch.tensor([[5, 6, 7]])
+    torch.manual_seed(9)
+    want = book_generate(model, prompt, 8, 16, temperature=1.0, top_k=20)
+    torch.manual_seed(9)
+    assert torch.equal(generate(model, prompt, 8, 16, temperature=1.0, top_k=20), want)
+    assert model.training
+
+
 def test_streaming_takes_generates_arguments_in_the_same_order():
     import inspect
 

@@ -167,7 +167,9 @@ def stream_generate(
     Stops after ``max_new_tokens`` or once every row has produced ``eos_id`` (the end
     token itself is not yielded when all rows end together; rows that finished earlier
     are padded with it). ``compile`` runs each one-token step through ``torch.compile``
-    on a static cache: a slow first call, then faster steps (see BENCHMARKS.md).
+    on a static cache: a slow first call, then faster steps (see BENCHMARKS.md). A model in
+    training mode reads its whole window every step, as the book's loop does, so that its
+    dropout draws, and so its tokens, are the book's: the cache serves eval mode.
     """
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     check_prompt(model, idx)
@@ -176,7 +178,7 @@ def stream_generate(
     context_size = min(int(context_size), model.context_length)
     device, _ = _model_device_dtype(model)
     idx = idx.to(device)
-    if not use_cache:
+    if not use_cache or model.training:
         def next_logits(idx: torch.Tensor) -> torch.Tensor:
             return model(idx[:, -context_size:])[:, -1, :]
     elif compile:

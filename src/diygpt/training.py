@@ -187,7 +187,8 @@ class Trainer:
         raise TrainingError(
             f"{what} at step {step} (epoch {self.epoch + 1}); stopped before updating the "
             f"{'weights that backward had not reached' if partial else 'weights'}; {kept}; "
-            "try a lower --lr, --grad-clip, or --nan-policy skip"
+            "try a lower learning rate, gradient clipping, or skipping such steps (diygpt "
+            "train --lr, --grad-clip, --nan-policy skip; TrainConfig's grad_clip, nan_policy)"
         )
 
     # -- the loop ----------------------------------------------------------------------------
