@@ -121,7 +121,8 @@ def test_streaming_yields_each_token(model):
     "kwargs,message",
     [({"temperature": -1.0}, "temperature"), ({"temperature": float("nan")}, "temperature"),
      ({"top_k": 0}, "top_k"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-     ({"max_new_tokens": -1}, "max_new_tokens")],
+     ({"max_new_tokens": -1}, "max_new_tokens"), ({"top_k": float("nan")}, "top_k"),
+     ({"top_k": float("inf")}, "top_k"), ({"max_new_tokens": float("inf")}, "max_new_tokens")],
 )
 def test_invalid_sampling_parameters(model, kwargs, message):
     args = {"max_new_tokens": 3, **kwargs}
@@ -147,7 +148,7 @@ def test_a_prompt_of_the_wrong_shape_or_type_is_named(model, prompt, message):
         generate(model, prompt, 3, 16)
 
 
-@pytest.mark.parametrize("context_size", [0, -4, 2.5, True])
+@pytest.mark.parametrize("context_size", [0, -4, 2.5, True, float("nan")])
 def test_context_size_must_be_a_positive_integer(model, context_size):
     for use_cache in (True, False):
         with pytest.raises(GenerationError, match=f"context_size .* got {context_size}"):

@@ -54,7 +54,7 @@ def test_generate_gives_tokens_or_a_generation_error(model, temperature, top_k, 
     except GenerationError:
         ok = (
             temperature is not None and math.isfinite(temperature) and temperature >= 0
-            and (top_k is None or (top_k == int(top_k) and top_k > 0))
+            and (top_k is None or (math.isfinite(top_k) and top_k == int(top_k) and top_k > 0))
             and (top_p is None or 0 < top_p <= 1) and n >= 0
         )
         assert not ok, "valid parameters were refused"

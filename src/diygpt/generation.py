@@ -19,6 +19,12 @@ from diygpt.model import KVCache
 from diygpt.static_decode import StaticDecoder
 
 
+def _whole(x: object) -> bool:
+    """An integer, or a float equal to one (not a bool, nan or inf)."""
+    return (not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+            and int(x) == x)
+
+
 def check_sampling_args(
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -28,11 +34,11 @@ def check_sampling_args(
     """Raise GenerationError with one clear line for invalid sampling parameters."""
     if temperature is None or not math.isfinite(temperature) or temperature < 0:
         raise GenerationError(f"temperature must be a finite number >= 0, got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k <= 0):
+    if top_k is not None and not (_whole(top_k) and top_k > 0):
         raise GenerationError(f"top_k must be a positive integer, got {top_k}")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
         raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
-    if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
+    if not (_whole(max_new_tokens) and max_new_tokens >= 0):
         raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
 
 
@@ -173,7 +179,7 @@ def stream_generate(
     """
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     check_prompt(model, idx)
-    if isinstance(context_size, bool) or int(context_size) != context_size or context_size < 1:
+    if not (_whole(context_size) and context_size >= 1):
         raise GenerationError(f"context_size must be a positive integer, got {context_size}")
     context_size = min(int(context_size), model.context_length)
     device, _ = _model_device_dtype(model)
