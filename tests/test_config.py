@@ -50,6 +50,15 @@ def test_unknown_key_and_unknown_preset():
         get_preset("gpt3")
 
 
+def test_a_shape_key_left_out_is_an_error_not_a_default():
+    partial = {k: v for k, v in BOOK_DICT.items() if k != "context_length"}
+    with pytest.raises(ConfigError, match="missing: context_length"):
+        GPTConfig.from_dict(partial)  # not a silent 1024 where the seed has 256
+    # drop_rate, qkv_bias and diygpt's attn_impl may take their defaults
+    rest = {k: v for k, v in BOOK_DICT.items() if k not in ("drop_rate", "qkv_bias")}
+    assert GPTConfig.from_dict(rest) == GPTConfig(**rest)
+
+
 def test_as_config_accepts_all_forms_and_roundtrips():
     cfg = get_preset("tiny")
     assert as_config("tiny") == cfg == as_config(cfg) == as_config(cfg.to_dict())

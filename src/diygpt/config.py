@@ -9,6 +9,7 @@ from typing import Any
 from diygpt.errors import ConfigError
 
 ATTENTION_IMPLS = ("sdpa", "eager")
+_SHAPE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class GPTConfig:
     attn_impl: str = "sdpa"
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+        for name in _SHAPE_KEYS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -61,6 +62,13 @@ class GPTConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        # A shape filled in silently (context_length 1024 where the seed has 256) would make
+        # another model; drop_rate, qkv_bias (a weights file without its biases says so) and
+        # diygpt's attn_impl may take their defaults.
+        missing = [k for k in _SHAPE_KEYS if k not in d]
+        if missing:
+            raise ConfigError(f"config key(s) missing: {', '.join(missing)} (a model's shape "
+                              f"needs {', '.join(_SHAPE_KEYS)})")
         return cls(**dict(d))
 
     def to_dict(self) -> dict[str, Any]:
