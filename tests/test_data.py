@@ -24,6 +24,13 @@ def test_windows_equal_the_books(verdict_text, tokenizer, max_length, stride):
     assert ours[0][0].dtype == torch.long
     # One shared token array: memory grows with tokens, not with windows.
     assert ours.tokens.numel() == 5145
+    # The book's attributes and negative indices, made on demand
+    assert torch.equal(ours[-1][0], book[-1][0]) and torch.equal(ours[-1][1], book[-1][1])
+    if len(book) < 300:
+        assert all(torch.equal(a, b) for a, b in zip(ours.input_ids, book.input_ids, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(ours.target_ids, book.target_ids, strict=True))
+    with pytest.raises(IndexError):
+        ours[-len(book) - 1]
 
 
 def test_shuffled_batches_match_the_books_order(verdict_text, tokenizer):

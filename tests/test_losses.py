@@ -44,3 +44,21 @@ def test_uses_the_in_place_backward_only_where_it_applies():
     assert type(loss.grad_fn).__name__ != "_CrossEntropyInPlaceBackward"
     with torch.no_grad():  # evaluation: nothing to save
         assert cross_entropy(logits, targets).grad_fn is None
+
+
+def test_calc_loss_loader_caps_batches_gives_nan_when_empty_and_refuses_zero():
+    from diygpt import GPTModel, calc_loss_batch, calc_loss_loader
+    from diygpt.errors import DataError
+
+    torch.manual_seed(0)
+    model = GPTModel({"vocab_size": 50, "context_length": 8, "emb_dim": 16, "n_heads": 2,
+                      "n_layers": 1, "drop_rate": 0.0, "qkv_bias": False}).eval()
+    batches = [(torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8))) for _ in range(3)]
+    with torch.no_grad():
+        each = [calc_loss_batch(x, y, model, "cpu").item() for x, y in batches]
+        assert calc_loss_loader(batches, model, "cpu", num_batches=2) == sum(each[:2]) / 2
+        assert calc_loss_loader(batches, model, "cpu", num_batches=99) == sum(each) / 3
+        assert calc_loss_loader([], model, "cpu") != calc_loss_loader([], model, "cpu")  # nan
+        for bad in (0, -1):  # the book divides by zero, or by a negative count
+            with pytest.raises(DataError, match="num_batches must be positive"):
+                calc_loss_loader(batches, model, "cpu", num_batches=bad)

@@ -108,7 +108,19 @@ class GPTDatasetV1(Dataset):
     def __len__(self) -> int:
         return self.n_windows
 
+    # The book's dataset keeps a tensor per window in these lists; here they are made on
+    # demand from the one token array.
+    @property
+    def input_ids(self) -> list[torch.Tensor]:
+        return [self[i][0] for i in range(self.n_windows)]
+
+    @property
+    def target_ids(self) -> list[torch.Tensor]:
+        return [self[i][1] for i in range(self.n_windows)]
+
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if idx < 0:  # as the book's lists index
+            idx += self.n_windows
         if not 0 <= idx < self.n_windows:
             raise IndexError(idx)
         start = idx * self.stride

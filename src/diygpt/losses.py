@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diygpt.errors import DataError
+
 # Rows of logits whose gradient cross entropy's backward makes at once, on the CPU: small
 # enough that its two temporaries fit holes in the heap instead of growing it.
 CE_SLICE_BYTES = 4 << 20
@@ -106,6 +108,8 @@ def calc_loss_loader(
 
     Returns NaN for an empty loader, as the book does.
     """
+    if num_batches is not None and num_batches <= 0:  # the book divides by zero
+        raise DataError(f"num_batches must be positive (or None for all), got {num_batches}")
     if len(data_loader) == 0:
         return float("nan")
     if num_batches is None:

@@ -405,7 +405,13 @@ def train_model_simple(
     start_context: str,
     tokenizer,
 ) -> tuple[list[float], list[float], list[int]]:
-    """The book's function: returns (train_losses, val_losses, track_tokens_seen)."""
+    """The book's function: returns (train_losses, val_losses, track_tokens_seen).
+
+    The weights come out as the book's loop makes them. On the CPU, AdamW steps each
+    parameter inside backward as soon as its gradient is complete, which keeps fewer
+    gradients in memory at once (``diygpt.optim_in_backward``, bit-identical), so ``p.grad``
+    is None afterwards; ``Trainer`` with ``TrainConfig(optim_in_backward=False)`` keeps them.
+    """
     cfg = TrainConfig(
         num_epochs=num_epochs, eval_freq=eval_freq, eval_iter=eval_iter,
         start_context=start_context, progress=False,
