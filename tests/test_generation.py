@@ -140,7 +140,9 @@ def test_empty_prompt_and_zero_tokens(model):
     "prompt,message",
     [(torch.tensor([1, 2, 3]), r"\(batch, tokens\) tensor, got shape \(3,\).*unsqueeze\(0\)"),
      (torch.tensor([[1.0, 2.0]]), "integer token ids, got torch.float32"),
-     (torch.tensor([[True]]), "integer token ids, got torch.bool")],
+     (torch.tensor([[True]]), "integer token ids, got torch.bool"),
+     (torch.tensor([[3, -1, 999]]), "token id -1 is outside the model's vocabulary of 120"),
+     (torch.tensor([[3, 999]]), "token id 999 is outside")],
 )
 def test_a_prompt_of_the_wrong_shape_or_type_is_named(model, prompt, message):
     # A tensor of ids without the batch dimension is a reader's easy slip: not "empty".
@@ -153,6 +155,13 @@ def test_context_size_must_be_a_positive_integer(model, context_size):
     for use_cache in (True, False):
         with pytest.raises(GenerationError, match=f"context_size .* got {context_size}"):
             generate(model, torch.tensor([[1, 2]]), 3, context_size, use_cache=use_cache)
+
+
+def test_numpy_integers_are_integers(model):
+    import numpy as np
+
+    out = generate(model, torch.tensor([[1, 2]]), np.int64(3), np.int64(16), top_k=np.int32(5))
+    assert out.shape == (1, 5)
 
 
 def test_top_k_above_vocab_is_clamped(model):

@@ -9,6 +9,7 @@ KV cache (the default: feed only the new token) and a compiled fixed-shape step.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 
 import torch
@@ -20,8 +21,8 @@ from diygpt.static_decode import StaticDecoder
 
 
 def _whole(x: object) -> bool:
-    """An integer, or a float equal to one (not a bool, nan or inf)."""
-    return (not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+    """An integer (numpy's too), or a float equal to one; not a bool, nan or inf."""
+    return (not isinstance(x, bool) and isinstance(x, numbers.Real) and math.isfinite(x)
             and int(x) == x)
 
 
@@ -54,9 +55,11 @@ def check_prompt(model: nn.Module, idx: torch.Tensor) -> None:
     if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
         raise GenerationError(f"the prompt must hold integer token ids, got {idx.dtype}")
     vocab_size = model.tok_emb.num_embeddings
-    if int(idx.min()) < 0 or int(idx.max()) >= vocab_size:
+    low, high = int(idx.min()), int(idx.max())
+    if low < 0 or high >= vocab_size:
         raise GenerationError(
-            f"prompt token id {int(idx.max())} is outside the model's vocabulary of {vocab_size}"
+            f"prompt token id {low if low < 0 else high} is outside the model's vocabulary of "
+            f"{vocab_size}"
         )
 
 
