@@ -125,3 +125,79 @@ def test_strict_by_default_refuses_extra_tensors(tmp_path):
 
 def test_unknown_dtype():
     assert "fp8" in _error(OPENAI_DIR, dtype="fp8")
+
+
+def test_hugging_face_files_are_strict_too(tmp_path):
+    # A classifier's head is not GPT2LMHeadModel's file: refused unless strict=False.
+    path = _hf_copy(tmp_path, lambda sd: sd.update({"score.weight": torch.zeros(2, 32)}))
+    assert "unexpected tensor score.weight (1 in all" in _error(path)
+    assert load_pretrained(path, strict=False).cfg.n_layers == 2
+    # The causal-mask buffers some transformers versions save are not extra weights.
+    path = _hf_copy(tmp_path, lambda sd: sd.update({"transformer.h.0.attn.bias": torch.ones(1)}))
+    assert load_pretrained(path).cfg.n_layers == 2
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_config_with_fewer_layers_than_the_file_is_refused(tmp_path, strict):
+    # e.g. a smaller model's config.json beside the weights: never load part of the file
+    _hf_copy(tmp_path, lambda sd: None)
+    (tmp_path / "config.json").write_text(
+        (HF_DIR / "config.json").read_text().replace('"n_layer": 2', '"n_layer": 1'))
+    assert "holds 2 layers, but its config says n_layers 1" in _error(tmp_path, strict=strict)
+    openai = shutil.copytree(OPENAI_DIR, tmp_path / "openai")
+    (openai / "hparams.json").write_text(
+        (OPENAI_DIR / "hparams.json").read_text().replace('"n_layer": 2', '"n_layer": 1'))
+    assert "holds 2 layers" in _error(openai, strict=strict)
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module.", "module._orig_mod.",
+                                    "_orig_mod.module."])
+def test_a_compiled_or_ddp_models_state_dict_loads(tmp_path, prefix):
+    # The book's torch.save(model.state_dict()) after torch.compile or DDP, in either order
+    import json
+
+    model = load_pretrained(OPENAI_DIR)
+    (tmp_path / "config.json").write_text(json.dumps(model.cfg.to_dict()))  # emb_dim 32
+    torch.save({prefix + k: v for k, v in model.state_dict().items()}, tmp_path / "model.pth")
+    loaded = load_pretrained(tmp_path / "model.pth")
+    assert all(torch.equal(a, b) for a, b in
+               zip(loaded.state_dict().values(), model.state_dict().values(), strict=True))
+    save_file({prefix + k: v.clone() for k, v in model.state_dict().items()},
+              tmp_path / "model.safetensors")
+    assert load_pretrained(tmp_path / "model.safetensors").cfg == loaded.cfg
+
+
+@pytest.mark.parametrize("field,value", [("activation_function", "relu"),
+                                         ("scale_attn_by_inverse_layer_idx", True),
+                                         ("layer_norm_epsilon", 1e-6)])
+def test_a_config_with_other_arithmetic_is_refused(tmp_path, field, value):
+    import json
+
+    path = _hf_copy(tmp_path, lambda sd: None)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, field: value}))
+    assert f"{field} {value!r} is not GPT-2's" in _error(path)
+
+
+def test_a_run_folder_given_as_weights_takes_its_own_config(tmp_path):
+    # A run's heads are not always GPT-2's for its width: state.json says, not the shapes.
+    from diygpt import GPTModel
+    from diygpt.checkpoints import load_model, save_run
+
+    torch.manual_seed(0)
+    model = GPTModel({"vocab_size": 500, "context_length": 16, "emb_dim": 48, "n_heads": 3,
+                      "n_layers": 1, "drop_rate": 0.0, "qkv_bias": False})
+    save_run(tmp_path, model, torch.optim.AdamW(model.parameters()), {"config": model.cfg.to_dict()})
+    loaded = load_pretrained(tmp_path)
+    assert loaded.cfg.n_heads == 3
+    x = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(loaded(x), load_model(tmp_path)(x))
+
+
+def test_a_sharded_hugging_face_checkpoint_is_named_as_such(tmp_path):
+    shutil.copy(HF_DIR / "config.json", tmp_path)
+    save_file(load_file(HF_DIR / "model.safetensors"), tmp_path / "model-00001-of-00001.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    assert "a sharded Hugging Face checkpoint" in _error(tmp_path)
+    assert "a sharded Hugging Face checkpoint" in _error(tmp_path / "model.safetensors.index.json")

@@ -38,13 +38,19 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def unwrapped_name(key: str) -> str:
+    """``key`` without torch.compile's and DDP's prefixes, nested in either order
+    (``DDP(torch.compile(model))`` saves ``module._orig_mod.``)."""
+    while key.startswith(_WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
 def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Strip wrapper prefixes and the book's ``att.mask`` buffers from a state dict."""
     out = {}
     for key, value in state_dict.items():
-        for prefix in _WRAPPER_PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix) :]
+        key = unwrapped_name(key)
         if key.endswith(".att.mask"):
             continue
         out[key] = value

@@ -25,12 +25,18 @@ def is_book_layout(source: TensorSource) -> bool:
 
 
 def book_config(source: TensorSource, config_path: Path) -> GPTConfig:
+    """``config.json`` beside the file, else a diygpt run folder's ``state.json``, else the
+    tensor shapes (GPT-2's four widths only)."""
+    run_state = config_path.with_name("state.json")
+    if not config_path.is_file() and run_state.is_file():
+        config_path = run_state
     if config_path.is_file():
         try:
-            return GPTConfig.from_dict(json.loads(config_path.read_text())).with_updates(
-                drop_rate=0.0
-            )
-        except (json.JSONDecodeError, ConfigError) as exc:
+            data = json.loads(config_path.read_text())
+            if config_path is run_state:
+                data = data["config"]
+            return GPTConfig.from_dict(data).with_updates(drop_rate=0.0)
+        except (json.JSONDecodeError, ConfigError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{config_path}: not a diygpt config ({exc})") from None
     vocab, d = source.shape("tok_emb.weight")
     if "pos_emb.weight" not in source:

@@ -7,12 +7,14 @@ versions store (``attn.bias``, ``attn.masked_bias``) are ignored.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from diygpt.config import GPTConfig
+from diygpt.errors import CheckpointError
 from diygpt.pretrained.gpt2_layout import (
     config_from_json,
     count_layers,
@@ -60,12 +62,32 @@ def hf_lm_head(source: TensorSource, prefix: str) -> torch.Tensor | None:
     return None if torch.equal(head, wte) else head
 
 
+# config.json fields that change GPT-2's arithmetic, and the values the book's model has
+# (both tanh GELUs are the book's formula). Another value would load weights into a model
+# that computes something else.
+_GPT2_ARITHMETIC = {
+    "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+    "layer_norm_epsilon": (1e-5,),
+    "scale_attn_weights": (True,),
+    "scale_attn_by_inverse_layer_idx": (False,),
+    "reorder_and_upcast_attn": (False,),
+}
+
+
 def hf_config(source: TensorSource, config_path: Path) -> GPTConfig:
     """From ``config.json`` when present, else inferred from the tensor shapes."""
     if config_path.is_file():
-        return config_from_json(
+        cfg = config_from_json(
             config_path, ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer")
         )
+        data = json.loads(config_path.read_text())
+        for key, allowed in _GPT2_ARITHMETIC.items():
+            if key in data and data[key] not in allowed:
+                raise CheckpointError(
+                    f"{config_path}: {key} {data[key]!r} is not GPT-2's ({allowed[0]!r}); "
+                    "diygpt's model computes GPT-2's architecture only"
+                )
+        return cfg
     prefix = hf_prefix(source) or ""
     vocab, d = source.shape(f"{prefix}wte.weight")
     context = source.shape(f"{prefix}wpe.weight")[0]

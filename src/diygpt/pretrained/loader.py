@@ -13,14 +13,20 @@ from pathlib import Path
 
 import torch
 
+from diygpt.config import GPTConfig
 from diygpt.errors import CheckpointError
 from diygpt.model import GPTModel
 from diygpt.pretrained.assemble import assemble, expected_shapes, meta_model
 from diygpt.pretrained.book import book_config, book_extra, book_tensors, book_tied, is_book_layout
 from diygpt.pretrained.catalog import GPT2_MODELS, model_dir
+from diygpt.pretrained.gpt2_layout import count_layers
 from diygpt.pretrained.hf import hf_config, hf_lm_head, hf_prefix, hf_tensors
 from diygpt.pretrained.openai import is_openai_dir, open_openai, openai_tensors
 from diygpt.pretrained.readers import open_file
+from diygpt.pretrained.source import TensorSource
+
+# The causal-mask buffers some transformers versions save with the weights.
+_HF_MASKS = (".attn.bias", ".attn.masked_bias")
 
 # In a folder, the first of these that exists is loaded.
 _FOLDER_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
@@ -73,8 +79,11 @@ def load_pretrained(
     if path.is_dir():
         if is_openai_dir(path):
             source, cfg = open_openai(path)
+            # Only extra layers are refused: fine-tuned TF checkpoints carry optimizer slots.
+            _refuse_extra_layers(source, cfg, "model/h", "/")
             return assemble(cfg, openai_tensors(source, cfg), source.path, device, dtype, tie=True)
-        file = _folder_file(path)
+        # A shard index is refused below, with the reason.
+        file = _folder_file(path) or next(iter(sorted(path.glob("*.index.json"))), None)
         if file is None:
             raise CheckpointError(
                 f"{path}: no weights found (expected OpenAI's model.ckpt.index and "
@@ -83,11 +92,25 @@ def load_pretrained(
         path = file
     if path.suffix == ".index":
         return load_pretrained(path.parent, device, dtype, strict=strict)
+    if path.name.endswith(".index.json"):
+        raise CheckpointError(
+            f"{path}: a sharded Hugging Face checkpoint, which diygpt does not read; save it "
+            "as one file first (transformers: save_pretrained(dir, max_shard_size='100GB'))"
+        )
     if path.suffix not in _SUFFIXES:
         raise CheckpointError(
             f"{path}: unknown weights format (expected a folder or a {', '.join(_SUFFIXES)} file)"
         )
     return _load_file(path, device, dtype, strict)
+
+
+def _refuse_extra_layers(source: TensorSource, cfg: GPTConfig, prefix: str, sep: str) -> None:
+    """A file with more blocks than its config says is another model (a config.json of a
+    smaller model beside it): dropping the rest would load something else silently."""
+    layers = count_layers(source.names(), prefix, sep)
+    if layers > cfg.n_layers:
+        raise source.error(f"holds {layers} layers, but its config says n_layers "
+                           f"{cfg.n_layers}: the config belongs to another model")
 
 
 def _load_file(
@@ -98,14 +121,21 @@ def _load_file(
     prefix = hf_prefix(source)
     if prefix is not None:
         cfg = hf_config(source, config_path)
+        _refuse_extra_layers(source, cfg, f"{prefix}h.", ".")
         # A generator, so each tensor's map is released once it has been converted.
         tensors = hf_tensors(source, cfg, prefix)
         head = hf_lm_head(source, prefix)
         if head is not None:
             tensors = itertools.chain(tensors, [("out_head.weight", head)])
-        return assemble(cfg, tensors, path, device, dtype, tie=head is None)
+        model = assemble(cfg, tensors, path, device, dtype, tie=head is None)
+        extra = [n for n in source.names() if n not in source.used and not n.endswith(_HF_MASKS)]
+        if strict and extra:  # e.g. a classifier's score.weight: not GPT2LMHeadModel's file
+            raise CheckpointError(f"{path}: unexpected tensor {extra[0]} ({len(extra)} in all; "
+                                  "strict=False ignores extra tensors)")
+        return model
     if is_book_layout(source):
         cfg = book_config(source, config_path)
+        _refuse_extra_layers(source, cfg, "trf_blocks.", ".")
         tie = book_tied(source)
         expected = expected_shapes(meta_model(cfg))
         if tie:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diygpt.checkpoints import safe_torch_load, state_dict_from
+from diygpt.checkpoints import safe_torch_load, state_dict_from, unwrapped_name
 from diygpt.errors import CheckpointError
 from diygpt.pretrained.source import ByteSpan, DictSource, MemmapSource, TensorSource
 
@@ -67,7 +67,7 @@ def open_safetensors(path: Path) -> MemmapSource:
             raise CheckpointError(
                 f"{path}: tensor {name} has an unreadable or unsupported header entry"
             ) from None
-        spans[name] = ByteSpan(
+        spans[unwrapped_name(name)] = ByteSpan(
             path, 8 + size + begin, end - begin, dtype, shape, bfloat16=info["dtype"] == "BF16"
         )
     return MemmapSource(path, spans)
@@ -78,7 +78,9 @@ def open_torch_file(path: Path) -> DictSource:
     memory-mapped where the file allows; a book training checkpoint (``model_state_dict``
     beside the optimizer) is accepted too."""
     path = Path(path)
-    return DictSource(path, state_dict_from(safe_torch_load(path, mmap=True), path))
+    tensors = state_dict_from(safe_torch_load(path, mmap=True), path)
+    # A book user's torch.save(model.state_dict()) of a compiled or DDP-wrapped model
+    return DictSource(path, {unwrapped_name(k): v for k, v in tensors.items()})
 
 
 def open_file(path: Path) -> TensorSource:

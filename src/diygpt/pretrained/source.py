@@ -25,6 +25,7 @@ class TensorSource:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.used: set[str] = set()  # what get() handed out: the rest is left over
 
     def names(self) -> list[str]:
         raise NotImplementedError
@@ -48,6 +49,7 @@ class TensorSource:
         actual = tuple(self.shape(name))
         if shape is not None and actual != tuple(shape):
             raise self.error(f"tensor {name} has shape {list(actual)}, expected {list(shape)}")
+        self.used.add(name)
         return self._load(name)
 
 
