@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from diygpt.cli import download as download_cli
+from diygpt.cli.main import main
 from diygpt.errors import DownloadError
 from diygpt.pretrained import load_pretrained
 from diygpt.pretrained.download import UnreachableError, download, download_file, file_urls
@@ -21,12 +23,18 @@ REPO = "/openai-community/gpt2/resolve/main/"
 
 
 class _Server:
-    """Serves ``files`` (URL path -> bytes) and records every request's path and Range."""
+    """Serves ``files`` (URL path -> bytes) and records every request's path and Range.
+
+    A 416 carries ``Content-Range: bytes */N`` as RFC 9110 asks (``total_in_416`` off: none);
+    ``star_total`` makes a 206 say ``bytes a-b/*``, complete length unknown.
+    """
 
     def __init__(self, files: dict[str, bytes]) -> None:
         self.files = files
         self.requests: list[tuple[str, str | None]] = []
         self.etag: str | None = None
+        self.total_in_416 = True
+        self.star_total = False
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -43,11 +51,14 @@ class _Server:
                 start = int(rng.split("=")[1].rstrip("-")) if rng else 0
                 if start >= len(body) and rng:
                     self.send_response(416)
+                    if server.total_in_416:
+                        self.send_header("Content-Range", f"bytes */{len(body)}")
                     self.end_headers()
                     return
                 self.send_response(206 if rng else 200)
                 if rng:
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                    total = "*" if server.star_total else len(body)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{total}")
                 etag = server.etag or hashlib.sha256(body).hexdigest()
                 self.send_header("ETag", f'"{etag}"')
                 self.send_header("Content-Length", str(len(body) - start))
@@ -109,6 +120,35 @@ def test_part_file_already_complete(server, tmp_path):
     (tmp_path / "config.json.part").write_bytes(body)
     download_file(server.base + REPO + "config.json", tmp_path / "config.json", progress=False)
     assert (tmp_path / "config.json").read_bytes() == body
+    assert server.requests == [(REPO + "config.json", f"bytes={len(body)}-")]
+
+
+def test_resume_when_the_server_does_not_say_the_total(server, tmp_path):
+    server.star_total = True  # Content-Range: bytes 1000-N/*
+    body = server.files[REPO + "model.safetensors"]
+    (tmp_path / "model.safetensors.part").write_bytes(body[:1000])
+    download_file(
+        server.base + REPO + "model.safetensors", tmp_path / "model.safetensors", progress=False
+    )
+    assert server.requests == [(REPO + "model.safetensors", "bytes=1000-")]
+    assert (tmp_path / "model.safetensors").read_bytes() == body
+    assert not (tmp_path / "model.safetensors.part").exists()
+
+
+@pytest.mark.parametrize("total_in_416", [True, False])
+def test_a_stale_longer_part_file_is_discarded_and_fetched_again(server, tmp_path, total_in_416):
+    server.total_in_416 = total_in_416
+    server.etag = "not-a-sha256"  # as OpenAI's server: nothing but the size to check against
+    body = server.files[REPO + "config.json"]
+    stale = b"left over from another file " * 100
+    assert len(stale) > len(body)
+    (tmp_path / "config.json.part").write_bytes(stale)
+    download_file(server.base + REPO + "config.json", tmp_path / "config.json", progress=False)
+    assert (tmp_path / "config.json").read_bytes() == body
+    assert server.requests == [
+        (REPO + "config.json", f"bytes={len(stale)}-"),
+        (REPO + "config.json", None),
+    ]
 
 
 def test_checksum_mismatch_is_refused_and_the_download_deleted(server, tmp_path):
@@ -132,6 +172,43 @@ def test_complete_files_are_skipped_without_a_request(server, tmp_path):
         (tmp_path / name).write_bytes(b"already here")
     download("gpt2-small", "hf", tmp_path, base_url=server.base, progress=False)
     assert server.requests == []
+
+
+def _hparams(n_embd: int, n_layer: int) -> str:
+    return json.dumps({"n_vocab": 50257, "n_ctx": 1024, "n_embd": n_embd, "n_head": 12,
+                       "n_layer": n_layer})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("present", "fmt"),
+    [("hparams.json", "openai"), ("config.json", "hf"), ("hparams.json", "hf")],
+)
+def test_a_folder_holding_another_size_is_refused(
+    server, tmp_path, monkeypatch, capsys, present, fmt
+):
+    monkeypatch.setenv("DIYGPT_DOWNLOAD_BASE", server.base)
+    (tmp_path / present).write_text(_hparams(768, 12))  # gpt2-small's; config.json alike
+    (tmp_path / "model.safetensors").write_bytes(b"gpt2-small's weights")
+    for name in file_urls("gpt2-small", "openai"):
+        if not (tmp_path / name).exists():
+            (tmp_path / name).write_bytes(b"gpt2-small's")
+    assert main(["download", "gpt2-medium", "--format", fmt, "--dir", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("diygpt: error: ")
+    assert f"{tmp_path} already holds gpt2-small (its {present}" in err
+    assert "choose another --dir for gpt2-medium" in err
+    assert server.requests == []
+    assert (tmp_path / "model.safetensors").read_bytes() == b"gpt2-small's weights"
+
+
+def test_a_folder_holding_the_asked_size_is_skipped(server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DIYGPT_DOWNLOAD_BASE", server.base)
+    for name in file_urls("gpt2-medium", "openai"):
+        (tmp_path / name).write_bytes(b"already here")
+    (tmp_path / "hparams.json").write_text(_hparams(1024, 24))
+    assert main(["download", "gpt2-medium", "--dir", str(tmp_path)]) == 0
+    assert server.requests == []
+    assert f"gpt2-medium (openai) is in {tmp_path}" in capsys.readouterr().out
 
 
 def test_http_error_is_one_line(server, tmp_path):

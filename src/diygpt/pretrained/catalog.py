@@ -13,6 +13,14 @@ GPT2_MODELS: dict[str, tuple[str, str]] = {
     "gpt2-xl": ("1558M", "openai-community/gpt2-xl"),
 }
 
+# Our name -> (width n_embd, depth n_layer), as OpenAI's hparams.json and HF's config.json say
+GPT2_SHAPES: dict[str, tuple[int, int]] = {
+    "gpt2-small": (768, 12),
+    "gpt2-medium": (1024, 24),
+    "gpt2-large": (1280, 36),
+    "gpt2-xl": (1600, 48),
+}
+
 
 def diygpt_home() -> Path:
     """``$DIYGPT_HOME``, by default ``~/.cache/diygpt``."""

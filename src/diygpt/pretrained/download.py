@@ -4,14 +4,17 @@ Each file is streamed to ``FILE.part``, resumed from there with an HTTP Range re
 a previous attempt was cut off, checked against the size the server announced and its
 sha256 when known (Hugging Face sends it as the ETag of large files), then renamed into
 place. A file already in place is complete by construction, so it is skipped without any
-network call. With no network the first connection fails within seconds and the error
-says which files to fetch and where to put them.
+network call, once the folder's size descriptor (OpenAI's hparams.json, Hugging Face's
+config.json), if there is one, agrees with the size asked for. With no network the first
+connection fails within seconds and the error says which files to fetch and where to put
+them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import re
 import sys
@@ -22,7 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from diygpt.errors import DownloadError
-from diygpt.pretrained.catalog import GPT2_MODELS, model_dir
+from diygpt.pretrained.catalog import GPT2_MODELS, GPT2_SHAPES, model_dir
 from diygpt.pretrained.hf import HF_FILES
 from diygpt.pretrained.openai import OPENAI_FILES
 
@@ -32,10 +35,21 @@ FORMATS = ("openai", "hf")
 TIMEOUT_S = 10.0
 _CHUNK = 1 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# "bytes 100-199/200", "bytes 100-199/*" (total unknown), "bytes */200" (in a 416)
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:\d+-\d+|\*)\s*/\s*(\d+|\*)\s*$", re.IGNORECASE)
+_DESCRIPTORS = ("hparams.json", "config.json")  # OpenAI's, Hugging Face's
 
 
 class UnreachableError(DownloadError):
     """The server could not be reached at all (offline, firewall, DNS)."""
+
+
+class _RangeNotSatisfiable(Exception):
+    """HTTP 416 to a resume: the ``.part`` is at least as long as the file (``headers``)."""
+
+    def __init__(self, headers) -> None:
+        super().__init__("HTTP 416")
+        self.headers = headers
 
 
 def file_urls(name: str, fmt: str = "openai", base_url: str | None = None) -> dict[str, str]:
@@ -63,6 +77,12 @@ def _announced_sha256(headers: object) -> str | None:
     return None
 
 
+def _range_total(content_range: str | None) -> int | None:
+    """The complete length in a Content-Range header; None if absent, unparsable or ``*``."""
+    match = _CONTENT_RANGE.match(content_range or "")
+    return int(match[1]) if match and match[1] != "*" else None
+
+
 def _open(url: str, start: int, timeout: float):
     headers = {"User-Agent": "diygpt"}
     if start:
@@ -70,8 +90,8 @@ def _open(url: str, start: int, timeout: float):
     try:
         return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as exc:
-        if exc.code == 416 and start:  # the .part already holds the whole file
-            return None
+        if exc.code == 416 and start:
+            raise _RangeNotSatisfiable(exc.headers) from None
         raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
@@ -97,7 +117,16 @@ def download_file(
         return False
     part = dest.with_name(dest.name + ".part")
     start = part.stat().st_size if part.is_file() else 0
-    resp = _open(url, start, timeout)
+    try:
+        resp = _open(url, start, timeout)
+    except _RangeNotSatisfiable as exc:
+        if _range_total(exc.headers.get("Content-Range")) == start:
+            resp = None  # the .part already holds the whole file
+            sha256 = sha256 or _announced_sha256(exc.headers)
+        else:  # longer than the file (a stale .part of another?) or size unknown: start over
+            part.unlink()
+            start = 0
+            resp = _open(url, start, timeout)
     total: int | None = start
     hasher = hashlib.sha256()
     if resp is not None:
@@ -105,7 +134,10 @@ def download_file(
             sha256 = sha256 or _announced_sha256(resp.headers)
             resumed = resp.status == 206
             if resumed:
-                total = int(resp.headers.get("Content-Range", "/0").rsplit("/", 1)[1] or 0) or None
+                total = _range_total(resp.headers.get("Content-Range"))
+                length = resp.headers.get("Content-Length")
+                if total is None and length and length.isdigit():  # e.g. "bytes 0-9/*"
+                    total = start + int(length)
                 _hash_file(part, hasher)
             else:
                 start = 0
@@ -152,6 +184,38 @@ def _stream(resp, part: Path, mode: str, hasher, start: int, total: int | None, 
             ) from None
 
 
+def _descriptor_shape(path: Path) -> tuple[int, int] | None:
+    """(n_embd, n_layer) from hparams.json or config.json; None if absent or unreadable."""
+    try:
+        desc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(desc, dict):
+        return None
+    shape = desc.get("n_embd"), desc.get("n_layer")
+    return shape if all(type(v) is int for v in shape) else None  # type: ignore[return-value]
+
+
+def _check_folder_holds(name: str, folder: Path) -> None:
+    """Refuse a folder whose size descriptor says it holds another size than ``name``.
+
+    Files already in place are skipped unread, so without this a folder holding gpt2-small
+    would be reported as holding whatever size was asked for. An absent descriptor is about
+    to be downloaded, and an unreadable one is the loader's to report: neither says anything.
+    """
+    want = GPT2_SHAPES[name]
+    for file in _DESCRIPTORS:
+        shape = _descriptor_shape(folder / file)
+        if shape is None or shape == want:
+            continue
+        held = next((n for n, s in GPT2_SHAPES.items() if s == shape), None)
+        what = held or "a model"
+        raise DownloadError(
+            f"{folder} already holds {what} (its {file} says {shape[0]} wide, {shape[1]} layers; "
+            f"{name} is {want[0]} wide, {want[1]} layers); choose another --dir for {name}"
+        )
+
+
 def download(
     name: str,
     fmt: str = "openai",
@@ -163,6 +227,7 @@ def download(
     """Download model ``name`` in format ``fmt`` (openai or hf); returns the folder."""
     urls = file_urls(name, fmt, base_url)
     folder = model_dir(name, directory)
+    _check_folder_holds(name, folder)
     folder.mkdir(parents=True, exist_ok=True)
     for file, url in urls.items():
         try:
