@@ -2,7 +2,7 @@
 
 Each file is streamed to ``FILE.part``, resumed from there with an HTTP Range request if
 a previous attempt was cut off, checked against the size the server announced and its
-sha256 when known (Hugging Face sends it as the ETag of large files), then renamed into
+sha256 when the final reply names it (an ETag or X-Linked-Etag of 64 hex digits), then renamed into
 place. A file already in place is complete by construction, so it is skipped without any
 network call, once the folder's size descriptor (OpenAI's hparams.json, Hugging Face's
 config.json), if there is one, agrees with the size asked for. With no network the first
