@@ -195,9 +195,31 @@ def test_a_run_folder_given_as_weights_takes_its_own_config(tmp_path):
         assert torch.equal(loaded(x), load_model(tmp_path)(x))
 
 
-def test_a_sharded_hugging_face_checkpoint_is_named_as_such(tmp_path):
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_a_sharded_hugging_face_checkpoint_loads_as_one_file(tmp_path, kind):
+    import json
+
+    whole = load_pretrained(HF_DIR)
+    sd = load_file(HF_DIR / "model.safetensors")
+    names = sorted(sd)
+    halves = {"00001": names[: len(names) // 2], "00002": names[len(names) // 2 :]}
+    stem, index = (("model", "model.safetensors.index.json") if kind == "safetensors"
+                   else ("pytorch_model", "pytorch_model.bin.index.json"))
+    weight_map = {}
+    for part, keys in halves.items():
+        file = f"{stem}-{part}-of-00002.{kind}"
+        shard = {k: sd[k] for k in keys}
+        if kind == "safetensors":
+            save_file(shard, tmp_path / file)
+        else:
+            torch.save(shard, tmp_path / file)
+        weight_map.update(dict.fromkeys(keys, file))
     shutil.copy(HF_DIR / "config.json", tmp_path)
-    save_file(load_file(HF_DIR / "model.safetensors"), tmp_path / "model-00001-of-00001.safetensors")
-    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {}}')
-    assert "a sharded Hugging Face checkpoint" in _error(tmp_path)
-    assert "a sharded Hugging Face checkpoint" in _error(tmp_path / "model.safetensors.index.json")
+    (tmp_path / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for given in (tmp_path, tmp_path / index):
+        loaded = load_pretrained(given)
+        assert loaded.cfg == whole.cfg
+        assert all(torch.equal(a, b) for a, b in
+                   zip(loaded.state_dict().values(), whole.state_dict().values(), strict=True))
+    (tmp_path / f"{stem}-00002-of-00002.{kind}").unlink()
+    assert f"shard {stem}-00002-of-00002.{kind} is missing (1 of 2)" in _error(tmp_path)

@@ -28,7 +28,10 @@ from diygpt.pretrained.source import TensorSource
 # The causal-mask buffers some transformers versions save with the weights.
 _HF_MASKS = (".attn.bias", ".attn.masked_bias")
 
-# In a folder, the first of these that exists is loaded.
+# Hugging Face's sharded checkpoints: model.safetensors.index.json, pytorch_model.bin.index.json
+_SHARD_INDEX = ".index.json"
+
+# In a folder, the first of these that exists is loaded (else a shard index).
 _FOLDER_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
 _SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
@@ -82,8 +85,7 @@ def load_pretrained(
             # Only extra layers are refused: fine-tuned TF checkpoints carry optimizer slots.
             _refuse_extra_layers(source, cfg, "model/h", "/")
             return assemble(cfg, openai_tensors(source, cfg), source.path, device, dtype, tie=True)
-        # A shard index is refused below, with the reason.
-        file = _folder_file(path) or next(iter(sorted(path.glob("*.index.json"))), None)
+        file = _folder_file(path) or next(iter(sorted(path.glob("*" + _SHARD_INDEX))), None)
         if file is None:
             raise CheckpointError(
                 f"{path}: no weights found (expected OpenAI's model.ckpt.index and "
@@ -92,12 +94,7 @@ def load_pretrained(
         path = file
     if path.suffix == ".index":
         return load_pretrained(path.parent, device, dtype, strict=strict)
-    if path.name.endswith(".index.json"):
-        raise CheckpointError(
-            f"{path}: a sharded Hugging Face checkpoint, which diygpt does not read; save it "
-            "as one file first (transformers: save_pretrained(dir, max_shard_size='100GB'))"
-        )
-    if path.suffix not in _SUFFIXES:
+    if path.suffix not in _SUFFIXES and not path.name.endswith(_SHARD_INDEX):
         raise CheckpointError(
             f"{path}: unknown weights format (expected a folder or a {', '.join(_SUFFIXES)} file)"
         )

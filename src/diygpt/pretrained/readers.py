@@ -83,9 +83,30 @@ def open_torch_file(path: Path) -> DictSource:
     return DictSource(path, {unwrapped_name(k): v for k, v in tensors.items()})
 
 
+def open_sharded(index: Path) -> TensorSource:
+    """Hugging Face's sharded checkpoint (``save_pretrained`` splits files over 5 GB, so
+    gpt2-xl in fp32): an index naming the file of each tensor, read as one source."""
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{index}: not a sharded checkpoint index (no weight_map)") from None
+    missing = [f for f in files if not (index.parent / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{index}: shard {missing[0]} is missing ({len(missing)} of "
+                              f"{len(files)})")
+    shards = [open_file(index.parent / f) for f in files]
+    if all(isinstance(s, MemmapSource) for s in shards):
+        return MemmapSource(index, {k: v for s in shards for k, v in s.spans.items()})
+    if all(isinstance(s, DictSource) for s in shards):
+        return DictSource(index, {k: v for s in shards for k, v in s.tensors.items()})
+    raise CheckpointError(f"{index}: mixes safetensors and PyTorch shards")
+
+
 def open_file(path: Path) -> TensorSource:
-    """Open by content: safetensors, else a PyTorch file (zip or legacy pickle)."""
+    """Open by content: a shard index, safetensors, else a PyTorch file (zip or pickle)."""
     path = Path(path)
+    if path.name.endswith(".index.json"):
+        return open_sharded(path)
     if path.suffix == ".safetensors":
         return open_safetensors(path)
     return open_torch_file(path)
