@@ -12,6 +12,7 @@ from cli_helpers import train_tiny
 from diygpt import GPTModel
 from diygpt import fast_adamw as fa
 from diygpt.resume import read_training_checkpoint
+from tests_helpers import forget_kernel
 
 pytestmark = pytest.mark.skipif(fa.load_kernel() is None,
                                 reason=f"kernel unavailable: {fa.unavailable_reason()}")
@@ -209,10 +210,7 @@ def test_hooks_run_once_and_the_closure_is_called(fits: bool, monkeypatch) -> No
 
 
 def test_unavailable_kernel_is_reported_not_raised(monkeypatch, tmp_path) -> None:
-    monkeypatch.setattr(fa._loaded, "kernel", None)
-    monkeypatch.setattr(fa._loaded, "reason", None)
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setenv("DIYGPT_CACHE_DIR", str(tmp_path))
+    forget_kernel(monkeypatch, fa._loaded, no_compiler_in=tmp_path)
     assert fa.load_kernel() is None
     assert "no-such-cc" in (fa.unavailable_reason() or "")
     params = [torch.randn(100)]
@@ -231,8 +229,7 @@ def test_a_kernel_that_rounds_differently_is_not_used(monkeypatch) -> None:
         kernel(p, g, m, v, scalars)
         p.copy_(torch.nextafter(p, torch.full_like(p, float("inf"))))
 
-    monkeypatch.setattr(fa._loaded, "kernel", None)
-    monkeypatch.setattr(fa._loaded, "reason", None)
+    forget_kernel(monkeypatch, fa._loaded)
     monkeypatch.setattr(fa, "_bind", lambda library, sqrt: off_by_one_ulp)
     assert fa.load_kernel() is None
     assert "rounds differently" in fa.unavailable_reason()

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from diygpt import fast_draws as fd
+from tests_helpers import forget_kernel
 
 pytestmark = pytest.mark.skipif(fd.load_kernel() is None,
                                 reason=f"kernel unavailable: {fd.unavailable_reason()}")
@@ -106,10 +107,7 @@ def test_torchs_kernel_returns_when_the_outermost_block_closes(monkeypatch) -> N
 
 
 def test_unavailable_kernel_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    monkeypatch.setattr(fd._loaded, "kernel", None)
-    monkeypatch.setattr(fd._loaded, "reason", None)
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setenv("DIYGPT_CACHE_DIR", str(tmp_path))
+    forget_kernel(monkeypatch, fd._loaded, no_compiler_in=tmp_path)
     assert fd.load_kernel() is None
     assert "no-such-cc" in (fd.unavailable_reason() or "")
     with fd.fast_draws() as on:
@@ -121,8 +119,7 @@ def test_a_kernel_that_disagrees_is_not_used(monkeypatch: pytest.MonkeyPatch) ->
         pass  # draws nothing: the values stay whatever empty() held, the state unmoved
 
     assert fd._agrees_with_torch(fd.load_kernel())
-    monkeypatch.setattr(fd._loaded, "kernel", None)
-    monkeypatch.setattr(fd._loaded, "reason", None)
+    forget_kernel(monkeypatch, fd._loaded)
     monkeypatch.setattr(fd, "_bind", lambda library: wrong)
     assert fd.load_kernel() is None
     assert "draws differently" in fd.unavailable_reason()

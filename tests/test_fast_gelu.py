@@ -13,6 +13,7 @@ from diygpt.config import get_preset
 from diygpt.lean import lean_activations
 from diygpt.losses import calc_loss_batch
 from diygpt.model import GELU, GPTModel
+from tests_helpers import forget_kernel
 
 pytestmark = pytest.mark.skipif(fg.load_kernel() is None,
                                 reason=f"kernel unavailable: {fg.unavailable_reason()}")
@@ -146,10 +147,7 @@ def test_flush_to_zero_leaves_gelu_to_torchs_ops(monkeypatch) -> None:
 
 
 def test_unavailable_kernel_is_reported_not_raised(monkeypatch, tmp_path) -> None:
-    monkeypatch.setattr(fg._loaded, "kernel", None)
-    monkeypatch.setattr(fg._loaded, "reason", None)
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setenv("DIYGPT_CACHE_DIR", str(tmp_path))
+    forget_kernel(monkeypatch, fg._loaded, no_compiler_in=tmp_path)
     assert fg.load_kernel() is None
     assert "no-such-cc" in (fg.unavailable_reason() or "")
     with fg.fast_gelu() as on:
@@ -169,8 +167,7 @@ def test_a_kernel_that_rounds_differently_is_not_used(monkeypatch) -> None:
 
     assert fg._agrees_with_torch(kernel)
     assert not fg._agrees_with_torch(OneUlpOff())
-    monkeypatch.setattr(fg._loaded, "kernel", None)
-    monkeypatch.setattr(fg._loaded, "reason", None)
+    forget_kernel(monkeypatch, fg._loaded)
     monkeypatch.setattr(fg, "_Kernel", lambda library, tanh: OneUlpOff())
     assert fg.load_kernel() is None
     assert "round differently" in fg.unavailable_reason()
