@@ -22,14 +22,11 @@ from diygpt.pretrained.catalog import GPT2_MODELS, model_dir
 from diygpt.pretrained.gpt2_layout import count_layers
 from diygpt.pretrained.hf import hf_config, hf_lm_head, hf_prefix, hf_tensors
 from diygpt.pretrained.openai import is_openai_dir, open_openai, openai_tensors
-from diygpt.pretrained.readers import open_file
+from diygpt.pretrained.readers import SHARD_INDEX, open_file
 from diygpt.pretrained.source import TensorSource
 
 # The causal-mask buffers some transformers versions save with the weights.
 _HF_MASKS = (".attn.bias", ".attn.masked_bias")
-
-# Hugging Face's sharded checkpoints: model.safetensors.index.json, pytorch_model.bin.index.json
-_SHARD_INDEX = ".index.json"
 
 # In a folder, the first of these that exists is loaded (else a shard index).
 _FOLDER_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
@@ -85,7 +82,7 @@ def load_pretrained(
             # Only extra layers are refused: fine-tuned TF checkpoints carry optimizer slots.
             _refuse_extra_layers(source, cfg, "model/h", "/")
             return assemble(cfg, openai_tensors(source, cfg), source.path, device, dtype, tie=True)
-        file = _folder_file(path) or next(iter(sorted(path.glob("*" + _SHARD_INDEX))), None)
+        file = _folder_file(path) or next(iter(sorted(path.glob("*" + SHARD_INDEX))), None)
         if file is None:
             raise CheckpointError(
                 f"{path}: no weights found (expected OpenAI's model.ckpt.index and "
@@ -94,7 +91,7 @@ def load_pretrained(
         path = file
     if path.suffix == ".index":
         return load_pretrained(path.parent, device, dtype, strict=strict)
-    if path.suffix not in _SUFFIXES and not path.name.endswith(_SHARD_INDEX):
+    if path.suffix not in _SUFFIXES and not path.name.endswith(SHARD_INDEX):
         raise CheckpointError(
             f"{path}: unknown weights format (expected a folder or a {', '.join(_SUFFIXES)} file)"
         )

@@ -31,6 +31,8 @@ _SAFETENSORS_DTYPES = {
     "BOOL": np.dtype("?"),
 }
 _MAX_HEADER = 100 * 1024 * 1024
+# Hugging Face's sharded checkpoints: model.safetensors.index.json, pytorch_model.bin.index.json
+SHARD_INDEX = ".index.json"
 
 
 def open_safetensors(path: Path) -> MemmapSource:
@@ -105,7 +107,7 @@ def open_sharded(index: Path) -> TensorSource:
 def open_file(path: Path) -> TensorSource:
     """Open by content: a shard index, safetensors, else a PyTorch file (zip or pickle)."""
     path = Path(path)
-    if path.name.endswith(".index.json"):
+    if path.name.endswith(SHARD_INDEX):
         return open_sharded(path)
     if path.suffix == ".safetensors":
         return open_safetensors(path)
