@@ -103,3 +103,15 @@ def test_empty_validation_split_warns(verdict_text, tokenizer):
     warnings = []
     _, val = prepare_loaders(verdict_text, tokenizer, 2, 256, train_ratio=1.0, warn=warnings.append)
     assert len(val) == 0 and "validation" in warnings[0]
+
+
+@pytest.mark.parametrize("max_length,stride", [(4, 2.0), (4.0, 2), (True, 2), (4, 0), (-1, 2)])
+def test_window_sizes_must_be_positive_integers(tokenizer, max_length, stride):
+    with pytest.raises(DataError, match="max_length and stride must be positive integers"):
+        GPTDatasetV1("some text to window", tokenizer, max_length, stride)
+
+
+def test_numpy_window_sizes_are_integers(tokenizer):
+    import numpy as np
+
+    assert len(GPTDatasetV1("one two three four five six", tokenizer, np.int64(2), np.int32(1))) > 0

@@ -168,3 +168,13 @@ def test_top_k_above_vocab_is_clamped(model):
     torch.manual_seed(0)
     out = generate(model, torch.tensor([[1]]), 3, 16, temperature=1.0, top_k=10**6)
     assert out.shape == (1, 4)
+
+
+def test_the_model_and_the_decoder_name_a_missing_or_extra_batch_dimension(model, tokenizer):
+    from diygpt import token_ids_to_text
+
+    with pytest.raises(ValueError, match=r"\(batch, tokens\), got shape \(3,\).*unsqueeze\(0\)"):
+        model(torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"decodes one sequence, got shape \(2, 2\)"):
+        token_ids_to_text(torch.tensor([[10, 11], [12, 13]]), tokenizer)
+    assert token_ids_to_text(torch.tensor([[10, 11]]), tokenizer) == tokenizer.decode([10, 11])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -92,8 +93,10 @@ class GPTDatasetV1(Dataset):
         stride: int,
         token_ids: torch.Tensor | Sequence[int] | None = None,
     ) -> None:
-        if max_length <= 0 or stride <= 0:
-            raise DataError(f"max_length and stride must be positive, got {max_length} and {stride}")
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0
+               for v in (max_length, stride)):
+            raise DataError(f"max_length and stride must be positive integers, got {max_length!r} "
+                            f"and {stride!r}")
         if token_ids is None:
             token_ids = tokenizer.encode(txt, allowed_special={ENDOFTEXT})
         if isinstance(token_ids, np.ndarray):  # e.g. a uint16 memmap from `diygpt prepare`

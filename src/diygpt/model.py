@@ -250,6 +250,9 @@ class GPTModel(nn.Module):
 
         With a cache, ``in_idx`` holds only the new tokens, placed at ``cache.pos``.
         """
+        if in_idx.dim() != 2:  # a reader's (T,) ids without the batch dimension
+            raise ValueError(f"token ids must be (batch, tokens), got shape {tuple(in_idx.shape)}; "
+                             "add the batch dimension with .unsqueeze(0)")
         _, t = in_idx.shape
         start = cache.pos if cache is not None else 0
         if start + t > self.context_length:

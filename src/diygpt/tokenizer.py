@@ -80,4 +80,7 @@ def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
 def token_ids_to_text(token_ids: torch.Tensor, tokenizer) -> str:
     """Decode a (1, T) or (T,) tensor of token ids back to text."""
     flat = token_ids.squeeze(0)  # remove the batch dimension
+    if flat.dim() > 1:
+        raise ValueError(f"token_ids_to_text decodes one sequence, got shape "
+                         f"{tuple(token_ids.shape)}; decode each row: token_ids_to_text(ids[i], ...)")
     return tokenizer.decode(flat.tolist())
