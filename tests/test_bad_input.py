@@ -99,6 +99,21 @@ def test_eval_of_a_model_with_a_smaller_vocabulary(data, capsys):
     assert "outside the model's vocabulary of 500" in line
 
 
+@pytest.mark.parametrize("seed", ["18446744073709551616", "-9223372036854775809"])
+def test_a_seed_past_64_bits_is_an_argument_error(run, data, tmp_path, capsys, seed):
+    for argv in (["generate", "--checkpoint", run], ["train", "--data", data, *TINY,
+                                                     "--out", tmp_path / "r"]):
+        rc, _, err = run_cli(capsys, *argv, "--seed", seed)
+        assert rc == 2 and "argument --seed: expected an integer from -2**63 to 2**64-1" in err
+        assert "Traceback" not in err
+
+
+def test_int8_generation_with_another_dtype_is_one_line(run, capsys):
+    line = one_line_error(capsys, "generate", "--checkpoint", run, "--quantize", "int8",
+                          "--dtype", "bf16", "--max-new-tokens", "2")
+    assert "--quantize int8 computes in fp32: drop --dtype bf16" in line
+
+
 def test_top_k_above_the_vocabulary_is_clamped(run, capsys):
     rc, out, _ = run_cli(
         capsys, "generate", "--checkpoint", run, "--top-k", "999999", "--temperature", "1",

@@ -184,6 +184,37 @@ def test_fresh_run_into_a_folder_with_checkpoints(run_copy, data, capsys):
     assert rc == 2 and "--resume" in err
 
 
+def test_fresh_run_into_a_folder_holding_a_finished_run(data, tmp_path, capsys):
+    # No --save-every: the run leaves no ckpt-*, only its final files; a second fresh run
+    # there would overwrite them and append to its metrics.jsonl.
+    out = tmp_path / "a run"
+    assert train_tiny(capsys, data, out, "--max-steps", "2")[0] == 0
+    before = (out / "model.safetensors").read_bytes()
+    line = one_line_error(capsys, "train", "--data", data, "--out", out, "--preset", "tiny")
+    assert "already holds a run; continue it with --resume" in line and f"'{out}'" in line
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_a_resumed_run_ends_with_a_checkpoint_so_the_next_resume_goes_on_from_it(data, tmp_path,
+                                                                                 capsys):
+    # Stopped at step 2 (its only checkpoint), resumed without --save-every to step 5: a third
+    # resume must start after step 5, not go back to step 2 and overwrite the newer weights.
+    out = tmp_path / "run"
+    assert train_tiny(capsys, data, out, "--max-steps", "3", "--save-every", "3")[0] == 0
+    # as if it had been stopped by a signal in a run without --save-every
+    state_path = latest_checkpoint(out) / "state.json"
+    state = json.loads(state_path.read_text())
+    state["train_args"]["save_every"] = None
+    state_path.write_text(json.dumps(state))
+    rc, _, err = run_cli(capsys, "train", "--resume", out, "--max-steps", "6")
+    assert rc == 0, err
+    assert latest_checkpoint(out).name == "ckpt-000005"
+    newest = (out / "model.safetensors").read_bytes()
+    rc, _, err = run_cli(capsys, "train", "--resume", out, "--max-steps", "6")
+    assert rc == 0 and "after step 5" in err
+    assert (out / "model.safetensors").read_bytes() == newest
+
+
 def test_resume_extends_a_finished_run(run_copy, capsys):
     rc, out, err = run_cli(capsys, "train", "--resume", run_copy, "--max-steps", "6")
     assert rc == 0, err

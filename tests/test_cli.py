@@ -101,3 +101,18 @@ def test_console_script_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "diygpt", "--version"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("diygpt ")
+
+
+def test_train_into_a_closed_pipe_still_trains_and_saves(tmp_path, verdict_path):
+    # `diygpt train ... | head -1`: the reader leaves after one line; the run must not end
+    # there as a success with nothing saved.
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "diygpt", "train", "--data", str(verdict_path), *FAST,
+           "--max-steps", "6", "--eval-freq", "1", "--eval-iter", "1", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("Ep 1 (Step 000000)")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, err
+    assert "6 steps" in err and "Traceback" not in err
+    assert (out / "model.safetensors").is_file()

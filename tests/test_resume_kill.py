@@ -112,7 +112,7 @@ def test_sigkill_inside_a_save_leaves_a_loadable_checkpoint(tmp_path, data, base
 
 @pytest.mark.slow
 def test_sigterm_saves_exits_0_and_resumes(tmp_path, data, baseline):
-    run = tmp_path / "run"
+    run = tmp_path / "the run"  # a space: the printed resume command quotes it
     proc = subprocess.Popen(
         diygpt_cmd("--data", str(data), *ARGS, "--out", str(run)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
@@ -124,6 +124,6 @@ def test_sigterm_saves_exits_0_and_resumes(tmp_path, data, baseline):
             break
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    assert f"resume with: diygpt train --resume {run}" in err
+    assert f"resume with: diygpt train --resume '{run}'" in err
     assert "Traceback" not in err
     resume_and_compare(run, baseline, "SIGTERM after step 6")

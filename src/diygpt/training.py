@@ -9,6 +9,7 @@ gradient accumulation, run-folder outputs, a progress bar) change nothing unless
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -101,10 +102,16 @@ class Trainer:
             return
         if self._log is not None:
             self._log(line)
-        elif self._bar is not None:
-            self._bar.write(line, file=sys.stdout)
-        else:
-            print(line, flush=True)
+            return
+        try:
+            if self._bar is not None:
+                self._bar.write(line, file=sys.stdout)
+            else:
+                print(line, flush=True)
+        except BrokenPipeError:  # `diygpt train | head`: the reader left, the run goes on
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
     def _write_metrics(self, record: dict) -> None:
         if self.cfg.out_dir is None or not self.is_main:
@@ -234,8 +241,12 @@ class Trainer:
                     self._end_of_epoch(epoch)
                     if c.max_steps is not None and h.global_step + 1 >= c.max_steps:
                         break
-                if c.save_every is not None and h.global_step >= 0:
-                    self.save_checkpoint()  # the final state, so the run can be extended
+                # The final state, so the run can be extended: also for a resumed run, whose
+                # next resume would otherwise go back to the older checkpoint and overwrite
+                # the newer final weights.
+                resumable = c.save_every is not None or self.last_checkpoint is not None
+                if resumable and h.global_step >= 0:
+                    self.save_checkpoint()
         finally:
             self._bar.close()
             self._bar = None

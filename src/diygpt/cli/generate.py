@@ -10,6 +10,7 @@ from diygpt.cli.options import (
     add_model_source_flags,
     finite_float,
     load_model_from_args,
+    seed_int,
 )
 
 
@@ -31,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sample only among the k most likely tokens")
     p.add_argument("--top-p", type=finite_float, default=None,
                    help="sample only among the most likely tokens covering this probability (0-1]")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--seed", type=seed_int, default=None, help="random seed for sampling")
     p.add_argument("--eos", action="store_true",
                    help="stop at <|endoftext|> (token 50256)")
     p.add_argument("--no-cache", dest="use_cache", action="store_false",
@@ -83,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         raise GenerationError("the prompt is empty: pass --prompt TEXT")
     if args.compile and not args.use_cache:
         raise GenerationError("--compile works on the KV cache: drop --no-cache")
+    if args.quantize and args.dtype not in (None, "fp32"):  # its products run in fp32
+        raise GenerationError(f"--quantize {args.quantize} computes in fp32: drop --dtype {args.dtype}")
     device = select_device(args.device)
     model = load_model_from_args(args, device)
     if args.quantize == "int8":

@@ -19,6 +19,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    """A seed torch takes: an integer in [-2**63, 2**64)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer from -2**63 to 2**64-1, got {value}")
+    return value
+
+
 def finite_float(text: str) -> float:
     try:
         value = float(text)

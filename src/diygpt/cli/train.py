@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import traceback
 from pathlib import Path
 
-from diygpt.cli.options import add_device_flags, build_config, finite_float, positive_int
+from diygpt.cli.options import (
+    add_device_flags,
+    build_config,
+    finite_float,
+    positive_int,
+    seed_int,
+)
 from diygpt.cli.speed_flags import add_speed_flags, prepare_model, setup_training
 from diygpt.config import ATTENTION_IMPLS, PRESETS
 
@@ -72,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="clip the global gradient norm to this value")
     o.add_argument("--grad-accum", type=positive_int, default=1,
                    help="split each batch into this many micro-batches (same result, less memory)")
-    o.add_argument("--seed", type=int, default=123, help="random seed (default 123, the book's)")
+    o.add_argument("--seed", type=seed_int, default=123, help="random seed (default 123, the book's)")
 
     e = p.add_argument_group("evaluation and output")
     e.add_argument("--eval-freq", type=positive_int, default=5,
@@ -210,11 +217,15 @@ def _train(args: argparse.Namespace, env, device) -> int:
         raise ConfigError("--data is required (or --resume RUN to continue a run)")
     else:
         from diygpt.checkpointing import list_checkpoints
+        from diygpt.checkpoints import STATE_FILE
 
-        if list_checkpoints(args.out):
+        # A finished run without --save-every has no checkpoint, only its final files.
+        held = ("checkpoints" if list_checkpoints(args.out)
+                else "a run" if (Path(args.out) / STATE_FILE).is_file() else None)
+        if held:
             raise CheckpointError(
-                f"{args.out} already holds checkpoints; continue it with --resume {args.out}, "
-                "or choose another --out"
+                f"{args.out} already holds {held}; continue it with --resume "
+                f"{shlex.quote(str(args.out))}, or choose another --out"
             )
     cfg = build_config(args)
     if args.lr <= 0 or args.weight_decay < 0:
@@ -304,7 +315,8 @@ def _train(args: argparse.Namespace, env, device) -> int:
             history = trainer.fit()
     except Interrupted as stop:
         where = f"checkpoint saved to {stop.checkpoint}; " if stop.checkpoint else ""
-        warn(f"diygpt: {stop}; {where}resume with: diygpt train --resume {args.out}")
+        warn(f"diygpt: {stop}; {where}resume with: diygpt train --resume "
+             f"{shlex.quote(str(args.out))}")
         return stop.exit_code
     warn(
         f"diygpt: {history.global_step + 1} steps, {history.tokens_seen} tokens seen; "
