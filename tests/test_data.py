@@ -115,3 +115,14 @@ def test_numpy_window_sizes_are_integers(tokenizer):
     import numpy as np
 
     assert len(GPTDatasetV1("one two three four five six", tokenizer, np.int64(2), np.int32(1))) > 0
+
+
+def test_a_folder_reads_its_txt_files_in_any_case_but_not_hidden_ones(tmp_path):
+    (tmp_path / "nested").mkdir()
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    for name, text in [("a.txt", "alpha"), ("nested/b.TXT", "beta"), (".hidden.txt", "secret"),
+                       (".ipynb_checkpoints/a-checkpoint.txt", "copy"), ("notes.md", "md")]:
+        (tmp_path / name).write_text(text)
+    text = read_text(tmp_path)
+    assert "alpha" in text and "beta" in text
+    assert not any(word in text for word in ("secret", "copy", "md"))

@@ -25,7 +25,10 @@ def _expand(paths: PathLike | Sequence[PathLike]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(p.rglob("*.txt"))
+            # .txt in any case; not inside hidden folders or hidden files (.git,
+            # .ipynb_checkpoints): those are tools' copies, not the user's corpus
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() == ".txt" and f.is_file()
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
                 raise DataError(f"folder {p} contains no .txt files")
             files.extend(found)
