@@ -116,3 +116,12 @@ def test_train_into_a_closed_pipe_still_trains_and_saves(tmp_path, verdict_path)
     assert proc.wait(timeout=300) == 0, err
     assert "6 steps" in err and "Traceback" not in err
     assert (out / "model.safetensors").is_file()
+
+
+def test_the_last_line_names_only_what_was_written(tmp_path, verdict_path, capsys):
+    rc, _, err = run_cli(capsys, "train", "--data", str(verdict_path), *FAST, "--epochs", "0",
+                         "--out", str(tmp_path / "none"))
+    assert rc == 0 and "0 steps, 0 tokens seen" in err and "(model.safetensors)" in err
+    rc, _, err = run_cli(capsys, "train", "--data", str(verdict_path), *FAST, "--max-steps", "1",
+                         "--out", str(tmp_path / "one"))
+    assert rc == 0 and "1 step, " in err and "(model.safetensors, loss.png, metrics.jsonl)" in err

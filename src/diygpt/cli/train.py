@@ -318,8 +318,11 @@ def _train(args: argparse.Namespace, env, device) -> int:
         warn(f"diygpt: {stop}; {where}resume with: diygpt train --resume "
              f"{shlex.quote(str(args.out))}")
         return stop.exit_code
+    steps = history.global_step + 1
+    written = [n for n in ("model.safetensors", "loss.png", "metrics.jsonl")  # none at --epochs 0
+               if (Path(args.out) / n).is_file()]
     warn(
-        f"diygpt: {history.global_step + 1} steps, {history.tokens_seen} tokens seen; "
-        f"saved to {args.out}/ (model.safetensors, loss.png, metrics.jsonl)"
+        f"diygpt: {steps} step{'' if steps == 1 else 's'}, {history.tokens_seen} tokens seen; "
+        f"saved to {args.out}/ ({', '.join(written)})"
     )
     return 0
