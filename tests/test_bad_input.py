@@ -108,6 +108,20 @@ def test_a_seed_past_64_bits_is_an_argument_error(run, data, tmp_path, capsys, s
         assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(("flag", "value", "expect"), [
+    ("--lr", "0", "--lr must be > 0, got 0.0"), ("--lr=-0.001", None, "--lr must be > 0, got -0.001"),
+    ("--weight-decay", "-1", "--weight-decay must be >= 0, got -1.0")])
+def test_bad_optimizer_values_name_the_flag_and_value(data, tmp_path, capsys, flag, value, expect):
+    args = [flag] if value is None else [flag, value]
+    line = one_line_error(capsys, "train", "--data", data, *TINY, *args, "--out", tmp_path / "r")
+    assert expect in line
+
+
+def test_a_stride_past_the_context_warns_that_text_is_skipped(data, tmp_path, capsys):
+    rc, _, err = train_tiny(capsys, data, tmp_path / "r", "--max-steps", "1", "--stride", "40")
+    assert rc == 0 and "--stride 40 is past the context length 16: 24 of every 40 tokens" in err
+
+
 def test_int8_generation_with_another_dtype_is_one_line(run, capsys):
     line = one_line_error(capsys, "generate", "--checkpoint", run, "--quantize", "int8",
                           "--dtype", "bf16", "--max-new-tokens", "2")

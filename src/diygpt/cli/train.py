@@ -228,8 +228,10 @@ def _train(args: argparse.Namespace, env, device) -> int:
                 f"{shlex.quote(str(args.out))}, or choose another --out"
             )
     cfg = build_config(args)
-    if args.lr <= 0 or args.weight_decay < 0:
-        raise ConfigError("--lr must be > 0 and --weight-decay >= 0")
+    if args.lr <= 0:
+        raise ConfigError(f"--lr must be > 0, got {args.lr}")
+    if args.weight_decay < 0:
+        raise ConfigError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.fsdp and args.dtype == "fp16":
         raise ConfigError("--fsdp does not go with --dtype fp16 (each rank would judge overflow "
                           "on its own shard of the gradients); use --dtype bf16")
@@ -258,6 +260,10 @@ def _train(args: argparse.Namespace, env, device) -> int:
             "the same --data"
         )
 
+    if args.stride is not None and args.stride > cfg.context_length:
+        warn(f"diygpt: warning: --stride {args.stride} is past the context length "
+             f"{cfg.context_length}: {args.stride - cfg.context_length} of every {args.stride} "
+             "tokens are never trained on")
     torch.manual_seed(args.seed)
     train_loader, val_loader = loaders_from_tokens(
         data.train_ids, data.val_ids, args.batch_size, cfg.context_length, args.stride,
