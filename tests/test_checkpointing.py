@@ -42,6 +42,15 @@ def run_copy(trained_run, tmp_path) -> Path:
 
 
 # -- atomic files and rotation -----------------------------------------------------------------
+def test_run_files_get_a_plain_files_mode(run_copy):
+    # safetensors writes 0600; every run file takes the mode the umask gives a new file
+    mask = os.umask(0o022)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in run_copy.rglob("*") if p.is_file()}
+    assert "model.safetensors" in modes and "rng.safetensors" in modes
+    assert set(modes.values()) == {0o666 & ~mask}, modes
+
+
 def test_atomic_write_keeps_old_file_when_disk_is_full(tmp_path, monkeypatch):
     target = tmp_path / "state.json"
     atomic_write_text(target, "old")

@@ -70,6 +70,12 @@ def _kill_hook() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading it means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` to fill a temp file next to ``path``, then move it into place.
 
@@ -80,6 +86,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        # A plain file's mode under the umask: safetensors' writer makes its files 0600,
+        # which hid a run's weights from the other users of a shared runs/ folder.
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         _kill_hook()
