@@ -122,6 +122,14 @@ def test_a_stride_past_the_context_warns_that_text_is_skipped(data, tmp_path, ca
     assert rc == 0 and "--stride 40 is past the context length 16: 24 of every 40 tokens" in err
 
 
+def test_sampling_flags_at_temperature_0_get_a_note(run, capsys):
+    rc, greedy, err = run_cli(capsys, "generate", "--checkpoint", run, "--top-k", "5",
+                              "--seed", "3", "--max-new-tokens", "3")
+    assert rc == 0 and "--top-k, --seed change nothing at --temperature 0 (greedy)" in err
+    rc, plain, err = run_cli(capsys, "generate", "--checkpoint", run, "--max-new-tokens", "3")
+    assert rc == 0 and plain == greedy and "note" not in err
+
+
 def test_int8_generation_with_another_dtype_is_one_line(run, capsys):
     line = one_line_error(capsys, "generate", "--checkpoint", run, "--quantize", "int8",
                           "--dtype", "bf16", "--max-new-tokens", "2")

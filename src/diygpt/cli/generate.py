@@ -84,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
         raise GenerationError("the prompt is empty: pass --prompt TEXT")
     if args.compile and not args.use_cache:
         raise GenerationError("--compile works on the KV cache: drop --no-cache")
+    unused = [f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p),
+                             ("--seed", args.seed)) if v is not None]
+    if args.temperature == 0 and unused:
+        print(f"diygpt: note: {', '.join(unused)} change nothing at --temperature 0 (greedy); "
+              "give a temperature > 0 to sample", file=sys.stderr)
     if args.quantize and args.dtype not in (None, "fp32"):  # its products run in fp32
         raise GenerationError(f"--quantize {args.quantize} computes in fp32: drop --dtype {args.dtype}")
     device = select_device(args.device)
