@@ -99,14 +99,10 @@ def _agrees_with_torch(kernel: Kernel) -> bool:
     return calls == [True] * 3 * len(cases)  # it ran each time: no check passes by default
 
 
-def _binds() -> list[Callable[[ctypes.CDLL], Kernel]]:
-    # MKL's root first, as torch's x86 builds use it; the exact one otherwise.
-    return [lambda library, s=sqrt: _bind(library, s)
-            for sqrt in dict.fromkeys([_torch_sqrt(), None])]
-
-
+# MKL's root first, as torch's x86 builds use it; C's exact sqrtf otherwise.
 _loaded = native.CheckedKernel(
-    SOURCE, _binds, _agrees_with_torch,
+    SOURCE, native.vml_first("vmsSqrt", lambda library, sqrt: _bind(library, sqrt)),
+    _agrees_with_torch,
     f"torch {torch.__version__}'s AdamW rounds differently from {SOURCE.name}")
 
 

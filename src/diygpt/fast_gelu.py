@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -115,14 +115,10 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(torch.int32), b.view(torch.int32))  # -0.0 is not 0.0 here
 
 
-def _binds() -> list[Callable[[ctypes.CDLL], _Kernel]]:
-    # MKL's tanh first, as torch's x86 builds use it; C's otherwise.
-    return [lambda library, f=tanh: _Kernel(library, f)
-            for tanh in dict.fromkeys([native.torch_vml("vmsTanh"), None])]
-
-
+# MKL's tanh first, as torch's x86 builds use it; C's tanhf otherwise.
 _loaded = native.CheckedKernel(
-    SOURCE, _binds, _agrees_with_torch,
+    SOURCE, native.vml_first("vmsTanh", lambda library, tanh: _Kernel(library, tanh)),
+    _agrees_with_torch,
     f"torch {torch.__version__}'s GELU ops round differently from {SOURCE.name}")
 
 

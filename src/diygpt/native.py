@@ -128,6 +128,17 @@ class CheckedKernel(Generic[K]):
 VML_MODE = 0x2 | 0x140000 | 0x100
 
 
+def vml_first(name: str, bind: Callable[[ctypes.CDLL, int | None], K]
+              ) -> Callable[[], list[Callable[[ctypes.CDLL], K]]]:
+    """A :class:`CheckedKernel`'s ``binds``: with torch's own VML function ``name`` first (what
+    torch's x86 builds compute with), then with None, the kernel's C fallback."""
+    def binds() -> list[Callable[[ctypes.CDLL], K]]:
+        return [lambda library, f=f: bind(library, f)
+                for f in dict.fromkeys([torch_vml(name), None])]
+
+    return binds
+
+
 def torch_vml(name: str) -> int | None:
     """The address of MKL's VML function ``name`` (e.g. vmsSqrt) in torch's own library.
 
