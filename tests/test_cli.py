@@ -1,10 +1,11 @@
 """The command line: a real train -> generate -> eval round trip, and one-line errors."""
 
+import importlib
 import subprocess
 import sys
 
 import pytest
-from cli_helpers import run_cli
+from cli_helpers import run_cli, train_tiny
 
 FAST = ["--preset", "tiny", "--context-length", "32", "--batch-size", "4", "--no-progress"]
 
@@ -125,3 +126,19 @@ def test_the_last_line_names_only_what_was_written(tmp_path, verdict_path, capsy
     rc, _, err = run_cli(capsys, "train", "--data", str(verdict_path), *FAST, "--max-steps", "1",
                          "--out", str(tmp_path / "one"))
     assert rc == 0 and "1 step, " in err and "(model.safetensors, loss.png, metrics.jsonl)" in err
+
+
+@pytest.mark.parametrize(("module", "says"), [
+    ("fast_draws", "torch's dropout draws, not the fast ones"),
+    ("fast_adamw", "torch's AdamW update, not the fast one"),
+    ("fast_gelu", "torch's GELU ops, not the fast ones"),
+])
+def test_cli_says_in_one_line_when_a_kernel_is_unavailable(module, says, data, tmp_path, capsys,
+                                                           monkeypatch):
+    # Without a C compiler training goes on with torch's own ops, and says which.
+    kernels = importlib.import_module(f"diygpt.{module}")
+    monkeypatch.setattr(kernels, "load_kernel", lambda: None)
+    monkeypatch.setattr(kernels._loaded, "reason", "no C compiler found (set CC)")
+    rc, _, err = train_tiny(capsys, data, tmp_path / "run", "--max-steps", "1")
+    assert rc == 0, err
+    assert f"{says}: no C compiler found (set CC)" in err

@@ -254,12 +254,3 @@ def test_cli_uses_it_by_default_on_the_cpu_with_the_same_result(data, tmp_path, 
             for name, value in state.items():
                 assert torch.equal(value, run[2]["state"][key][name]), name
     assert runs[3][0] != runs[0][0]  # torch's fused AdamW rounds otherwise
-
-
-def test_cli_says_in_one_line_when_the_kernel_is_unavailable(data, tmp_path, capsys,
-                                                             monkeypatch) -> None:
-    monkeypatch.setattr(fa, "load_kernel", lambda: None)
-    monkeypatch.setattr(fa._loaded, "reason", "no C compiler found (set CC)")
-    rc, _, err = train_tiny(capsys, data, tmp_path / "run", "--max-steps", "1")
-    assert rc == 0, err
-    assert "torch's AdamW update, not the fast one: no C compiler found (set CC)" in err

@@ -154,14 +154,3 @@ def test_cli_draws_fast_by_default_on_the_cpu_with_the_same_result(data, tmp_pat
         assert (len(calls) > before) == ("--no-fast-draws" not in extra)
         runs.append(((out / "model.safetensors").read_bytes(), stdout))
     assert runs[0] == runs[1] and runs[2] == runs[3]
-
-
-def test_cli_says_in_one_line_when_the_kernel_is_unavailable(data, tmp_path, capsys,
-                                                             monkeypatch) -> None:
-    from cli_helpers import train_tiny
-
-    monkeypatch.setattr(fd, "load_kernel", lambda: None)
-    monkeypatch.setattr(fd._loaded, "reason", "no C compiler found (set CC)")
-    rc, _, err = train_tiny(capsys, data, tmp_path / "run", "--max-steps", "1")
-    assert rc == 0, err
-    assert "torch's dropout draws, not the fast ones: no C compiler found (set CC)" in err

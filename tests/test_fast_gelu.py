@@ -186,12 +186,3 @@ def test_cli_uses_it_by_default_on_the_cpu_with_the_same_result(data, tmp_path, 
         assert (len(calls) > before) == ("--no-fast-gelu" not in extra)
         runs.append(((out / "model.safetensors").read_bytes(), stdout))
     assert runs[0] == runs[1] == runs[2]
-
-
-def test_cli_says_in_one_line_when_the_kernel_is_unavailable(data, tmp_path, capsys,
-                                                             monkeypatch) -> None:
-    monkeypatch.setattr(fg, "load_kernel", lambda: None)
-    monkeypatch.setattr(fg._loaded, "reason", "no C compiler found (set CC)")
-    rc, _, err = train_tiny(capsys, data, tmp_path / "run", "--max-steps", "1")
-    assert rc == 0, err
-    assert "torch's GELU ops, not the fast ones: no C compiler found (set CC)" in err
