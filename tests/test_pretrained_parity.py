@@ -143,3 +143,19 @@ def test_download_dir_argument_overrides_the_home(tmp_path):
     shutil.copytree(HF_DIR, tmp_path / "w")
     model = load_pretrained("gpt2-medium", download_dir=tmp_path / "w")
     assert model.cfg.emb_dim == 32
+
+
+def test_cli_pretrained_name_ignores_a_folder_of_that_name_here(tmp_path, monkeypatch, capsys):
+    from cli_helpers import run_cli
+
+    monkeypatch.setenv("DIYGPT_HOME", str(tmp_path / "home"))
+    shutil.copytree(OPENAI_DIR, tmp_path / "home" / "models" / "gpt2-small")
+    # A folder named like the size, holding something else, in the working directory.
+    (tmp_path / "gpt2-small").mkdir()
+    (tmp_path / "gpt2-small" / "notes.txt").write_text("not weights")
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run_cli(
+        capsys, "generate", "--pretrained", "gpt2-small", "--prompt", "!",
+        "--max-new-tokens", "2",
+    )
+    assert rc == 0, err

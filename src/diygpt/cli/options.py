@@ -96,10 +96,11 @@ def load_model_from_args(args: argparse.Namespace, device):
             model = model.to(dtype=parse_precision(args.dtype))
         return model
     from diygpt.pretrained import load_pretrained
+    from diygpt.pretrained.loader import named_dir
 
-    model = load_pretrained(
-        args.weights or args.pretrained, device=device, dtype=args.dtype
-    )
+    # --pretrained is a name: a folder of that name in the working directory is not it.
+    source = args.weights or named_dir(args.pretrained)
+    model = load_pretrained(source, device=device, dtype=args.dtype)
     if args.attn:
         model.set_attn_impl(args.attn)
     return model

@@ -47,13 +47,21 @@ def resolve(path_or_name: str | Path, download_dir: Path | str | None = None) ->
         return path
     name = str(path_or_name)
     if name in GPT2_MODELS:
-        folder = model_dir(name, download_dir)
-        if not folder.is_dir() or not (is_openai_dir(folder) or _folder_file(folder)):
-            raise CheckpointError(f"no {name} weights in {folder}; {_where_to_put(name, folder)}")
-        return folder
+        return named_dir(name, download_dir)
     raise CheckpointError(
         f"{name}: no such file or folder, and not one of {', '.join(GPT2_MODELS)}"
     )
+
+
+def named_dir(name: str, download_dir: Path | str | None = None) -> Path:
+    """The download folder of a GPT-2 size, by name only (a ``./gpt2-small`` folder in
+    the working directory is not looked at); one-line error if it holds no weights."""
+    if name not in GPT2_MODELS:
+        raise CheckpointError(f"{name}: not one of {', '.join(GPT2_MODELS)}")
+    folder = model_dir(name, download_dir)
+    if not folder.is_dir() or not (is_openai_dir(folder) or _folder_file(folder)):
+        raise CheckpointError(f"no {name} weights in {folder}; {_where_to_put(name, folder)}")
+    return folder
 
 
 def _folder_file(folder: Path) -> Path | None:
