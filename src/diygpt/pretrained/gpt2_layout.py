@@ -9,7 +9,7 @@ and the fused ``c_attn`` is split into the book's separate query, key and value 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -116,14 +116,26 @@ def _gpt2_config(*sizes: int, qkv_bias: bool = True) -> GPTConfig:
     )
 
 
-def config_from_json(path: Path, keys: tuple[str, str, str, str, str]) -> GPTConfig:
+def config_from_json(
+    path: Path,
+    keys: tuple[str, str, str, str, str],
+    fixed: Mapping[str, tuple[object, ...]] | None = None,
+) -> GPTConfig:
     """GPT-2 config from a JSON file; ``keys`` name vocab, context, width, heads, layers.
 
-    GPT-2 always has qkv biases, so qkv_bias is True.
+    GPT-2 always has qkv biases, so qkv_bias is True. A key of ``fixed`` present in the
+    file must hold one of its allowed values (the first is named in the error).
     """
     try:
         data = json.loads(Path(path).read_text())
-        return _gpt2_config(*(data[k] for k in keys))
+        cfg = _gpt2_config(*(data[k] for k in keys))
+        for key, allowed in (fixed or {}).items():
+            if key in data and data[key] not in allowed:
+                raise CheckpointError(
+                    f"{path}: {key} {data[key]!r} is not GPT-2's ({allowed[0]!r}); "
+                    "diygpt's model computes GPT-2's architecture only"
+                )
+        return cfg
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
     except (json.JSONDecodeError, KeyError, TypeError) as exc:

@@ -7,14 +7,12 @@ versions store (``attn.bias``, ``attn.masked_bias``) are ignored.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from diygpt.config import GPTConfig
-from diygpt.errors import CheckpointError
 from diygpt.pretrained.gpt2_layout import (
     config_from_json,
     count_layers,
@@ -77,17 +75,8 @@ _GPT2_ARITHMETIC = {
 def hf_config(source: TensorSource, config_path: Path) -> GPTConfig:
     """From ``config.json`` when present, else inferred from the tensor shapes."""
     if config_path.is_file():
-        cfg = config_from_json(
-            config_path, ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer")
-        )
-        data = json.loads(config_path.read_text())
-        for key, allowed in _GPT2_ARITHMETIC.items():
-            if key in data and data[key] not in allowed:
-                raise CheckpointError(
-                    f"{config_path}: {key} {data[key]!r} is not GPT-2's ({allowed[0]!r}); "
-                    "diygpt's model computes GPT-2's architecture only"
-                )
-        return cfg
+        keys = ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer")
+        return config_from_json(config_path, keys, _GPT2_ARITHMETIC)
     prefix = hf_prefix(source) or ""
     vocab, d = source.shape(f"{prefix}wte.weight")
     context = source.shape(f"{prefix}wpe.weight")[0]
