@@ -1,10 +1,12 @@
-"""Tokenizing a corpus: ``diygpt prepare`` (streamed, threaded) vs one ``encode_ordinary`` call.
+"""Tokenizing a corpus: ``diygpt prepare`` (streamed, threaded) vs one ``encode`` call.
 
     python bench/prepare_speed.py [--mb 100 --mb 10] [--threads 2]
 
-The corpus is the-verdict repeated to the size asked (written to a temp folder). Each
-contender runs in its own process so its peak RSS is its own; diygpt's must stay flat as
-the corpus grows, the one-call peer's grows with it.
+The corpus is the-verdict repeated to the size asked, copy after copy with nothing in
+between (written to a temp folder). The peer encodes it whole as ``train --data`` does
+(``encode(text, allowed_special={"<|endoftext|>"})``). Each contender runs in its own
+process so its peak RSS is its own; diygpt's must stay flat as the corpus grows, the
+one-call peer's grows with it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from diygpt.tokenizer import get_tokenizer
 tok = get_tokenizer()
 t0 = time.perf_counter()
 text = open(sys.argv[1], encoding="utf-8").read()
-ids = np.array(tok.encode_ordinary(text), dtype=np.uint16)
+ids = np.array(tok.encode(text, allowed_special={"<|endoftext|>"}), dtype=np.uint16)
 ids.tofile(sys.argv[2])
 print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
@@ -47,7 +49,7 @@ def make_corpus(folder: Path, mb: int) -> Path:
     reps = mb * 1_000_000 // len(text.encode()) + 1
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(reps):
-            f.write(text + "\n")
+            f.write(text)
     return path
 
 
@@ -75,7 +77,7 @@ def main() -> None:
             peer_s, peer_rss = run(PEER, str(corpus), str(folder / "peer.bin"))
             ours_s, ours_rss = run(OURS, str(corpus), str(folder / "ours.bin"), str(args.threads))
             same = (folder / "peer.bin").read_bytes() == (folder / "ours.bin").read_bytes()
-            print(f"| {size:.0f} MB | one encode_ordinary call | {size / peer_s:.1f} | "
+            print(f"| {size:.0f} MB | one encode call | {size / peer_s:.1f} | "
                   f"{peer_rss:.0f} | 1.00x |")
             print(f"| {size:.0f} MB | diygpt prepare, {args.threads} threads | "
                   f"{size / ours_s:.1f} | {ours_rss:.0f} | {peer_s / ours_s:.2f}x |")

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -126,3 +127,31 @@ def test_a_folder_reads_its_txt_files_in_any_case_but_not_hidden_ones(tmp_path):
     text = read_text(tmp_path)
     assert "alpha" in text and "beta" in text
     assert not any(word in text for word in ("secret", "copy", "md"))
+
+
+def test_items_are_separate_tensors_and_slices_give_lists_as_the_books(verdict_text, tokenizer):
+    ours = GPTDatasetV1(verdict_text, tokenizer, 8, 4)
+    book = BookGPTDatasetV1(verdict_text, tokenizer, 8, 4)
+    x, y = ours[0]
+    x[1] = -1  # the book's input and target are two tensors: one edit leaves the other
+    assert torch.equal(y, book[0][1])
+    xs, ys = ours[1:4]
+    assert all(torch.equal(a, b) for a, b in zip(xs + ys, book[1:4][0] + book[1:4][1], strict=True))
+
+
+def test_a_token_file_stays_on_disk_window_by_window(tmp_path, verdict_text, tokenizer):
+    ids = np.array(tokenizer.encode(verdict_text), dtype=np.uint16)
+    ids.tofile(tmp_path / "t.bin")
+    mapped = np.memmap(tmp_path / "t.bin", dtype=np.uint16, mode="r")
+    ours = GPTDatasetV1(None, None, 16, 16, token_ids=mapped)
+    book = BookGPTDatasetV1(verdict_text, tokenizer, 16, 16)
+    assert isinstance(ours.tokens, np.memmap)  # no copy of the corpus in memory
+    for i in (0, 7, len(book) - 1):
+        assert torch.equal(ours[i][0], book[i][0]) and ours[i][1].dtype == torch.long
+
+
+def test_a_file_given_twice_is_refused(tmp_path):
+    (tmp_path / "a.txt").write_text("some text")
+    for twice in ([tmp_path / "a.txt", tmp_path / "a.txt"], [tmp_path, tmp_path / "a.txt"]):
+        with pytest.raises(DataError, match="given twice"):
+            read_text(twice)

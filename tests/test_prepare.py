@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-from cli_helpers import TINY, run_cli
+import pytest
+from cli_helpers import TINY, one_line_error, run_cli
 
 from diygpt.cli.main import main
 from diygpt.data import load_training_data
-from diygpt.prepare import load_tokens, prepare_tokens, read_blocks
+from diygpt.errors import DataError
+from diygpt.prepare import load_tokens, prepare_tokens, read_blocks, safe_cut
 from diygpt.tokenizer import EOT_ID
 
 
@@ -23,14 +25,68 @@ def test_tokens_equal_one_shot_encoding_with_small_blocks(tmp_path, tokenizer, v
     assert stats.bytes_read == src.stat().st_size
 
 
-def test_blocks_end_at_newlines_and_cover_the_file(tmp_path):
+def test_blocks_end_before_whitespace_and_cover_the_file(tmp_path):
     src = tmp_path / "a.txt"
     text = "".join(f"line {i} é.\n" for i in range(300)) + "no newline at the end"
     src.write_text(text, encoding="utf-8")
     blocks = list(read_blocks(src, block_bytes=100))
     assert "".join(b for b, _ in blocks) == text
-    assert len(blocks) > 1 and all(b.endswith("\n") for b, _ in blocks[:-1])
+    assert len(blocks) > 30 and all(b[0].isspace() for b, _ in blocks[1:])
     assert sum(n for _, n in blocks) == src.stat().st_size
+
+
+@pytest.mark.parametrize("text", [
+    "I HAD always thought Jack Gisburn rather a cheap genius.\n\n\"The height of his glory\"",
+    "CRLF lines\r\nend\r\nlike\r\nthis\r\n",
+    "Кириллица без латиницы, строка за строкой.\n\nИ ещё одна.",
+    "中文文本。\n第二行。\n",
+])
+def test_ordinary_text_is_cut_into_small_blocks(tmp_path, text):
+    # The first cut rule (only "x\ny") found no place in any of these, so a whole file
+    # was one block: memory and time grew with the corpus.
+    src = tmp_path / "a.txt"
+    src.write_text(text * 400, encoding="utf-8")
+    blocks = list(read_blocks(src, block_bytes=256))
+    assert max(n for _, n in blocks) < 512 and len(blocks) > src.stat().st_size // 512
+
+
+# Characters where a cut could go wrong: every Unicode whitespace (\s to GPT-2's regex),
+# contractions, digits, punctuation runs, letters of several scripts, and the literal token.
+_NASTY = (list(" \t\n\r\x0b\x0c\x85\xa0\u1680\u2000\u200a\u2028\u2029\u202f\u205f\u3000")
+          + ["'s", "'ll", "'", "a", "Z", "9", "42", ".", "!?", "é", "я", "р", "中", "的", "🙂",
+             "\x1c", "<|endoftext|>"])
+
+
+def test_every_cut_place_keeps_the_ids_of_the_whole(tokenizer):
+    import random
+
+    def enc(t):
+        return tokenizer.encode(t, allowed_special={"<|endoftext|>"})
+
+    rng = random.Random(0)
+    places = 0
+    for _ in range(2000):
+        text = "".join(rng.choice(_NASTY) for _ in range(rng.randint(2, 14)))
+        data = text.encode("utf-8")
+        whole = enc(text)
+        for p in range(1, len(data)):
+            if safe_cut(data[: p + 1], p - 1) == p:  # the rule allows a cut before byte p
+                places += 1
+                assert enc(data[:p].decode()) + enc(data[p:].decode()) == whole, (text, p)
+    assert places > 1000
+
+
+def test_prepared_ids_equal_train_data_ids_with_tiny_blocks(tmp_path, tokenizer):
+    import random
+
+    rng = random.Random(1)
+    for name in ("a.txt", "b.txt"):
+        text = "".join(rng.choice(_NASTY) for _ in range(400))
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    out = tmp_path / "t.bin"
+    prepare_tokens(tmp_path, out, tokenizer, threads=2, block_bytes=7, progress=False)
+    expected = load_training_data([tmp_path], tokenizer, 1.0).train_ids
+    assert load_tokens(out).tolist() == expected
 
 
 def test_documents_are_separated_by_endoftext(tmp_path, tokenizer):
@@ -71,3 +127,93 @@ def test_train_reads_prepared_token_files(tmp_path, tokenizer, data, capsys):
     assert rc == 0 and stdout.startswith("Ep 1 (Step 000000): Train loss "), err
     mixed = run_cli(capsys, "train", "--data", out, data, *TINY, "--out", tmp_path / "r2")
     assert mixed[0] == 2 and "not both" in mixed[2]
+
+
+def test_a_literal_endoftext_is_its_token_as_in_train(tmp_path, tokenizer):
+    src = tmp_path / "eot.txt"
+    src.write_text("Once upon a time.<|endoftext|>Another story.\n", encoding="utf-8")
+    out = tmp_path / "eot.bin"
+    prepare_tokens(src, out, tokenizer, progress=False)
+    assert load_tokens(out).tolist() == load_training_data([src], tokenizer, 1.0).train_ids
+    assert EOT_ID in load_tokens(out).tolist()
+
+
+def test_several_token_files_are_joined_with_endoftext(tmp_path, tokenizer):
+    for name, text in (("a", "Hello world.\n"), ("b", "Every effort.\n")):
+        (tmp_path / f"{name}.txt").write_text(text)
+        prepare_tokens(tmp_path / f"{name}.txt", tmp_path / f"{name}.bin", tokenizer,
+                       progress=False)
+    joined = load_training_data([tmp_path / "a.bin", tmp_path / "b.bin"], tokenizer, 1.0)
+    as_text = load_training_data([tmp_path / "a.txt", tmp_path / "b.txt"], tokenizer, 1.0)
+    assert joined.train_ids.tolist() == as_text.train_ids
+
+
+def test_a_failed_run_keeps_the_old_output_and_leaves_no_temp_file(tmp_path, tokenizer,
+                                                                   verdict_path):
+    out = tmp_path / "t.bin"
+    prepare_tokens(verdict_path, out, tokenizer, progress=False)
+    good = out.read_bytes()
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("fine text\n")
+    (corpus / "b.txt").write_bytes(b"ok\n\xff\xfe\n")
+    with pytest.raises(DataError, match="not valid UTF-8"):
+        prepare_tokens(corpus, out, tokenizer, progress=False)
+    assert out.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == [
+        "corpus", "t.bin"]
+
+
+def test_ctrl_c_and_sigterm_leave_no_part_written_file(tmp_path, verdict_path, monkeypatch,
+                                                       capsys):
+    import os
+    import signal
+
+    import diygpt.prepare as prepare
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the output is being written
+        raise AssertionError("SIGTERM did not stop prepare")
+
+    monkeypatch.setattr(prepare, "encode_blocks", interrupted)
+    before = signal.getsignal(signal.SIGTERM)
+    rc, _, err = run_cli(capsys, "prepare", "--data", verdict_path, "--out", tmp_path / "t.bin",
+                         "--no-progress")
+    assert rc == 130 and "interrupted" in err
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_output_that_is_an_input_a_folder_or_under_a_file_is_one_line(tmp_path, capsys):
+    mine = tmp_path / "mine.txt"
+    mine.write_text("precious text\n")
+    assert "is one of the input files" in one_line_error(
+        capsys, "prepare", "--data", mine, "--out", mine)
+    assert mine.read_text() == "precious text\n"
+    assert "is a folder" in one_line_error(capsys, "prepare", "--data", mine, "--out", tmp_path)
+    assert "cannot write" in one_line_error(
+        capsys, "prepare", "--data", mine, "--out", mine / "t.bin")
+
+
+def test_empty_inputs_and_outputs_are_one_line(tmp_path, tokenizer, capsys):
+    (tmp_path / "blank.txt").write_text(" \n\n")
+    assert "is empty" in one_line_error(
+        capsys, "prepare", "--data", tmp_path / "blank.txt", "--out", tmp_path / "b.bin")
+    (tmp_path / "empty.bin").write_bytes(b"")
+    assert "empty (0 tokens)" in one_line_error(
+        capsys, "train", "--data", tmp_path / "empty.bin", *TINY, "--out", tmp_path / "r")
+
+
+def test_token_ids_past_the_vocabulary_are_one_line(tmp_path, tokenizer, capsys):
+    np.random.default_rng(0).integers(50257, 65536, 4000).astype(np.uint16).tofile(
+        tmp_path / "other.bin")
+    line = one_line_error(capsys, "train", "--data", tmp_path / "other.bin", *TINY,
+                          "--out", tmp_path / "r")
+    assert "outside the model's vocabulary of 50257" in line
+
+
+def test_eval_reads_token_files_as_train_does(tmp_path, tokenizer, data, capsys):
+    prepare_tokens(data, tmp_path / "t.bin", tokenizer, progress=False)
+    run_cli(capsys, "train", "--data", data, *TINY, "--max-steps", "1", "--sample-prompt", "",
+            "--no-progress", "--out", tmp_path / "run")
+    text = run_cli(capsys, "eval", "--checkpoint", tmp_path / "run", "--data", data)
+    tokens = run_cli(capsys, "eval", "--checkpoint", tmp_path / "run", "--data", tmp_path / "t.bin")
+    assert text[0] == tokens[0] == 0 and text[1] == tokens[1] and "perplexity" in text[1]

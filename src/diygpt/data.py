@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from diygpt.errors import DataError
-from diygpt.tokenizer import ENDOFTEXT, get_tokenizer
+from diygpt.tokenizer import ENDOFTEXT, EOT_ID, get_tokenizer
 
 PathLike = str | os.PathLike
 
@@ -38,6 +38,11 @@ def _expand(paths: PathLike | Sequence[PathLike]) -> list[Path]:
             raise DataError(f"data file {p} does not exist")
     if not files:
         raise DataError("no data files given")
+    seen: dict[Path, Path] = {}
+    for f in files:
+        # Read twice, a file would put copies of its text in both the train and val splits.
+        if (first := seen.setdefault(f.resolve(), f)) is not f:
+            raise DataError(f"{f} is given twice (also as {first}); give each file once")
     return files
 
 
@@ -102,11 +107,13 @@ class GPTDatasetV1(Dataset):
                             f"and {stride!r}")
         if token_ids is None:
             token_ids = tokenizer.encode(txt, allowed_special={ENDOFTEXT})
-        if isinstance(token_ids, np.ndarray):  # e.g. a uint16 memmap from `diygpt prepare`
-            token_ids = token_ids.astype(np.int32)
-        ids = torch.as_tensor(token_ids)
-        # int32 halves the memory of int64 and holds any GPT-2 id; batches are widened to int64.
-        self.tokens = ids.to(torch.int32) if ids.dtype != torch.int32 else ids
+        if isinstance(token_ids, np.ndarray):
+            # e.g. a uint16 memmap from `diygpt prepare`: kept as it is, so a corpus larger
+            # than memory is read from disk window by window
+            self.tokens = token_ids
+        else:
+            # int32 halves the memory of int64 and holds any GPT-2 id; batches are int64.
+            self.tokens = torch.as_tensor(token_ids).to(torch.int32)
         self.max_length = max_length
         self.stride = stride
         self.n_windows = num_windows(len(self.tokens), max_length, stride)
@@ -124,14 +131,24 @@ class GPTDatasetV1(Dataset):
     def target_ids(self) -> list[torch.Tensor]:
         return [self[i][1] for i in range(self.n_windows)]
 
-    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _ids(self, start: int, stop: int) -> torch.Tensor:
+        if isinstance(self.tokens, np.ndarray):
+            return torch.from_numpy(self.tokens[start:stop].astype(np.int64))
+        return self.tokens[start:stop].long()
+
+    def __getitem__(self, idx):
+        """(input, target) of window ``idx``; a slice gives two lists, as the book's does."""
+        if isinstance(idx, slice):
+            pairs = [self[i] for i in range(*idx.indices(self.n_windows))]
+            return [x for x, _ in pairs], [y for _, y in pairs]
         if idx < 0:  # as the book's lists index
             idx += self.n_windows
         if not 0 <= idx < self.n_windows:
             raise IndexError(idx)
         start = idx * self.stride
-        chunk = self.tokens[start : start + self.max_length + 1].long()
-        return chunk[:-1], chunk[1:]
+        # Two tensors, not two views of one: changing an input in place leaves its target.
+        end = start + self.max_length
+        return self._ids(start, end), self._ids(start + 1, end + 1)
 
 
 def create_dataloader_v1(
@@ -175,6 +192,15 @@ def make_loader(
         num_workers=num_workers,
         generator=generator,
     )
+
+
+def check_token_ids(ids, vocab_size: int, what: str = "the data") -> None:
+    """A clear error for an id the model has no embedding for (torch's is an IndexError)."""
+    if len(ids) and (top := int(np.max(ids))) >= vocab_size:
+        raise DataError(
+            f"{what} has token id {top}, outside the model's vocabulary of {vocab_size}: the "
+            "model and the data were not made with the same tokenizer"
+        )
 
 
 def check_enough_tokens(num_tokens: int, max_length: int, what: str) -> None:
@@ -286,7 +312,10 @@ def load_training_data(
         raise DataError("give either text files or .bin token files (from `diygpt prepare`), not both")
     from diygpt.prepare import load_tokens
 
-    arrays = [load_tokens(p) for p in token_files]
+    arrays = [load_tokens(p) for p in _expand(token_files)]
+    if len(arrays) > 1:  # joined as text files are (this copies them into memory)
+        eot = np.array([EOT_ID], dtype=np.uint16)
+        arrays = [part for a in arrays for part in (eot, a)][1:]
     ids = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
     train_ids, val_ids = split_tokens(ids, train_ratio)
     return TrainingData(train_ids, val_ids, hashlib.sha256(memoryview(ids)).hexdigest())

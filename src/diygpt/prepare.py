@@ -1,32 +1,50 @@
 """Tokenize a text corpus once into a flat uint16 token file (nanoGPT's ``train.bin`` format).
 
-Streams: files are read in blocks cut after a newline, a batch of blocks is encoded by
-tiktoken's ``encode_ordinary_batch`` on several threads (its Rust core releases the GIL),
-and the ids are appended to the output at once. Memory is bounded by one batch of blocks,
-whatever the corpus size. Documents are separated by ``<|endoftext|>`` (id 50256), as
-:func:`diygpt.data.read_text` joins them; the text itself is encoded as ordinary text.
+Streams: each file is read in blocks of about 1 MiB, a batch of blocks is encoded on several
+threads (tiktoken's Rust core releases the GIL), and the ids are appended to a temp file that
+replaces the output only once the whole corpus is done. Memory is bounded by one batch of
+blocks, whatever the corpus size.
 
-Blocks are cut only after a newline that sits between two visible ASCII characters
-(``x\ny``): GPT-2's pre-tokenizer makes such a newline a token of its own, so the ids are
-exactly those of encoding the whole text in one call.
+The ids are those ``diygpt train --data`` gets from the same text files: files are joined by
+``<|endoftext|>`` (id 50256), and a literal ``<|endoftext|>`` in the text is that token too,
+as in the book's ``tokenizer.encode(text, allowed_special={"<|endoftext|>"})``.
+
+Where a block is cut: just before a whitespace byte that follows a character that is not
+whitespace. GPT-2's pre-tokenizer regex has no look-behind and never puts a non-whitespace
+character and the whitespace after it in one piece, so a piece of the whole text ends there,
+that piece is matched the same without what follows, and matching goes on from there as it
+does in the whole text: the two blocks' ids, concatenated, are the whole text's. A file with
+no such place for a long stretch is read on until one comes, or the file ends.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from diygpt.checkpointing import atomic_write, describe_os_error
 from diygpt.data import _expand
 from diygpt.errors import DataError
-from diygpt.tokenizer import EOT_ID
+from diygpt.tokenizer import ENDOFTEXT, EOT_ID
 
 BLOCK_BYTES = 1 << 20  # 1 MiB of text per block: ~250k tokens
+
+# A whitespace byte (every ASCII whitespace byte is \s to GPT-2's regex) after a visible
+# ASCII byte or the last byte of a longer UTF-8 character, which :func:`safe_cut` decodes to
+# make sure it is not whitespace (U+00A0, U+3000, ...). Spelled reversed: a search of the
+# reversed bytes finds the last such place first.
+_CUT_REVERSED = re.compile(rb"[\t\n\x0b\x0c\r ][\x21-\x7e\x80-\xbf]")
+
+# Stands for <|endoftext|> between two files in a batch of blocks.
+_FILE_BREAK = None
 
 
 @dataclass
@@ -36,43 +54,50 @@ class PrepareStats:
     tokens: int
 
 
-def _is_visible_ascii(byte: int) -> bool:
-    return 0x21 <= byte <= 0x7E
-
-
-def safe_cut(data: bytes) -> int:
-    """Index just after the last newline with a visible ASCII character on each side, or 0.
-
-    Whitespace next to a newline can merge with it into one token (``"\n\n"`` is id 628),
-    so a cut anywhere else could change the ids.
-    """
-    end = len(data) - 1
-    while (i := data.rfind(b"\n", 0, end)) > 0:
-        if _is_visible_ascii(data[i - 1]) and _is_visible_ascii(data[i + 1]):
-            return i + 1
-        end = i
+def safe_cut(data: bytes | bytearray, start: int = 0) -> int:
+    """Index of the last place in ``data[start:]`` where a block may end (see the module's
+    docstring): a whitespace byte after a non-whitespace character. 0 if there is none."""
+    reversed_ = bytes(data[start:])[::-1]
+    pos = 0
+    while match := _CUT_REVERSED.search(reversed_, pos):
+        cut = len(data) - 1 - match.start()
+        if data[cut - 1] < 0x80 or not _char_ending_at(data, cut).isspace():
+            return cut
+        pos = match.start() + 1
     return 0
 
 
+def _char_ending_at(data: bytes | bytearray, end: int) -> str:
+    """The UTF-8 character whose last byte is ``data[end - 1]`` (" " if it is no valid one,
+    so that no cut is made after it)."""
+    begin = end - 1
+    while begin > max(end - 4, 0) and 0x80 <= data[begin] < 0xC0:
+        begin -= 1
+    try:
+        return bytes(data[begin:end]).decode("utf-8")
+    except UnicodeDecodeError:
+        return " "
+
+
 def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[str, int]]:
-    """Yield (text, raw byte count) blocks of a UTF-8 file, each cut at a :func:`safe_cut`."""
-    carry = b""
+    """Yield (text, raw byte count) blocks of a UTF-8 file, each ending at a :func:`safe_cut`."""
+    carry = bytearray()
     offset = 0
-    with open(path, "rb") as f:
-        while True:
-            raw = f.read(block_bytes)
-            data = carry + raw
-            if not raw:
-                if data:
-                    yield _decode(data, path, offset), len(data)
-                return
-            cut = safe_cut(data)
-            if cut == 0:  # no safe cut yet: read on until one, or the end
-                carry = data
-                continue
-            carry = data[cut:]
-            yield _decode(data[:cut], path, offset), cut
-            offset += cut
+    try:
+        with open(path, "rb") as f:
+            while raw := f.read(block_bytes):
+                # Only the new bytes, and the one before them, can hold a cut not seen before.
+                searched = max(len(carry) - 1, 0)
+                carry += raw
+                cut = safe_cut(carry, searched)
+                if cut:
+                    yield _decode(bytes(carry[:cut]), path, offset), cut
+                    del carry[:cut]
+                    offset += cut
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if carry:
+        yield _decode(bytes(carry), path, offset), len(carry)
 
 
 def _decode(data: bytes, path: Path, offset: int) -> str:
@@ -84,27 +109,56 @@ def _decode(data: bytes, path: Path, offset: int) -> str:
         raise DataError(f"{path} is not valid UTF-8 (byte {offset + exc.start})") from None
 
 
-def _batches(files: list[Path], batch: int, block_bytes: int) -> Iterator[list[tuple[str, int]]]:
-    """Blocks of all files in order, grouped; an empty string marks a document boundary."""
-    pending: list[tuple[str, int]] = []
+def _batches(
+    files: list[Path], batch: int, block_bytes: int
+) -> Iterator[list[tuple[str | None, int]]]:
+    """Blocks of all files in order, grouped; ``_FILE_BREAK`` between two files."""
+    pending: list[tuple[str | None, int]] = []
     for i, path in enumerate(files):
         if i > 0:
-            pending.append(("", 0))
-        for block in read_blocks(path, block_bytes):
-            pending.append(block)
+            pending.append((_FILE_BREAK, 0))
+        blank = True
+        for text, size in read_blocks(path, block_bytes):
+            blank = blank and text.isspace()
+            pending.append((text, size))
             if len(pending) >= batch:
                 yield pending
                 pending = []
+        if blank:  # the rule `train --data` applies to a text file
+            raise DataError(f"data file {path} is empty")
     if pending:
         yield pending
 
 
-def encode_blocks(tokenizer, texts: list[str], threads: int) -> np.ndarray:
-    """Token ids of the blocks, concatenated as uint16; "" stands for <|endoftext|>."""
-    encoded = tokenizer.encode_ordinary_batch(texts, num_threads=threads)
-    parts = [np.array([EOT_ID] if t == "" else ids, dtype=np.uint16)
-             for t, ids in zip(texts, encoded, strict=True)]
+def block_encoder(tokenizer) -> Callable[[str], np.ndarray]:
+    """Text -> ids, with a literal <|endoftext|> as its token (the book's ``allowed_special``)."""
+    allowed = {ENDOFTEXT}
+    if hasattr(tokenizer, "encode_to_numpy"):  # tiktoken >= 0.9: no list of Python ints
+        return lambda text: tokenizer.encode_to_numpy(text, allowed_special=allowed)
+    return lambda text: np.asarray(tokenizer.encode(text, allowed_special=allowed))
+
+
+def encode_blocks(
+    encode: Callable[[str], np.ndarray],
+    texts: Sequence[str | None],
+    map_: Callable = map,
+) -> np.ndarray:
+    """Token ids of the blocks, concatenated as uint16; ``_FILE_BREAK`` is <|endoftext|>."""
+    eot = np.array([EOT_ID], dtype=np.uint16)
+    parts = list(map_(lambda t: eot if t is _FILE_BREAK else encode(t).astype(np.uint16), texts))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+
+
+def _check_out(out: Path, files: list[Path]) -> None:
+    if out.is_dir():
+        raise DataError(f"--out {out} is a folder; name the token file, e.g. {out / 'train.bin'}")
+    if out.exists() and any(os.path.samefile(f, out) for f in files):
+        raise DataError(f"--out {out} is one of the input files; writing it would destroy that "
+                        "text (choose another name, e.g. train.bin)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(describe_os_error(exc, out)) from None
 
 
 def prepare_tokens(
@@ -115,29 +169,34 @@ def prepare_tokens(
     block_bytes: int = BLOCK_BYTES,
     progress: bool = True,
 ) -> PrepareStats:
-    """Tokenize text files (or folders of .txt) into ``out``, a flat uint16 array of ids."""
+    """Tokenize text files (or folders of .txt) into ``out``, a flat array of uint16 ids.
+
+    ``out`` is replaced only when every file has been read: on an error or Ctrl-C an older
+    ``out`` is left as it was, and no part-written file is left behind.
+    """
     if tokenizer.n_vocab > np.iinfo(np.uint16).max + 1:
         raise DataError(f"a vocabulary of {tokenizer.n_vocab} does not fit uint16 ids")
     files = _expand(paths)
-    threads = threads or os.cpu_count() or 1
-    total = sum(f.stat().st_size for f in files)
-    stats = PrepareStats(files=len(files), bytes_read=0, tokens=0)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenize", file=sys.stderr,
-               disable=None if progress else True)
-    try:
-        with open(out, "wb") as f:
+    _check_out(out, files)
+    threads = threads or os.cpu_count() or 1
+    stats = PrepareStats(files=len(files), bytes_read=0, tokens=0)
+    encode = block_encoder(tokenizer)
+
+    def write(tmp: Path) -> None:
+        bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
+                   desc="tokenize", file=sys.stderr, disable=None if progress else True)
+        with bar, open(tmp, "wb") as f, ThreadPoolExecutor(threads) as pool:
             # 4 blocks per thread keeps every thread busy while bounding memory.
             for batch in _batches(files, 4 * threads, block_bytes):
-                ids = encode_blocks(tokenizer, [text for text, _ in batch], threads)
+                ids = encode_blocks(encode, [text for text, _ in batch], pool.map)
                 ids.tofile(f)
                 done = sum(n for _, n in batch)
                 stats.bytes_read += done
                 stats.tokens += len(ids)
                 bar.update(done)
-    finally:
-        bar.close()
+
+    atomic_write(out, write)
     return stats
 
 
@@ -146,6 +205,9 @@ def load_tokens(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"token file {path} does not exist")
-    if path.stat().st_size % 2:
+    size = path.stat().st_size
+    if size == 0:
+        raise DataError(f"token file {path} is empty (0 tokens)")
+    if size % 2:
         raise DataError(f"{path} has an odd size, so it is not a uint16 token file")
     return np.memmap(path, dtype=np.uint16, mode="r")

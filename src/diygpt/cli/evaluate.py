@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_model_source_flags(p)
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                   help="text file(s) or folder(s) of .txt files")
+                   help="text file(s) or folder(s) of .txt files, or .bin token files from "
+                   "`diygpt prepare`")
     p.add_argument("--context-length", type=positive_int, default=None,
                    help="window length (default: the model's context length)")
     p.add_argument("--stride", type=positive_int, default=None,
@@ -35,11 +36,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from diygpt.data import GPTDatasetV1, check_enough_tokens, make_loader, read_text
+    from diygpt.data import (
+        GPTDatasetV1,
+        check_enough_tokens,
+        check_token_ids,
+        load_training_data,
+        make_loader,
+    )
     from diygpt.device import select_device
-    from diygpt.errors import ConfigError, DataError
+    from diygpt.errors import ConfigError
     from diygpt.losses import calc_loss_loader, perplexity
-    from diygpt.tokenizer import ENDOFTEXT, get_tokenizer
+    from diygpt.tokenizer import get_tokenizer
 
     device = select_device(args.device)
     model = load_model_from_args(args, device)
@@ -49,12 +56,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--context-length {length} exceeds the model's context length {model.context_length}"
         )
-    ids = tokenizer.encode(read_text(args.data), allowed_special={ENDOFTEXT})
+    # All of it, read as `train --data` reads it (text files, or .bin files from prepare).
+    ids = load_training_data(args.data, tokenizer, train_ratio=1.0).train_ids
     check_enough_tokens(len(ids), length, "the text")
-    vocab_size = model.tok_emb.num_embeddings
-    if max(ids) >= vocab_size:  # a model made for another tokenizer, e.g. a small test model
-        raise DataError(f"the text has token id {max(ids)}, outside the model's vocabulary of "
-                        f"{vocab_size}: the model was not made for GPT-2's tokenizer")
+    check_token_ids(ids, model.tok_emb.num_embeddings, "the text")
     dataset = GPTDatasetV1(None, tokenizer, length, args.stride or length, token_ids=ids)
     loader = make_loader(dataset, args.batch_size, shuffle=False, drop_last=False)
     with torch.no_grad():

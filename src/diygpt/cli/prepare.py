@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import resource
+import signal
 import sys
+import threading
 import time
 
 from diygpt.cli.options import positive_int
@@ -15,8 +16,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "prepare", help="tokenize text files into a uint16 token file",
         description="Tokenize text file(s) or folder(s) of .txt files with GPT-2's BPE on "
         "several threads, streaming in blocks so memory does not grow with the corpus. "
-        "Writes a flat array of uint16 token ids (documents separated by <|endoftext|>), "
-        "readable with numpy.memmap(PATH, dtype=numpy.uint16).",
+        "Writes a flat array of uint16 token ids, the ones `diygpt train --data` gets from "
+        "the same files (files joined by <|endoftext|>, and a literal <|endoftext|> in the "
+        "text is that token), readable with numpy.memmap(PATH, dtype=numpy.uint16). The "
+        "output is replaced only when every file has been read.",
     )
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
                    help="text file(s), or folder(s) of .txt files (UTF-8)")
@@ -35,8 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    import resource  # Unix only: imported here so the CLI starts on Windows
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,8 +56,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"diygpt: note: `diygpt train --data` reads token files named *.bin; {args.out} "
               "would be read as text", file=sys.stderr)
     tokenizer = get_tokenizer(args.tokenizer_dir)
+    # SIGTERM unwinds like Ctrl-C, so the temp file is removed on the way out.
+    on_main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _raise_interrupt) if on_main else None
     t0 = time.perf_counter()
-    stats = prepare_tokens(args.data, args.out, tokenizer, args.threads, progress=args.progress)
+    try:
+        stats = prepare_tokens(args.data, args.out, tokenizer, args.threads,
+                               progress=args.progress)
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, old)
     seconds = time.perf_counter() - t0
     mb = stats.bytes_read / 1e6
     print(

@@ -197,7 +197,7 @@ def _train(args: argparse.Namespace, env, device) -> int:
 
     from diygpt import fast_adamw, fast_gelu
     from diygpt.cli.resume_args import NOT_SETTINGS, merge_resume_args
-    from diygpt.data import load_training_data, loaders_from_tokens
+    from diygpt.data import check_token_ids, load_training_data, loaders_from_tokens
     from diygpt.distributed import wrap_model
     from diygpt.errors import CheckpointError, ConfigError, DataError
     from diygpt.fast_draws import fast_draws, unavailable_reason
@@ -264,6 +264,8 @@ def _train(args: argparse.Namespace, env, device) -> int:
         warn(f"diygpt: warning: --stride {args.stride} is past the context length "
              f"{cfg.context_length}: {args.stride - cfg.context_length} of every {args.stride} "
              "tokens are never trained on")
+    for ids, split in ((data.train_ids, "the training split"), (data.val_ids, "the val split")):
+        check_token_ids(ids, cfg.vocab_size, split)
     torch.manual_seed(args.seed)
     train_loader, val_loader = loaders_from_tokens(
         data.train_ids, data.val_ids, args.batch_size, cfg.context_length, args.stride,
