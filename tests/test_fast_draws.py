@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -129,8 +130,13 @@ def test_a_kernel_that_disagrees_is_not_used(monkeypatch: pytest.MonkeyPatch) ->
 def test_cc_may_carry_flags_and_a_failed_build_leaves_no_file(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("DIYGPT_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", f"{shutil.which('cc')} -std=c99")
-    built = fd.native.build(fd.SOURCE)
+    old_mask = os.umask(0o022)
+    try:
+        built = fd.native.build(fd.SOURCE)
+    finally:
+        os.umask(old_mask)
     assert built.parent == tmp_path and built.exists()
+    assert built.stat().st_mode & 0o777 == 0o755  # a shared cache serves every user
     monkeypatch.setenv("CC", f"{shutil.which('cc')} -no-such-flag")
     with pytest.raises(RuntimeError, match="could not build"):
         fd.native.build(fd.SOURCE)

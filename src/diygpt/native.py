@@ -71,10 +71,11 @@ def build(source: Path) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # A file of its own: ranks, or threads, may build at once; the last rename wins whole.
-    handle, name = tempfile.mkstemp(prefix=f"{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    tmp = Path(name)
+    # A folder of its own: ranks, or threads, may build at once; the last rename wins whole.
+    # The linker creates the file there, so it gets the umask's mode (a file made first by
+    # mkstemp would stay 0600 plus x: unreadable to the other users of a shared cache).
+    workdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = workdir / target.name
     error = ""
     try:
         for flags in _TRIES:
@@ -85,7 +86,7 @@ def build(source: Path) -> Path:
                 return target
             error = (done.stderr.strip().splitlines() or ["failed"])[-1]
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(workdir, ignore_errors=True)
     raise RuntimeError(f"{cc} could not build {source.name}: {error}")
 
 
