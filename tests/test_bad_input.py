@@ -109,12 +109,21 @@ def test_a_seed_past_64_bits_is_an_argument_error(run, data, tmp_path, capsys, s
 
 
 @pytest.mark.parametrize(("flag", "value", "expect"), [
-    ("--lr", "0", "--lr must be > 0, got 0.0"), ("--lr=-0.001", None, "--lr must be > 0, got -0.001"),
-    ("--weight-decay", "-1", "--weight-decay must be >= 0, got -1.0")])
-def test_bad_optimizer_values_name_the_flag_and_value(data, tmp_path, capsys, flag, value, expect):
+    ("--lr", "0", "a number > 0, got 0"), ("--lr=-0.001", None, "a number > 0, got -0.001"),
+    ("--weight-decay", "-1", "a number >= 0, got -1"), ("--epochs", "-1", "an integer >= 0"),
+    ("--epochs", "1.5", "an integer, got '1.5'"), ("--train-ratio", "1.5", "a number in (0, 1]"),
+    ("--train-ratio", "0", "a number in (0, 1], got 0"), ("--drop-rate", "1", "a number in [0, 1), got 1"),
+    ("--warmup-steps", "-1", "an integer >= 0"), ("--grad-clip", "0", "a number > 0, got 0"),
+    ("--min-lr", "-1", "a number >= 0, got -1")])
+def test_bad_training_values_name_the_flag_and_value(data, tmp_path, capsys, flag, value, expect):
     args = [flag] if value is None else [flag, value]
-    line = one_line_error(capsys, "train", "--data", data, *TINY, *args, "--out", tmp_path / "r")
-    assert expect in line
+    rc, _, err = run_cli(capsys, "train", "--data", data, *TINY, *args, "--out", tmp_path / "r")
+    assert rc == 2 and f"argument {flag.split('=')[0]}: expected {expect}" in err
+
+
+def test_grad_accum_past_the_batch_gets_a_note(data, tmp_path, capsys):
+    rc, _, err = train_tiny(capsys, data, tmp_path / "r", "--max-steps", "1", "--grad-accum", "4")
+    assert rc == 0 and "--grad-accum 4 is more than the 2 windows of a batch" in err
 
 
 def test_a_stride_past_the_context_warns_that_text_is_skipped(data, tmp_path, capsys):

@@ -77,7 +77,7 @@ def _bad_inputs(tmp, verdict):
         (train + ["--data", str(empty)], "is empty"),
         (train + ["--data", str(short)], "tokens but needs at least 33"),
         (train + ["--data", str(verdict), "--n-heads", "3"], "divisible"),
-        (train + ["--data", str(verdict), "--drop-rate", "1.5"], "drop_rate"),
+        (train + ["--data", str(verdict), "--drop-rate", "1.5"], "--drop-rate"),
         (train + ["--data", str(verdict), "--preset", "gpt3"], "invalid choice"),
         (train + ["--data", str(verdict), "--device", "tpu"], "device"),
         (gen + ["--temperature", "-1"], "temperature"),

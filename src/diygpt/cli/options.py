@@ -21,13 +21,41 @@ def positive_int(text: str) -> int:
 
 def seed_int(text: str) -> int:
     """A seed torch takes: an integer in [-2**63, 2**64)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    value = _int(text)
     if not -(2**63) <= value < 2**64:
         raise argparse.ArgumentTypeError(f"expected an integer from -2**63 to 2**64-1, got {value}")
     return value
+
+
+def ranged(cast: type, low: float, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False):
+    """An argparse type: ``cast(text)``, finite, within the bounds the error names.
+
+    Checked here, not only in the config, so the error names the flag that was wrong.
+    """
+    kind = "an integer" if cast is int else "a number"
+    if high is None:
+        bounds = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        bounds = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str):
+        value = finite_float(text) if cast is float else _int(text)
+        inside = (value > low if low_open else value >= low) and (
+            high is None or (value < high if high_open else value <= high))
+        if not inside:
+            raise argparse.ArgumentTypeError(f"expected {kind} {bounds}, got {text}")
+        return value
+
+    parse.__name__ = f"{cast.__name__} {bounds}"  # argparse names the type in some errors
+    return parse
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def finite_float(text: str) -> float:

@@ -11,8 +11,8 @@ from pathlib import Path
 from diygpt.cli.options import (
     add_device_flags,
     build_config,
-    finite_float,
     positive_int,
+    ranged,
     seed_int,
 )
 from diygpt.cli.speed_flags import add_speed_flags, prepare_model, setup_training
@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="text file(s) or folder(s) of .txt files (UTF-8), or .bin token file(s) "
                    "from `diygpt prepare`; required unless --resume")
-    d.add_argument("--train-ratio", type=finite_float, default=0.9,
+    d.add_argument("--train-ratio", type=ranged(float, 0, 1, low_open=True), default=0.9,
                    help="fraction of characters (of tokens for .bin files) used for training, the "
                    "rest validates (default 0.9)")
     d.add_argument("--stride", type=positive_int, default=None,
@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="model shape (default book-124m, the seed's GPT_CONFIG_124M)")
     m.add_argument("--context-length", type=positive_int, default=None,
                    help="tokens per window and model context (default: the preset's)")
-    m.add_argument("--drop-rate", type=finite_float, default=None,
+    m.add_argument("--drop-rate", type=ranged(float, 0, 1, high_open=True), default=None,
                    help="dropout rate (default: the preset's)")
     m.add_argument("--attn", choices=ATTENTION_IMPLS, default=None,
                    help="attention: sdpa (fused, default) or eager (the book's math, bit-exact)")
@@ -64,18 +64,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--n-heads", type=positive_int, default=None, help="override the head count")
 
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=10, help="passes over the training windows (default 10)")
+    o.add_argument("--epochs", type=ranged(int, 0), default=10, help="passes over the training windows (default 10)")
     o.add_argument("--batch-size", type=positive_int, default=2,
                    help="windows per optimizer step: the global batch (default 2)")
-    o.add_argument("--lr", type=finite_float, default=4e-4, help="AdamW learning rate (default 0.0004)")
-    o.add_argument("--weight-decay", type=finite_float, default=0.1, help="AdamW weight decay (default 0.1)")
+    o.add_argument("--lr", type=ranged(float, 0, low_open=True), default=4e-4, help="AdamW learning rate (default 0.0004)")
+    o.add_argument("--weight-decay", type=ranged(float, 0), default=0.1, help="AdamW weight decay (default 0.1)")
     o.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many optimizer steps")
-    o.add_argument("--warmup-steps", type=int, default=0, help="linear LR warmup steps (default 0)")
+    o.add_argument("--warmup-steps", type=ranged(int, 0), default=0, help="linear LR warmup steps (default 0)")
     o.add_argument("--cosine", action="store_true",
                    help="decay the LR along a cosine to --min-lr over the run")
-    o.add_argument("--min-lr", type=finite_float, default=0.0, help="final LR with --cosine (default 0)")
-    o.add_argument("--grad-clip", type=finite_float, default=None,
+    o.add_argument("--min-lr", type=ranged(float, 0), default=0.0, help="final LR with --cosine (default 0)")
+    o.add_argument("--grad-clip", type=ranged(float, 0, low_open=True), default=None,
                    help="clip the global gradient norm to this value")
     o.add_argument("--grad-accum", type=positive_int, default=1,
                    help="split each batch into this many micro-batches (same result, less memory)")
@@ -228,10 +228,6 @@ def _train(args: argparse.Namespace, env, device) -> int:
                 f"{shlex.quote(str(args.out))}, or choose another --out"
             )
     cfg = build_config(args)
-    if args.lr <= 0:
-        raise ConfigError(f"--lr must be > 0, got {args.lr}")
-    if args.weight_decay < 0:
-        raise ConfigError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.fsdp and args.dtype == "fp16":
         raise ConfigError("--fsdp does not go with --dtype fp16 (each rank would judge overflow "
                           "on its own shard of the gradients); use --dtype bf16")
@@ -264,6 +260,9 @@ def _train(args: argparse.Namespace, env, device) -> int:
         warn(f"diygpt: warning: --stride {args.stride} is past the context length "
              f"{cfg.context_length}: {args.stride - cfg.context_length} of every {args.stride} "
              "tokens are never trained on")
+    if args.grad_accum > args.batch_size:
+        warn(f"diygpt: note: --grad-accum {args.grad_accum} is more than the {args.batch_size} "
+             f"windows of a batch; each step runs micro-batches of one window")
     for ids, split in ((data.train_ids, "the training split"), (data.val_ids, "the val split")):
         check_token_ids(ids, cfg.vocab_size, split)
     torch.manual_seed(args.seed)
