@@ -46,7 +46,8 @@ def torchrun_env() -> dict[str, str]:
     return env
 
 
-def torchrun(nproc: int, argv: list[str], cwd: Path, per_rank_dir: bool = False):
+def torchrun(nproc: int, argv: list[str], cwd: Path, per_rank_dir: bool = False,
+             timeout: float = 300):
     """``torchrun --standalone --nproc_per_node N -m diygpt ARGV``.
 
     With ``per_rank_dir`` each rank runs in its own ``rank<RANK>/`` folder under ``cwd``, so
@@ -59,7 +60,8 @@ def torchrun(nproc: int, argv: list[str], cwd: Path, per_rank_dir: bool = False)
         cmd = [*launcher, "--no-python", "sh", "-c", script, sys.executable, *argv]
     else:
         cmd = [*launcher, "-m", "diygpt", *argv]
-    return subprocess.run(cmd, cwd=cwd, env=torchrun_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=cwd, env=torchrun_env(), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def max_weight_diff(run_a: Path, run_b: Path) -> float:

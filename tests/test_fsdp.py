@@ -38,3 +38,17 @@ def test_fsdp_two_ranks_match_one_process_and_save_a_plain_run(verdict_path, tmp
     model = load_model(run0)
     assert unwrap_model(model) is model
     assert type(model).__name__ == "GPTModel"
+
+
+@pytest.mark.slow
+def test_fsdp_with_uneven_shares_and_grad_accum_does_not_hang(verdict_path, tmp_path,
+                                                               tmp_path_factory):
+    # A batch of 3 on 2 ranks is shares of 2 and 1: with --grad-accum 2 the rank with one row
+    # ran one micro-batch fewer, its FSDP collectives no longer matched, and the run hung.
+    uneven = ("--batch-size", "3")
+    reference = single_run(verdict_path, tmp_path_factory, *uneven)
+    result = torchrun(2, tiny_args(verdict_path, str(tmp_path / "run"), "--fsdp", *uneven),
+                      tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert max_weight_diff(tmp_path / "run", reference) < 1e-5
+    assert_same_losses(tmp_path / "run", reference)

@@ -204,14 +204,20 @@ class Parallel:
         precision = precision or Precision(device)
         xs, ys, weight = self._share(inputs, targets)  # (b, T) of the global (B, T)
         rows = xs.shape[0]
-        micro = list(zip(xs.chunk(grad_accum), ys.chunk(grad_accum), strict=True))
+        # The same number of micro-batches on every rank, even where shares differ (a batch
+        # of 3 on 2 ranks): under FSDP each one's forward and backward are collectives, and
+        # a rank running one fewer would leave the others waiting for good.
+        n_micro = min(grad_accum, -(-inputs.shape[0] // self.env.world_size))
         loss = torch.zeros((), device=device)
-        for i, (mx, my) in enumerate(micro):
+        for i, (mx, my) in enumerate(zip(xs.tensor_split(n_micro), ys.tensor_split(n_micro),
+                                         strict=True)):
+            scale = weight * mx.shape[0] / rows
+            if mx.shape[0] == 0:  # fewer rows here than micro-batches: one row, weighted 0
+                mx, my, scale = inputs[:1], targets[:1], 0.0
             # Only the last micro-batch all-reduces; the earlier ones accumulate locally.
-            with skip_grad_sync(model, skip=i < len(micro) - 1):
+            with skip_grad_sync(model, skip=i < n_micro - 1):
                 with precision.autocast():
-                    part = calc_loss_batch(mx, my, model, device, loss_fn)
-                    part = part * (weight * mx.shape[0] / rows)
+                    part = calc_loss_batch(mx, my, model, device, loss_fn) * scale
                 precision.backward(part)
             loss = loss + part.detach()
         return self.all_mean(loss)
