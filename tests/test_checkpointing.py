@@ -180,7 +180,23 @@ def test_resume_with_changed_data(run_copy, tmp_path, capsys, verdict_text):
     other = tmp_path / "other.txt"
     other.write_text(verdict_text[:1300])
     line = one_line_error(capsys, "train", "--resume", run_copy, "--data", other)
-    assert "conflicts" in line
+    assert "the training text changed since" in line
+
+
+def test_resume_with_the_data_moved(tmp_path, data, capsys):
+    corpus = tmp_path / "old" / "corpus.txt"
+    corpus.parent.mkdir()
+    shutil.copy(data, corpus)
+    assert train_tiny(capsys, corpus, tmp_path / "run", "--max-steps", "2",
+                      "--save-every", "1")[0] == 0
+    moved = tmp_path / "new" / "corpus.txt"
+    moved.parent.mkdir()
+    corpus.rename(moved)
+    line = one_line_error(capsys, "train", "--resume", tmp_path / "run")
+    assert "does not exist; if it moved, resume with --data NEW_PATH" in line
+    rc, _, err = run_cli(capsys, "train", "--resume", tmp_path / "run", "--data", moved,
+                         "--max-steps", "3")
+    assert rc == 0 and "resuming from" in err, err
 
 
 def test_resume_without_checkpoint(tmp_path, capsys):
@@ -318,3 +334,28 @@ def test_skip_policy_skips_the_bad_step(data, capsys, fused, monkeypatch):
     assert torch.equal(seen[1], seen[2]) and not torch.equal(seen[2], emb.detach())
     if fused:  # each step guarded on the device, the bad one not counted by AdamW
         assert guarded == [True] * 4 and trainer.optimizer.state[emb]["step"].item() == 3
+
+
+def test_switches_saved_on_can_be_turned_off_on_resume(tmp_path, data, capsys):
+    # Plain store_true flags came back from the checkpoint with no way to type them off.
+    assert train_tiny(capsys, data, tmp_path / "run", "--max-steps", "1", "--save-every", "1",
+                      "--low-memory", "--no-recompute", "--no-malloc-tuning")[0] == 0
+    rc, _, err = run_cli(capsys, "train", "--resume", tmp_path / "run", "--max-steps", "2",
+                         "--no-low-memory", "--recompute", "--malloc-tuning", "--progress")
+    assert rc == 0, err
+    state = json.loads((tmp_path / "run" / "state.json").read_text())["train_args"]
+    assert not state["low_memory"] and state["recompute"] and state["malloc_tuning"]
+
+
+def test_fsdp_is_restored_under_torchrun_only():
+    from diygpt.cli.main import build_parser
+    from diygpt.cli.resume_args import merge_resume_args
+
+    def merged(*typed: str, launched: bool) -> bool:
+        argv = ["train", "--resume", "r", *typed]
+        args = build_parser().parse_args(argv)
+        args.argv = argv
+        return merge_resume_args(args, {"fsdp": True}, args.parser, launched=launched).fsdp
+
+    assert merged(launched=True) and not merged("--no-fsdp", launched=True)
+    assert not merged(launched=False)

@@ -16,11 +16,12 @@ from diygpt.errors import CheckpointError, ConfigError
 # Flags that may differ from the checkpoint's: they do not change what is computed, they only
 # pick kernels (--compile-mode: a fresh machine need not autotune again; --fast-draws,
 # --fast-adamw and --fast-gelu: the same numbers either way), or they only lengthen the run
-# (--epochs and --max-steps, which also stretch a cosine schedule).
+# (--epochs and --max-steps, which also stretch a cosine schedule). --data may name a moved
+# copy: the text itself is checked against the checkpoint's sha256.
 CHANGEABLE = frozenset({
     "resume", "device", "tokenizer_dir", "progress", "save_every", "keep_last", "nan_policy",
     "epochs", "max_steps", "fsdp", "optim_in_backward", "low_memory", "malloc_tuning",
-    "recompute", "trim_heap", "compile_mode", "fast_draws", "fast_adamw", "fast_gelu",
+    "recompute", "trim_heap", "compile_mode", "fast_draws", "fast_adamw", "fast_gelu", "data",
 })
 NOT_SETTINGS = ("func", "argv", "parser")  # namespace entries that are not training settings
 
@@ -45,22 +46,20 @@ def _flag(parser: argparse.ArgumentParser, dest: str) -> str:
     return dest
 
 
-def _same(dest: str, given: object, saved: object) -> bool:
-    if dest == "data" and given and saved:
-        return [str(Path(p).resolve()) for p in given] == [str(Path(p).resolve()) for p in saved]
-    return given == saved
-
-
 def merge_resume_args(
-    args: argparse.Namespace, saved: dict, parser: argparse.ArgumentParser
+    args: argparse.Namespace, saved: dict, parser: argparse.ArgumentParser,
+    launched: bool = True,
 ) -> argparse.Namespace:
-    """The checkpoint's training settings, with the allowed command-line changes applied."""
+    """The checkpoint's training settings, with the allowed command-line changes applied.
+
+    ``launched``: under torchrun. A single process resumes an FSDP run unsharded.
+    """
     if not isinstance(saved, dict):
         raise CheckpointError(f"{args.resume}: state.json has no training settings (train_args)")
     argv = list(getattr(args, "argv", []))
     typed = explicit_dests(parser, argv[argv.index("train") + 1 :] if "train" in argv else [])
     for dest in sorted(typed - CHANGEABLE - {"out"}):
-        if dest in saved and not _same(dest, getattr(args, dest), saved[dest]):
+        if dest in saved and getattr(args, dest) != saved[dest]:
             raise ConfigError(
                 f"{_flag(parser, dest)} {getattr(args, dest)} conflicts with the checkpoint's "
                 f"{saved[dest]}; drop the flag to resume, or start a new run with another --out"
@@ -73,6 +72,8 @@ def merge_resume_args(
         # Saved before --no-trim-heap existed, False only meant the flag was not given: so
         # today's default (on for the CPU uncompiled) applies.
         merged["trim_heap"] = None
+    if not launched and "fsdp" not in typed:
+        merged["fsdp"] = False
     merged.update({k: getattr(args, k) for k in typed & CHANGEABLE})
     merged["resume"], merged["out"] = args.resume, str(args.resume)
     return argparse.Namespace(**merged)

@@ -89,8 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--sample-prompt", default="Every effort moves you",
                    help='start of the greedy sample printed after each epoch ("" for none)')
     e.add_argument("--out", default="runs/train", help="run folder (default runs/train)")
-    e.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar on stderr")
+    e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="a progress bar on stderr (default: on)")
     c = p.add_argument_group("checkpoints and resume")
     c.add_argument("--save-every", type=positive_int, default=None, metavar="N",
                    help="save a checkpoint RUN/ckpt-<step> every N steps, atomically, and at "
@@ -100,8 +100,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--resume", metavar="RUN", default=None,
                    help="continue RUN from its last complete checkpoint, exactly, with its "
                    "saved settings; the device, run length, checkpoint and progress flags, "
-                   "--tokenizer-dir, --fsdp, --compile-mode and the memory and exact speed-up "
-                   "flags may change (docs/checkpoints.md)")
+                   "--data (a moved copy of the same text), --tokenizer-dir, --fsdp, "
+                   "--compile-mode and the memory and exact speed-up flags may change "
+                   "(docs/checkpoints.md)")
     c.add_argument("--nan-policy", choices=["stop", "skip"], default="stop",
                    help="on a non-finite loss or gradient norm: stop with an error (default) "
                    "or skip that step")
@@ -130,16 +131,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "Default: on for the CPU; "
                      "ignored with --grad-clip, --grad-accum, fp16, --compile, torchrun or "
                      "--nan-policy skip")
-    mem.add_argument("--low-memory", action="store_true",
+    mem.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=False,
                      help="recompute each block's activations during backward instead of keeping "
                      "them, step AdamW inside backward on any device, and trim glibc's heap "
                      "twice a step: same numbers, about a quarter slower")
-    mem.add_argument("--no-recompute", dest="recompute", action="store_false",
-                     help="keep LayerNorm's and GELU's outputs and attention's dropped weights "
+    mem.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
+                     help="with --no-recompute, keep LayerNorm's and GELU's outputs and attention's dropped weights "
                      "for backward instead of recomputing them there from what is kept anyway "
                      "(CPU): about 180-200 MB more for book-124m, at the same speed")
-    mem.add_argument("--no-malloc-tuning", dest="malloc_tuning", action="store_false",
-                     help="leave glibc's allocator alone; by default AdamW's moments get "
+    mem.add_argument("--malloc-tuning", action=argparse.BooleanOptionalAction, default=True,
+                     help="with --no-malloc-tuning, leave glibc's allocator alone; by default AdamW's moments get "
                      "mappings of their own, apart from the activations, and on the CPU "
                      "either the heap's free pages are handed back during a step (--trim-heap, "
                      "the default uncompiled, or --low-memory) or, without trimming, blocks of "
@@ -152,9 +153,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "under 3000 MiB (--low-memory does it too)")
     add_speed_flags(p)
     add_device_flags(p)
-    p.add_argument("--fsdp", action="store_true",
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False,
                    help="under torchrun, shard weights, gradients and optimizer state across "
-                   "ranks (FSDP2) instead of replicating them (DDP); see docs/distributed.md")
+                   "ranks (FSDP2) instead of replicating them (DDP); see docs/distributed.md. "
+                   "A resumed FSDP run stays sharded under torchrun unless --no-fsdp; one "
+                   "process resumes it unsharded")
     # `--resume` needs the parser to tell which flags the user typed.
     p.set_defaults(func=run, parser=p)
 
@@ -212,7 +215,11 @@ def _train(args: argparse.Namespace, env, device) -> int:
     ckpt = None
     if args.resume:
         ckpt = read_training_checkpoint(find_resume_checkpoint(args.resume))
-        args = merge_resume_args(args, ckpt.state.get("train_args"), args.parser)
+        args = merge_resume_args(args, ckpt.state.get("train_args"), args.parser,
+                                 launched=env.launched)
+        if missing := [p for p in args.data or [] if not Path(p).exists()]:
+            raise DataError(f"the run's data {missing[0]} does not exist; if it moved, resume "
+                            "with --data NEW_PATH (the text must be the same)")
     elif not args.data:
         raise ConfigError("--data is required (or --resume RUN to continue a run)")
     else:
