@@ -209,15 +209,35 @@ def test_fresh_run_into_a_folder_with_checkpoints(run_copy, data, capsys):
     assert rc == 2 and "--resume" in err
 
 
-def test_fresh_run_into_a_folder_holding_a_finished_run(data, tmp_path, capsys):
-    # No --save-every: the run leaves no ckpt-*, only its final files; a second fresh run
-    # there would overwrite them and append to its metrics.jsonl.
+def test_a_finished_run_without_save_every_can_be_extended(data, tmp_path, capsys):
+    # The run ends with a checkpoint even without --save-every (its weights and optimizer
+    # state are links, not a second copy): a second fresh run there is refused, and
+    # --resume extends it as if it had never stopped.
     out = tmp_path / "a run"
     assert train_tiny(capsys, data, out, "--max-steps", "2")[0] == 0
     before = (out / "model.safetensors").read_bytes()
     line = one_line_error(capsys, "train", "--data", data, "--out", out, "--preset", "tiny")
-    assert "already holds a run; continue it with --resume" in line and f"'{out}'" in line
+    assert "already holds checkpoints; continue it with --resume" in line and f"'{out}'" in line
     assert (out / "model.safetensors").read_bytes() == before
+    ckpt = out / (out / "latest").read_text().strip()
+    assert (out / "optimizer.pt").stat().st_ino == (ckpt / "optimizer.pt").stat().st_ino
+    assert run_cli(capsys, "train", "--resume", out, "--max-steps", "4")[0] == 0
+    assert train_tiny(capsys, data, tmp_path / "straight", "--max-steps", "4")[0] == 0
+    assert (out / "model.safetensors").read_bytes() == (
+        tmp_path / "straight" / "model.safetensors").read_bytes()
+
+
+def test_resuming_after_an_epochs_end_does_not_end_it_again(data, tmp_path, capsys):
+    # The final checkpoint comes after the epoch's sample; a resume printed it again.
+    args = ("--sample-prompt", "Every effort", "--train-ratio", "0.5")
+    assert train_tiny(capsys, data, tmp_path / "one", "--epochs", "1", *args)[0] == 0
+    rc, out, _ = run_cli(capsys, "train", "--resume", tmp_path / "one", "--epochs", "2")
+    assert rc == 0 and out.count("Every effort") == 1
+    assert train_tiny(capsys, data, tmp_path / "two", "--epochs", "2", *args)[0] == 0
+    assert (tmp_path / "one" / "metrics.jsonl").read_text() == (
+        tmp_path / "two" / "metrics.jsonl").read_text()
+    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (
+        tmp_path / "two" / "model.safetensors").read_bytes()
 
 
 def test_a_resumed_run_ends_with_a_checkpoint_so_the_next_resume_goes_on_from_it(data, tmp_path,

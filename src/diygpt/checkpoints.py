@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diygpt.checkpointing import atomic_write, write_json
+from diygpt.checkpointing import atomic_write, link_or_copy, write_json
 from diygpt.config import GPTConfig
 from diygpt.errors import CheckpointError, ConfigError
 
@@ -189,6 +189,18 @@ def save_run(
     cfg = unwrap_model(model).cfg
     payload = {"config": cfg.to_dict(), **state}
     write_json(out / STATE_FILE, payload)
+    return out
+
+
+def save_run_links(
+    out_dir: str | os.PathLike, checkpoint: Path, cfg: GPTConfig, state: dict[str, Any]
+) -> Path:
+    """:func:`save_run` for a run whose final state is ``checkpoint``: its weights and
+    optimizer state are hard-linked into the run folder (copied where links fail)."""
+    out = Path(out_dir)
+    for name in (MODEL_FILE, OPTIMIZER_FILE):
+        link_or_copy(checkpoint / name, out / name)
+    write_json(out / STATE_FILE, {"config": cfg.to_dict(), **state})
     return out
 
 

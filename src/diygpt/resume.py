@@ -101,7 +101,7 @@ class ResumePoint:
     epoch: int
     batch: int
     epoch_rng: RngState
-    step_rng: RngState
+    step_rng: RngState | None  # None: the point is an epoch's start, before any batch
 
 
 def _split_rng(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from diygpt.checkpointing import check_writable
-from diygpt.checkpoints import load_into, save_run, unwrap_model
+from diygpt.checkpoints import load_into, save_run, save_run_links, unwrap_model
 from diygpt.errors import CheckpointError, TrainingError
 from diygpt.evaluation import evaluate_model, format_eval_line, sample_text
 from diygpt.losses import LossFn, calc_loss_batch, token_cross_entropy
@@ -84,6 +84,9 @@ class Trainer:
         self._resume_point: ResumePoint | None = None
         self.last_checkpoint: Path | None = None
         self._saved_step: int | None = None
+        # This epoch ran out of batches and its end (the sample) is done: a checkpoint taken
+        # now resumes at the next epoch rather than ending this one again.
+        self._epoch_finished = False
         self._stop = StopRequest()
         # Under torchrun (see distributed.py): how batches split across ranks, and who writes.
         self.parallel = parallel
@@ -217,8 +220,10 @@ class Trainer:
                     self.model.train()
                     if self.parallel is not None:
                         self.parallel.sync_rng()
+                    finished = True
                     for input_batch, target_batch in self._epoch_batches():
                         if c.max_steps is not None and h.global_step + 1 >= c.max_steps:
+                            finished = False
                             break
                         lr = self._set_lr(h.global_step + 1)
                         if self.meter is not None:
@@ -239,13 +244,13 @@ class Trainer:
                         self._after_step()
                     h.epochs_done = epoch + 1
                     self._end_of_epoch(epoch)
+                    self._epoch_finished = finished
                     if c.max_steps is not None and h.global_step + 1 >= c.max_steps:
                         break
-                # The final state, so the run can be extended: also for a resumed run, whose
-                # next resume would otherwise go back to the older checkpoint and overwrite
-                # the newer final weights.
-                resumable = c.save_every is not None or self.last_checkpoint is not None
-                if resumable and h.global_step >= 0:
+                # The final state, so that `--resume` can extend any run (the run folder's
+                # weights and optimizer state are links to it, not a second copy), and so
+                # that a resumed run's next resume does not go back to an older checkpoint.
+                if c.out_dir is not None and h.global_step >= 0:
                     self.save_checkpoint()
         finally:
             self._bar.close()
@@ -265,9 +270,10 @@ class Trainer:
         if point is not None:
             restore_rng(point.epoch_rng, self._loader_generator)
         self._epoch_rng = capture_rng(self._loader_generator)
+        self._epoch_finished = False
         batches = iter(self.train_loader)
         self.batch_in_epoch = 0
-        if point is not None:
+        if point is not None and point.step_rng is not None:  # None: at the epoch's start
             skip_batches(batches, point.batch)
             self.batch_in_epoch = point.batch
             restore_rng(point.step_rng, self._loader_generator)
@@ -305,7 +311,8 @@ class Trainer:
             self.epoch, self.batch_in_epoch, self._epoch_rng,
             capture_rng(self._loader_generator),
         )
-        state = {"config": unwrap_model(self.model).cfg.to_dict(), **self.training_state()}
+        state = {"config": unwrap_model(self.model).cfg.to_dict(), **self.training_state(),
+                 "epoch_finished": self._epoch_finished}
         if self.precision.scaler is not None:  # fp16: its loss scale, so resume is exact
             state["grad_scaler"] = self.precision.scaler.state_dict()
         self.last_checkpoint = write_training_checkpoint(
@@ -330,8 +337,13 @@ class Trainer:
                 self.precision.scaler.load_state_dict(state["grad_scaler"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{ckpt.folder}: damaged training state ({exc})") from None
-        self.epoch = ckpt.point.epoch
-        self._resume_point = ckpt.point
+        point = ckpt.point
+        if state.get("epoch_finished"):
+            # Taken after the epoch's last batch and its sample: go on with the next epoch,
+            # from the RNG state the next epoch would have started with.
+            point = ResumePoint(point.epoch + 1, 0, point.step_rng, None)
+        self.epoch = point.epoch
+        self._resume_point = point
         self.last_checkpoint, self._saved_step = ckpt.folder, h.global_step
         # Drop metrics written after the checkpoint by the run that was killed.
         metrics = Path(self.cfg.out_dir or ".") / "metrics.jsonl"
@@ -377,7 +389,10 @@ class Trainer:
         c, h = self.cfg, self.history
         if c.out_dir is None:
             return
-        model, optimizer = self._full_model_and_optimizer()
+        # The final checkpoint (the same step on every rank) holds the weights and optimizer
+        # state already: no second gather under FSDP, and links rather than new files.
+        linked = self._saved_step == h.global_step
+        model, optimizer = (None, None) if linked else self._full_model_and_optimizer()
         if not self.is_main:
             return
         if h.train_losses:
@@ -395,7 +410,10 @@ class Trainer:
             "tokens_seen": h.tokens_seen,
             "epochs_done": h.epochs_done,
         }
-        save_run(c.out_dir, model, optimizer, state)
+        if linked:
+            save_run_links(c.out_dir, self.last_checkpoint, unwrap_model(self.model).cfg, state)
+        else:
+            save_run(c.out_dir, model, optimizer, state)
 
     def _full_model_and_optimizer(self) -> tuple[nn.Module, torch.optim.Optimizer]:
         """The whole state for saving; under FSDP a collective that every rank must join."""
