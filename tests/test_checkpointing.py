@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import pickle
 import shutil
@@ -379,3 +380,14 @@ def test_fsdp_is_restored_under_torchrun_only():
 
     assert merged(launched=True) and not merged("--no-fsdp", launched=True)
     assert not merged(launched=False)
+
+
+def test_a_fresh_run_starts_its_own_metrics(data, tmp_path, capsys):
+    # A run that died before its first checkpoint leaves only metrics.jsonl; the next fresh
+    # run there appended to it, mixing two runs in one file.
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 0, "train_loss": NaN}\n')
+    assert train_tiny(capsys, data, out, "--max-steps", "2")[0] == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 0 and all(math.isfinite(r["train_loss"]) for r in records)

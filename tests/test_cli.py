@@ -142,3 +142,11 @@ def test_cli_says_in_one_line_when_a_kernel_is_unavailable(module, says, data, t
     rc, _, err = train_tiny(capsys, data, tmp_path / "run", "--max-steps", "1")
     assert rc == 0, err
     assert f"{says}: no C compiler found (set CC)" in err
+
+
+def test_an_error_on_another_rank_names_it(monkeypatch, tmp_path, capsys):
+    from cli_helpers import run_cli
+
+    monkeypatch.setenv("RANK", "1")
+    rc, _, err = run_cli(capsys, "train", "--data", tmp_path / "missing.txt")
+    assert rc == 2 and err.startswith("diygpt: error (rank 1): data file") and err.count("\n") == 1

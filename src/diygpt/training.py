@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from diygpt.checkpointing import check_writable
+from diygpt.checkpointing import check_writable, ckpt_name
 from diygpt.checkpoints import load_into, save_run, save_run_links, unwrap_model
 from diygpt.errors import CheckpointError, TrainingError
 from diygpt.evaluation import evaluate_model, format_eval_line, sample_text
@@ -188,7 +188,8 @@ class Trainer:
             else f"non-finite gradient norm ({grad_norm.item()})"
         )
         if self.cfg.nan_policy == "skip":
-            print(f"diygpt: warning: {what} at step {step}; step skipped", file=sys.stderr)
+            if self.is_main:  # every rank skips the step; one says so
+                print(f"diygpt: warning: {what} at step {step}; step skipped", file=sys.stderr)
             return
         kept = (
             f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
@@ -206,6 +207,9 @@ class Trainer:
         c, h = self.cfg, self.history
         if c.out_dir is not None and self.is_main:
             check_writable(c.out_dir)
+            if self._resume_point is None:
+                # A fresh run: not after the lines of one that died before its first save.
+                (Path(c.out_dir) / "metrics.jsonl").unlink(missing_ok=True)
         self._bar = tqdm(
             total=self.total_steps(), initial=h.global_step + 1, desc="train", unit="step",
             file=sys.stderr, disable=None if c.progress and self.is_main else True,
@@ -305,7 +309,9 @@ class Trainer:
             return self.last_checkpoint
         model, optimizer = self._full_model_and_optimizer()
         if not self.is_main:
+            # Rank 0 writes it; the others know its name, for their messages.
             self._saved_step = step
+            self.last_checkpoint = Path(self.cfg.out_dir) / ckpt_name(step)
             return None
         point = ResumePoint(
             self.epoch, self.batch_in_epoch, self._epoch_rng,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -42,7 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except DiygptError as exc:
-        print(f"{_PROG}: error: {exc}", file=sys.stderr)
+        # Under torchrun each rank that meets an error says so; the others name their rank.
+        rank = os.environ.get("RANK", "0")
+        tag = "" if rank == "0" else f" (rank {rank})"
+        print(f"{_PROG}: error{tag}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{_PROG}: interrupted", file=sys.stderr)
