@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--epochs", type=ranged(int, 0), default=10, help="passes over the training windows (default 10)")
     o.add_argument("--batch-size", type=positive_int, default=2,
                    help="windows per optimizer step: the global batch (default 2)")
-    o.add_argument("--lr", type=ranged(float, 0, low_open=True), default=4e-4, help="AdamW learning rate (default 0.0004)")
+    o.add_argument("--lr", type=ranged(float, 0, 1e6, low_open=True), default=4e-4, help="AdamW learning rate (default 0.0004)")
     o.add_argument("--weight-decay", type=ranged(float, 0), default=0.1, help="AdamW weight decay (default 0.1)")
     o.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many optimizer steps")
