@@ -2,8 +2,8 @@
 
     PYTHONPATH=src python bench/load_memory.py [--preset gpt2-medium] [--dir /tmp/x]
 
-Writes random weights in every format to a temporary folder (OpenAI's TF bundle with the
-minimal writer below, which the committed TF-written fixtures vouch for the reader of),
+Writes random weights in every format to a temporary folder (OpenAI's TF bundle with
+diygpt.pretrained.tf_checkpoint.write_tf_bundle; the TF-written fixtures vouch for its reader),
 then loads each in a fresh subprocess and reports the peak resident memory above the
 baseline after imports: right after loading, and after one forward pass plus a
 read of every weight (memory-mapped weights only count once read). The last row is the
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import struct
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from safetensors.torch import save_file
 from diygpt.config import get_preset
 from diygpt.pretrained import load_pretrained
 from diygpt.pretrained.assemble import meta_model
+from diygpt.pretrained.tf_checkpoint import write_tf_bundle
 
 _CHILD = r"""
 import resource, sys, torch
@@ -59,51 +59,6 @@ with torch.no_grad():
 unique = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
 print(sum(unique.values()) / 2**20, loaded - base, rss() - base)
 """
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def _field(num: int, value: int | bytes) -> bytes:
-    if isinstance(value, bytes):
-        return _varint(num << 3 | 2) + _varint(len(value)) + value
-    return _varint(num << 3) + _varint(value)
-
-
-def _block(entries: list[tuple[bytes, bytes]]) -> bytes:
-    body = b"".join(_varint(0) + _varint(len(k)) + _varint(len(v)) + k + v for k, v in entries)
-    return body + struct.pack("<II", 0, 1)
-
-
-def write_tf_bundle(prefix: Path, tensors: dict[str, np.ndarray]) -> None:
-    """A minimal TF tensor bundle: one data shard, one-block uncompressed SSTable index."""
-    entries = [(b"", _field(1, 1) + _field(3, _field(1, 1)))]  # header: 1 shard, version
-    offset = 0
-    with open(f"{prefix}.data-00000-of-00001", "wb") as data:
-        for name in sorted(tensors):
-            arr = np.ascontiguousarray(tensors[name], dtype="<f4")
-            shape = b"".join(_field(2, _field(1, d)) for d in arr.shape)
-            entry = _field(1, 1) + _field(2, shape) + _field(4, offset) + _field(5, arr.nbytes)
-            entries.append((name.encode(), entry))
-            data.write(arr.tobytes())
-            offset += arr.nbytes
-    data_block = _block(entries)
-    meta_block = _block([])
-    trailer = b"\0" * 5
-    out = data_block + trailer
-    meta_handle = _varint(len(out)) + _varint(len(meta_block))
-    out += meta_block + trailer
-    index_block = _block([(entries[-1][0], _varint(0) + _varint(len(data_block)))])
-    index_handle = _varint(len(out)) + _varint(len(index_block))
-    out += index_block + trailer
-    footer = (meta_handle + index_handle).ljust(40, b"\0") + struct.pack("<Q", 0xDB4775248B80FB57)
-    Path(f"{prefix}.index").write_bytes(out + footer)
 
 
 def random_openai(preset: str) -> tuple[dict[str, np.ndarray], dict[str, int]]:

@@ -161,52 +161,23 @@ def test_cli_pretrained_name_ignores_a_folder_of_that_name_here(tmp_path, monkey
     assert rc == 0, err
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def _sstable_block(entries: list[tuple[bytes, bytes]], restart_every: int) -> bytes:
-    """LevelDB's block layout: keys share a prefix with the previous one between restarts."""
-    block, restarts, prev = bytearray(), [], b""
-    for i, (key, value) in enumerate(entries):
-        shared = 0
-        if i % restart_every == 0:
-            restarts.append(len(block))
-        else:
-            while shared < min(len(prev), len(key)) and prev[shared] == key[shared]:
-                shared += 1
-        block += _varint(shared) + _varint(len(key) - shared) + _varint(len(value))
-        block += key[shared:] + value
-        prev = key
-    return bytes(block) + b"".join(r.to_bytes(4, "little") for r in restarts) + len(
-        restarts).to_bytes(4, "little")
-
 
 def test_an_index_of_several_blocks_reads_the_same(tmp_path, hf_logits):
     # The fixture's index (written by TensorFlow) is one block; a larger checkpoint's has
-    # several, listed by the index block. Rewrite it as blocks of 5 entries and load again.
-    from diygpt.pretrained.tf_checkpoint import read_index
+    # several, listed by the index block. Write the fixture's tensors with blocks of 5
+    # entries (prefix-compressed keys, restarts) and load them again.
+    from diygpt.pretrained.tf_checkpoint import open_tf_checkpoint, read_index, write_tf_bundle
 
+    source = open_tf_checkpoint(OPENAI_DIR / "model.ckpt")
+    tensors = {name: source.get(name).numpy() for name in source.names()}
     folder = tmp_path / "124M"
-    shutil.copytree(OPENAI_DIR, folder)
-    table = sorted(read_index(folder / "model.ckpt.index").items())
-    data, index = bytearray(), []
-    for start in range(0, len(table), 5):
-        block = _sstable_block(table[start:start + 5], restart_every=3)
-        index.append((table[min(start + 4, len(table) - 1)][0], _varint(len(data)) +
-                      _varint(len(block))))
-        data += block + b"\0" * 5  # trailer: no compression, crc (not checked)
-    handles = []
-    for block in (_sstable_block([], 1), _sstable_block(index, 1)):  # metaindex, index
-        handles.append(_varint(len(data)) + _varint(len(block)))
-        data += block + b"\0" * 5
-    footer = b"".join(handles).ljust(40, b"\0") + (0xDB4775248B80FB57).to_bytes(8, "little")
-    (folder / "model.ckpt.index").write_bytes(bytes(data) + footer)
-    assert len(index) > 3 and sorted(read_index(folder / "model.ckpt.index").items()) == table
+    folder.mkdir()
+    for name in ("checkpoint", "hparams.json"):
+        shutil.copy(OPENAI_DIR / name, folder / name)
+    write_tf_bundle(folder / "model.ckpt", tensors, block_entries=5)
+    assert read_index(folder / "model.ckpt.index").keys() == read_index(
+        OPENAI_DIR / "model.ckpt.index").keys()
+    assert (folder / "model.ckpt.index").read_bytes().count(b"model/h1/mlp") < len(
+        [n for n in tensors if n.startswith("model/h1/mlp")])  # keys share prefixes
     with torch.no_grad():
         torch.testing.assert_close(load_pretrained(folder)(IDS), hf_logits, rtol=0, atol=1e-5)

@@ -6,6 +6,8 @@ The index is a LevelDB-style SSTable mapping each tensor name to a ``BundleEntry
 the table and the protobuf varints by hand so that loading OpenAI's GPT-2 release needs
 neither TensorFlow nor protobuf; the tensor bytes are then memory-mapped from the shard.
 Checksums (crc32c) are not verified: that would read every byte in pure Python. Sizes are.
+
+:func:`write_tf_bundle` is the inverse, for test fixtures and benchmarks of any size.
 """
 
 from __future__ import annotations
@@ -174,3 +176,71 @@ def open_tf_checkpoint(prefix: Path | str) -> MemmapSource:
             f"{index}: not a readable TensorFlow checkpoint index ({exc})"
         ) from None
     return MemmapSource(index, spans)
+
+
+# -- writing -----------------------------------------------------------------------------------
+def _put_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _put_field(num: int, value: int | bytes) -> bytes:
+    if isinstance(value, bytes):
+        return _put_varint(num << 3 | 2) + _put_varint(len(value)) + value
+    return _put_varint(num << 3) + _put_varint(value)
+
+
+def _put_block(entries: list[tuple[bytes, bytes]], restart_every: int = 1) -> bytes:
+    """An SSTable block; between restart points a key keeps the prefix it shares with the
+    one before it (the reader's prefix decompression)."""
+    block, restarts, prev = bytearray(), [], b""
+    for i, (key, value) in enumerate(entries):
+        shared = 0
+        if i % restart_every == 0:
+            restarts.append(len(block))
+        else:
+            while shared < min(len(prev), len(key)) and prev[shared] == key[shared]:
+                shared += 1
+        block += _put_varint(shared) + _put_varint(len(key) - shared) + _put_varint(len(value))
+        block += key[shared:] + value
+        prev = key
+    return bytes(block) + struct.pack(f"<{len(restarts) + 1}I", *restarts, len(restarts))
+
+
+def write_tf_bundle(prefix: Path | str, tensors: dict[str, np.ndarray],
+                    block_entries: int | None = None) -> None:
+    """Write ``tensors`` as a TF checkpoint ``prefix`` (one data shard, uncompressed index).
+
+    ``block_entries`` splits the index into data blocks of that many entries (prefix-
+    compressed, a restart every 3), as a large checkpoint's is; default: one block.
+    """
+    dtype_ids = {dtype: i for i, dtype in _TF_DTYPES.items() if i != 14}
+    entries = [(b"", _put_field(1, 1) + _put_field(3, _put_field(1, 1)))]  # 1 shard, version
+    offset = 0
+    with open(f"{prefix}.data-00000-of-00001", "wb") as data:
+        for name in sorted(tensors):
+            arr = np.ascontiguousarray(tensors[name])
+            arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+            shape = b"".join(_put_field(2, _put_field(1, d)) for d in arr.shape)
+            entries.append((name.encode(), _put_field(1, dtype_ids[arr.dtype]) + _put_field(
+                2, shape) + _put_field(4, offset) + _put_field(5, arr.nbytes)))
+            data.write(arr.tobytes())
+            offset += arr.nbytes
+    per_block = block_entries or len(entries)
+    trailer = b"\0" * 5  # compression type 0 (none), crc32c (not checked)
+    out, index = bytearray(), []
+    for start in range(0, len(entries), per_block):
+        chunk = entries[start : start + per_block]
+        block = _put_block(chunk, restart_every=3)
+        index.append((chunk[-1][0], _put_varint(len(out)) + _put_varint(len(block))))
+        out += block + trailer
+    handles = b""
+    for block in (_put_block([]), _put_block(index)):  # the metaindex, then the index
+        handles += _put_varint(len(out)) + _put_varint(len(block))
+        out += block + trailer
+    footer = handles.ljust(_FOOTER_SIZE - 8, b"\0") + struct.pack("<Q", _TABLE_MAGIC)
+    Path(f"{prefix}.index").write_bytes(bytes(out) + footer)
