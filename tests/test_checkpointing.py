@@ -16,6 +16,7 @@ import torch
 from cli_helpers import one_line_error, run_cli, train_tiny
 
 from diygpt.checkpointing import (
+    atomic_write,
     atomic_write_text,
     latest_checkpoint,
     list_checkpoints,
@@ -226,6 +227,20 @@ def test_a_finished_run_without_save_every_can_be_extended(data, tmp_path, capsy
     assert train_tiny(capsys, data, tmp_path / "straight", "--max-steps", "4")[0] == 0
     assert (out / "model.safetensors").read_bytes() == (
         tmp_path / "straight" / "model.safetensors").read_bytes()
+    assert run_cli(capsys, "train", "--resume", out)[0] == 0  # nothing left to do
+    assert not list(out.glob(".*")), list(out.glob(".*"))  # no temp name left behind
+
+
+def test_a_stale_temp_name_is_never_written_through(tmp_path):
+    # A crash can leave `.NAME.tmp-PID` as a hard link to a kept checkpoint's file; a later
+    # process with the same PID (usual in containers) wrote through it into that file.
+    kept = tmp_path / "ckpt-000001" / "model.safetensors"
+    kept.parent.mkdir()
+    kept.write_bytes(b"step 1 weights")
+    os.link(kept, tmp_path / f".model.safetensors.tmp-{os.getpid()}")
+    atomic_write(tmp_path / "model.safetensors", lambda t: t.write_bytes(b"step 2 weights"))
+    assert kept.read_bytes() == b"step 1 weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000001", "model.safetensors"]
 
 
 def test_resuming_after_an_epochs_end_does_not_end_it_again(data, tmp_path, capsys):
@@ -391,3 +406,25 @@ def test_a_fresh_run_starts_its_own_metrics(data, tmp_path, capsys):
     assert train_tiny(capsys, data, out, "--max-steps", "2")[0] == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["step"] == 0 and all(math.isfinite(r["train_loss"]) for r in records)
+
+
+def test_a_run_with_no_checkpoint_is_not_offered_for_resume(data, tmp_path, capsys):
+    # --epochs 0 saves the untrained model and no checkpoint: "continue it with --resume"
+    # led to "no checkpoint to resume from".
+    out = tmp_path / "r"
+    assert train_tiny(capsys, data, out, "--epochs", "0")[0] == 0
+    line = one_line_error(capsys, "train", "--data", data, "--out", out, "--preset", "tiny")
+    assert "holds a run with no checkpoint to resume; choose another --out" in line
+
+
+def test_resuming_a_run_that_reached_max_steps_at_an_epochs_end_adds_no_epoch(data, tmp_path,
+                                                                               capsys):
+    args = ("--sample-prompt", "Every effort", "--train-ratio", "0.5")
+    assert train_tiny(capsys, data, tmp_path / "r", "--epochs", "1", *args)[0] == 0
+    steps = json.loads((tmp_path / "r" / "state.json").read_text())["global_step"] + 1
+    before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    rc, out, _ = run_cli(capsys, "train", "--resume", tmp_path / "r", "--epochs", "3",
+                         "--max-steps", str(steps))
+    assert rc == 0 and "Every effort" not in out
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
+    assert json.loads((tmp_path / "r" / "state.json").read_text())["epochs_done"] == 1

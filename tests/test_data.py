@@ -155,3 +155,12 @@ def test_a_file_given_twice_is_refused(tmp_path):
     for twice in ([tmp_path / "a.txt", tmp_path / "a.txt"], [tmp_path, tmp_path / "a.txt"]):
         with pytest.raises(DataError, match="given twice"):
             read_text(twice)
+
+
+def test_a_folder_named_like_a_token_file_is_refused(tmp_path, tokenizer):
+    from diygpt.data import load_training_data
+
+    (tmp_path / "x.bin").mkdir()
+    (tmp_path / "x.bin" / "a.txt").write_text("text, not token ids")
+    with pytest.raises(DataError, match="is a folder, not a token file"):
+        load_training_data([tmp_path / "x.bin"], tokenizer)

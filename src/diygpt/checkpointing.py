@@ -85,6 +85,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        # A name left by a crash may be a hard link to a kept checkpoint's file: writing
+        # through it would change that file, so it goes first.
+        tmp.unlink(missing_ok=True)
         write(tmp)
         # A plain file's mode under the umask: safetensors' writer makes its files 0600,
         # which hid a run's weights from the other users of a shared runs/ folder.
@@ -93,6 +96,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
             os.fsync(f.fileno())
         _kill_hook()
         os.replace(tmp, path)
+        # rename() of two names of one file does nothing and leaves both.
+        tmp.unlink(missing_ok=True)
         _fsync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -212,6 +217,8 @@ def prune(run_dir: Path, keep_last: int, keep: Path) -> None:
 
 def link_or_copy(src: Path, dst: Path) -> None:
     """Put ``src``'s bytes at ``dst`` atomically: a hard link (no extra disk) or else a copy."""
+    if dst.exists() and os.path.samefile(src, dst):
+        return
 
     def write(tmp: Path) -> None:
         try:

@@ -38,12 +38,16 @@ def _expand(paths: PathLike | Sequence[PathLike]) -> list[Path]:
             raise DataError(f"data file {p} does not exist")
     if not files:
         raise DataError("no data files given")
+    _refuse_twice(files)
+    return files
+
+
+def _refuse_twice(files: Sequence[Path]) -> None:
+    # Read twice, a file would put copies of its text in both the train and val splits.
     seen: dict[Path, Path] = {}
     for f in files:
-        # Read twice, a file would put copies of its text in both the train and val splits.
         if (first := seen.setdefault(f.resolve(), f)) is not f:
             raise DataError(f"{f} is given twice (also as {first}); give each file once")
-    return files
 
 
 def _read_one(path: Path) -> str:
@@ -312,7 +316,8 @@ def load_training_data(
         raise DataError("give either text files or .bin token files (from `diygpt prepare`), not both")
     from diygpt.prepare import load_tokens
 
-    arrays = [load_tokens(p) for p in _expand(token_files)]
+    _refuse_twice([Path(p) for p in token_files])
+    arrays = [load_tokens(p) for p in token_files]
     if len(arrays) > 1:  # joined as text files are (this copies them into memory)
         eot = np.array([EOT_ID], dtype=np.uint16)
         arrays = [part for a in arrays for part in (eot, a)][1:]

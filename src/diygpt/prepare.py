@@ -203,6 +203,8 @@ def prepare_tokens(
 def load_tokens(path: str | os.PathLike) -> np.ndarray:
     """Memory-map a token file written by :func:`prepare_tokens` (nothing is read up front)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a token file from `diygpt prepare`")
     if not path.is_file():
         raise DataError(f"token file {path} does not exist")
     size = path.stat().st_size

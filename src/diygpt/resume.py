@@ -192,8 +192,8 @@ def find_resume_checkpoint(run_dir: str | os.PathLike) -> Path:
     found = latest_checkpoint(run)
     if found is None:
         raise CheckpointError(
-            f"{run}: no checkpoint to resume from (checkpoints are saved with --save-every N "
-            "and on Ctrl-C or SIGTERM)"
+            f"{run}: no checkpoint to resume from (a run saves one at its end, every "
+            "--save-every N steps, and on Ctrl-C or SIGTERM)"
         )
     return found
 

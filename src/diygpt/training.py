@@ -20,33 +20,28 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from diygpt.checkpointing import check_writable, ckpt_name
-from diygpt.checkpoints import load_into, save_run, save_run_links, unwrap_model
-from diygpt.errors import CheckpointError, TrainingError
+from diygpt.checkpointing import check_writable
+from diygpt.checkpoints import unwrap_model
+from diygpt.errors import TrainingError
 from diygpt.evaluation import evaluate_model, format_eval_line, sample_text
 from diygpt.losses import LossFn, calc_loss_batch, token_cross_entropy
 from diygpt.optim_in_backward import OptimInBackward, attached
 from diygpt.precision import Precision
 from diygpt.resume import (
-    LoadedCheckpoint,
     ResumePoint,
     capture_rng,
-    history_state,
-    restore_history,
-    restore_rng,
-    skip_batches,
-    write_training_checkpoint,
 )
 from diygpt.schedule import lr_at_step
 from diygpt.signals import Interrupted, StopRequest
 from diygpt.speed import SpeedMeter
 from diygpt.step_guard import StepGuard
 from diygpt.train_config import History, TrainConfig
+from diygpt.trainer_state import TrainerState
 
 if TYPE_CHECKING:
     from diygpt.distributed import Parallel
 
-class Trainer:
+class Trainer(TrainerState):
     """Runs the loop; the model is passed in plain (or already wrapped) and never modified."""
 
     def __init__(
@@ -220,6 +215,10 @@ class Trainer:
         try:
             with self._stop, attached(self):
                 for epoch in range(start_epoch, c.num_epochs):
+                    point = self._resume_point
+                    at_start = point is None or point.step_rng is None
+                    if at_start and c.max_steps is not None and h.global_step + 1 >= c.max_steps:
+                        break  # a resume with no step left: no epoch to begin (or end)
                     self.epoch = epoch
                     self.model.train()
                     if self.parallel is not None:
@@ -262,27 +261,6 @@ class Trainer:
         self._finish()
         return h
 
-    # -- checkpoints and resume --------------------------------------------------------------
-    @property
-    def _loader_generator(self) -> torch.Generator | None:
-        # The book's loop takes any iterable of batches; only a DataLoader has a generator.
-        return getattr(self.train_loader, "generator", None)
-
-    def _epoch_batches(self):
-        """This epoch's batch iterator; on resume, positioned where the checkpoint was taken."""
-        point, self._resume_point = self._resume_point, None
-        if point is not None:
-            restore_rng(point.epoch_rng, self._loader_generator)
-        self._epoch_rng = capture_rng(self._loader_generator)
-        self._epoch_finished = False
-        batches = iter(self.train_loader)
-        self.batch_in_epoch = 0
-        if point is not None and point.step_rng is not None:  # None: at the epoch's start
-            skip_batches(batches, point.batch)
-            self.batch_in_epoch = point.batch
-            restore_rng(point.step_rng, self._loader_generator)
-        return batches
-
     def _after_step(self) -> None:
         step = self.history.global_step
         if self.cfg.save_every is not None and (step + 1) % self.cfg.save_every == 0:
@@ -293,69 +271,6 @@ class Trainer:
         if signum is not None:
             ckpt = self.save_checkpoint() if self.cfg.out_dir is not None else None
             raise Interrupted(signum, step, str(ckpt) if ckpt else None)
-
-    def training_state(self) -> dict:
-        metrics = Path(self.cfg.out_dir or ".") / "metrics.jsonl"
-        return {**self.run_state, **history_state(self.history, self.base_lrs, metrics)}
-
-    def save_checkpoint(self) -> Path | None:
-        """Write ``out_dir/ckpt-<step>`` atomically (once per step) and return it.
-
-        Under torchrun every rank must call this (FSDP gathers); only rank 0 writes, and the
-        other ranks get None.
-        """
-        step = self.history.global_step
-        if self._saved_step == step:
-            return self.last_checkpoint
-        model, optimizer = self._full_model_and_optimizer()
-        if not self.is_main:
-            # Rank 0 writes it; the others know its name, for their messages.
-            self._saved_step = step
-            self.last_checkpoint = Path(self.cfg.out_dir) / ckpt_name(step)
-            return None
-        point = ResumePoint(
-            self.epoch, self.batch_in_epoch, self._epoch_rng,
-            capture_rng(self._loader_generator),
-        )
-        state = {"config": unwrap_model(self.model).cfg.to_dict(), **self.training_state(),
-                 "epoch_finished": self._epoch_finished}
-        if self.precision.scaler is not None:  # fp16: its loss scale, so resume is exact
-            state["grad_scaler"] = self.precision.scaler.state_dict()
-        self.last_checkpoint = write_training_checkpoint(
-            self.cfg.out_dir, step, model, optimizer, state, point, self.cfg.keep_last
-        )
-        self._saved_step = step
-        return self.last_checkpoint
-
-    def load_checkpoint(self, ckpt: LoadedCheckpoint) -> None:
-        """Restore weights, optimizer, schedule, counters and history; fit() then continues."""
-        state, h = ckpt.state, self.history
-        try:
-            if self.parallel is not None and self.parallel.sharded:
-                from diygpt.fsdp import load_full_state  # a collective under FSDP
-
-                load_full_state(self.model, self.optimizer, ckpt.weights, ckpt.optimizer)
-            else:
-                load_into(self.model, ckpt.weights, str(ckpt.folder))
-                self.optimizer.load_state_dict(ckpt.optimizer)
-            self.base_lrs, metrics_bytes = restore_history(h, state)
-            if self.precision.scaler is not None and "grad_scaler" in state:
-                self.precision.scaler.load_state_dict(state["grad_scaler"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{ckpt.folder}: damaged training state ({exc})") from None
-        point = ckpt.point
-        if state.get("epoch_finished"):
-            # Taken after the epoch's last batch and its sample: go on with the next epoch,
-            # from the RNG state the next epoch would have started with.
-            point = ResumePoint(point.epoch + 1, 0, point.step_rng, None)
-        self.epoch = point.epoch
-        self._resume_point = point
-        self.last_checkpoint, self._saved_step = ckpt.folder, h.global_step
-        # Drop metrics written after the checkpoint by the run that was killed.
-        metrics = Path(self.cfg.out_dir or ".") / "metrics.jsonl"
-        if self.cfg.out_dir is not None and self.is_main and metrics.is_file():
-            with open(metrics, "r+b") as f:
-                f.truncate(min(metrics_bytes, metrics.stat().st_size))
 
     def _evaluate(self, epoch: int, lr: float) -> None:
         h = self.history
@@ -391,41 +306,6 @@ class Trainer:
             self.log(text)
             self._write_metrics({"epoch": epoch + 1, "step": self.history.global_step, "sample": text})
 
-    def _finish(self) -> None:
-        c, h = self.cfg, self.history
-        if c.out_dir is None:
-            return
-        # The final checkpoint (the same step on every rank) holds the weights and optimizer
-        # state already: no second gather under FSDP, and links rather than new files.
-        linked = self._saved_step == h.global_step
-        model, optimizer = (None, None) if linked else self._full_model_and_optimizer()
-        if not self.is_main:
-            return
-        if h.train_losses:
-            # Imported here: matplotlib adds ~30 MB that the training steps should not carry.
-            from diygpt.plotting import plot_losses
-
-            epochs_seen = torch.linspace(0, max(h.epochs_done, 1), len(h.train_losses)).tolist()
-            plot_losses(
-                epochs_seen, h.track_tokens_seen, h.train_losses, h.val_losses,
-                Path(c.out_dir) / "loss.png",
-            )
-        state = {
-            **self.run_state,
-            "global_step": h.global_step,
-            "tokens_seen": h.tokens_seen,
-            "epochs_done": h.epochs_done,
-        }
-        if linked:
-            save_run_links(c.out_dir, self.last_checkpoint, unwrap_model(self.model).cfg, state)
-        else:
-            save_run(c.out_dir, model, optimizer, state)
-
-    def _full_model_and_optimizer(self) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """The whole state for saving; under FSDP a collective that every rank must join."""
-        if self.parallel is None:
-            return self.model, self.optimizer
-        return self.parallel.full_model_and_optimizer(self.model, self.optimizer)
 
 
 def train_model_simple(

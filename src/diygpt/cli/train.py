@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--epochs", type=ranged(int, 0), default=10, help="passes over the training windows (default 10)")
     o.add_argument("--batch-size", type=positive_int, default=2,
                    help="windows per optimizer step: the global batch (default 2)")
-    o.add_argument("--lr", type=ranged(float, 0, 1e6, low_open=True), default=4e-4, help="AdamW learning rate (default 0.0004)")
+    o.add_argument("--lr", type=ranged(float, 0, 1e30, low_open=True), default=4e-4, help="AdamW learning rate (default 0.0004)")
     o.add_argument("--weight-decay", type=ranged(float, 0), default=0.1, help="AdamW weight decay (default 0.1)")
     o.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many optimizer steps")
@@ -93,8 +93,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a progress bar on stderr (default: on)")
     c = p.add_argument_group("checkpoints and resume")
     c.add_argument("--save-every", type=positive_int, default=None, metavar="N",
-                   help="save a checkpoint RUN/ckpt-<step> every N steps, atomically, and at "
-                   "the end (default: only on Ctrl-C/SIGTERM)")
+                   help="save a checkpoint RUN/ckpt-<step> every N steps, atomically (every "
+                   "run also saves one at its end and on Ctrl-C/SIGTERM)")
     c.add_argument("--keep-last", type=positive_int, default=2, metavar="K",
                    help="keep the newest K checkpoints (default 2)")
     c.add_argument("--resume", metavar="RUN", default=None,
@@ -226,14 +226,16 @@ def _train(args: argparse.Namespace, env, device) -> int:
         from diygpt.checkpointing import list_checkpoints
         from diygpt.checkpoints import STATE_FILE
 
-        # A finished run without --save-every has no checkpoint, only its final files.
-        held = ("checkpoints" if list_checkpoints(args.out)
-                else "a run" if (Path(args.out) / STATE_FILE).is_file() else None)
-        if held:
+        if list_checkpoints(args.out):
             raise CheckpointError(
-                f"{args.out} already holds {held}; continue it with --resume "
+                f"{args.out} already holds checkpoints; continue it with --resume "
                 f"{shlex.quote(str(args.out))}, or choose another --out"
             )
+        if (Path(args.out) / STATE_FILE).is_file():
+            # Final files without a checkpoint: an --epochs 0 run, or one from a diygpt
+            # that ended runs without a checkpoint. Nothing to resume; not to overwrite.
+            raise CheckpointError(f"{args.out} already holds a run with no checkpoint to "
+                                  "resume; choose another --out")
     cfg = build_config(args)
     if args.fsdp and args.dtype == "fp16":
         raise ConfigError("--fsdp does not go with --dtype fp16 (each rank would judge overflow "
