@@ -179,7 +179,9 @@ def prepare_tokens(
     files = _expand(paths)
     out = Path(out)
     _check_out(out, files)
-    threads = threads or os.cpu_count() or 1
+    # One core is left to the reading, cutting and writing in this thread: on the 2-core
+    # benchmark machine one encoding thread ran 28 MB/s and two 20 MB/s (BENCHMARKS.md).
+    threads = threads or max(1, (os.cpu_count() or 2) - 1)
     stats = PrepareStats(files=len(files), bytes_read=0, tokens=0)
     encode = block_encoder(tokenizer)
 

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output token file; `diygpt train --data` reads it when its name ends "
                    "in .bin (e.g. train.bin)")
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="encoding threads (default: all CPU cores)")
+                   help="encoding threads (default: one less than the CPU cores, at least 1)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar on stderr")
     p.add_argument("--tokenizer-dir", default=None, metavar="DIR",
