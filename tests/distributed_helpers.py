@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -60,8 +61,17 @@ def torchrun(nproc: int, argv: list[str], cwd: Path, per_rank_dir: bool = False,
         cmd = [*launcher, "--no-python", "sh", "-c", script, sys.executable, *argv]
     else:
         cmd = [*launcher, "-m", "diygpt", *argv]
-    return subprocess.run(cmd, cwd=cwd, env=torchrun_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    # A session of its own: a run that hangs is killed with its ranks, not only torchrun
+    # (the ranks would otherwise wait out gloo's 30-minute timeout after the test).
+    proc = subprocess.Popen(cmd, cwd=cwd, env=torchrun_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def max_weight_diff(run_a: Path, run_b: Path) -> float:
