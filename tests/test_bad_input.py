@@ -195,3 +195,20 @@ def test_read_only_output_folder(data, tmp_path, capsys, monkeypatch):
 def test_preset_that_does_not_match_the_checkpoint(run, capsys):
     line = one_line_error(capsys, "generate", "--checkpoint", run, "--preset", "gpt2-small")
     assert "emb_dim" in line or "context_length" in line
+
+
+def test_eval_reports_the_token_mean_whatever_the_batch_size(run, data, capsys):
+    import re
+
+    out = [run_cli(capsys, "eval", "--checkpoint", run, "--data", data, "--batch-size", b)[1]
+           for b in ("1", "3", "5")]
+    losses = {re.search(r"loss (\S+)", o).group(1) for o in out}
+    assert len(losses) == 1, out  # the mean of batch means moved with --batch-size
+    assert all(re.search(r"\(\d+ batches, (\d+) tokens scored of the text's \d+\)", o) for o in out)
+
+
+def test_eval_of_a_too_short_text_names_its_own_flags(run, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("Hi there.")
+    line = one_line_error(capsys, "eval", "--checkpoint", run, "--data", short)
+    assert "use more text or a smaller --context-length" in line and "ratio" not in line

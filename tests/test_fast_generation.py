@@ -10,6 +10,7 @@ import torch
 from diygpt.checkpoints import save_run
 from diygpt.cli.main import main
 from diygpt.config import get_preset
+from diygpt.errors import GenerationError
 from diygpt.generation import generate
 from diygpt.losses import calc_loss_batch
 from diygpt.model import GPTModel
@@ -207,3 +208,54 @@ def test_cuda_tuning_keeps_the_logits_and_reuses_a_refreshed_cache(prompt_len, d
     again, logits = decode(True)
     assert again.cache is first
     torch.testing.assert_close(logits, decode(False)[1], atol=1e-5, rtol=1e-5)
+
+
+def _broken_run(tmp_path):
+    """A run folder whose weights hold NaN (as a diverged run saves them)."""
+    torch.manual_seed(0)
+    model = GPTModel(get_preset("tiny"))
+    with torch.no_grad():
+        model.final_norm.scale.fill_(float("nan"))
+    save_run(tmp_path, model, None, {})
+    return model
+
+
+@pytest.mark.parametrize("extra", [[], ["--temperature", "1", "--seed", "1"],
+                                   ["--quantize", "int8"], ["--no-cache"]])
+def test_nan_weights_are_one_line_not_garbage(tmp_path, capsys, extra):
+    # Greedy printed "!!!!!" (argmax ranks NaN first), sampling turned greedy without a
+    # word, and int8 ended in fbgemm's traceback.
+    from cli_helpers import one_line_error
+
+    _broken_run(tmp_path)
+    line = one_line_error(capsys, "generate", "--checkpoint", tmp_path, "--prompt", "Every",
+                          "--max-new-tokens", "3", "--device", "cpu", *extra)
+    assert "NaN" in line and "broken" in line
+
+
+def test_nan_weights_refuse_quantization_and_eval_says_so(tmp_path, capsys, verdict_path):
+    from cli_helpers import one_line_error
+
+    model = _broken_run(tmp_path)
+    with torch.no_grad():
+        model.out_head.weight[0, 0] = float("nan")
+    with pytest.raises(GenerationError, match="cannot quantize"):
+        quantize_int8(model)
+    line = one_line_error(capsys, "eval", "--checkpoint", tmp_path, "--data", verdict_path,
+                          "--max-batches", "1", "--device", "cpu")
+    assert "loss is NaN" in line
+
+
+def test_int8_layers_keep_a_half_precision_models_dtype_and_survive_a_copy():
+    import copy
+    import gc
+
+    idx = torch.randint(0, CFG.vocab_size, (1, 5))
+    half = quantize_int8(_model().to(torch.bfloat16))  # the fp32 bias made the output fp32
+    assert half(idx).dtype == torch.bfloat16
+    original = quantize_int8(_model())
+    expected = original(idx)
+    twin = copy.deepcopy(original)
+    del original  # the copy looked its packed weights up under the original's name
+    gc.collect()
+    torch.testing.assert_close(twin(idx), expected, rtol=0, atol=0)

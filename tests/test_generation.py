@@ -178,3 +178,17 @@ def test_the_model_and_the_decoder_name_a_missing_or_extra_batch_dimension(model
     with pytest.raises(ValueError, match=r"decodes one sequence, got shape \(2, 2\)"):
         token_ids_to_text(torch.tensor([[10, 11], [12, 13]]), tokenizer)
     assert token_ids_to_text(torch.tensor([[10, 11]]), tokenizer) == tokenizer.decode([10, 11])
+
+
+def test_whole_floats_numpy_reals_and_narrow_int_prompts_work(model):
+    import numpy as np
+
+    idx = torch.tensor([[1, 2, 3]])
+    expected = generate(model, idx, 3, 16)
+    assert torch.equal(generate(model, idx, 3.0, 16), expected)  # was a TypeError in range()
+    assert torch.equal(generate(model, idx.to(torch.int16), 3, 16), expected)  # the embedding
+    torch.manual_seed(0)
+    a = generate(model, idx, 3, 16, temperature=1.0, top_p=0.5)
+    torch.manual_seed(0)
+    b = generate(model, idx, 3, 16, temperature=1.0, top_p=np.float32(0.5))  # was refused
+    assert torch.equal(a, b)

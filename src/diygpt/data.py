@@ -207,13 +207,14 @@ def check_token_ids(ids, vocab_size: int, what: str = "the data") -> None:
         )
 
 
-def check_enough_tokens(num_tokens: int, max_length: int, what: str) -> None:
+def check_enough_tokens(num_tokens: int, max_length: int, what: str,
+                        hint: str = "use more text, a larger train ratio, or a smaller "
+                        "--context-length") -> None:
     """Raise a clear error when text is too short for a single window."""
     if num_tokens <= max_length:
         raise DataError(
             f"{what} has {num_tokens} tokens but needs at least {max_length + 1} for one window "
-            f"of context length {max_length}; use more text, a larger train ratio, or a smaller "
-            "--context-length"
+            f"of context length {max_length}; {hint}"
         )
 
 

@@ -37,7 +37,8 @@ def check_sampling_args(
         raise GenerationError(f"temperature must be a finite number >= 0, got {temperature}")
     if top_k is not None and not (_whole(top_k) and top_k > 0):
         raise GenerationError(f"top_k must be a positive integer, got {top_k}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+    if top_p is not None and not (isinstance(top_p, numbers.Real) and not isinstance(top_p, bool)
+                                  and 0.0 < top_p <= 1.0):
         raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
     if not (_whole(max_new_tokens) and max_new_tokens >= 0):
         raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
@@ -95,7 +96,7 @@ def sample_next(
         logits = apply_top_k(logits, top_k)
     if temperature > 0.0:
         scaled = logits / temperature
-        overflow = ~torch.isfinite(scaled.amax(dim=-1, keepdim=True))  # (B, 1)
+        overflow = torch.isinf(scaled.amax(dim=-1, keepdim=True))  # (B, 1)
         if bool(overflow.any()):
             # A temperature so small that logits / T overflows means greedy for that row.
             greedy = torch.full_like(scaled, float("-inf"))
@@ -107,6 +108,11 @@ def sample_next(
         probs = torch.softmax(logits, dim=-1)
         return torch.multinomial(probs, num_samples=1, generator=generator)
     return torch.argmax(logits, dim=-1, keepdim=True)
+
+
+def _token_ids(idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # The embedding takes int64 or int32 ids; narrower integer prompts are widened.
+    return idx.to(device, None if idx.dtype in (torch.int64, torch.int32) else torch.int64)
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -185,8 +191,9 @@ def stream_generate(
     if not (_whole(context_size) and context_size >= 1):
         raise GenerationError(f"context_size must be a positive integer, got {context_size}")
     context_size = min(int(context_size), model.context_length)
+    max_new_tokens = int(max_new_tokens)
     device, _ = _model_device_dtype(model)
-    idx = idx.to(device)
+    idx = _token_ids(idx, device)
     if not use_cache or model.training:
         def next_logits(idx: torch.Tensor) -> torch.Tensor:
             return model(idx[:, -context_size:])[:, -1, :]
@@ -196,8 +203,14 @@ def stream_generate(
     else:
         next_logits = _CachedLogits(model, context_size)
     finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         logits = next_logits(idx)
+        # argmax ranks NaN first; checked every step where it costs no device sync
+        if (step == 0 or device.type == "cpu") and bool(torch.isnan(logits).any()):
+            raise GenerationError(
+                "the model's logits are NaN: its weights are broken (e.g. saved from a run "
+                "that diverged); load another checkpoint"
+            )
         idx_next = sample_next(logits.float(), temperature, top_k, top_p, generator)
         if eos_id is not None:
             hit = idx_next == eos_id
@@ -224,7 +237,7 @@ def generate(
 ) -> torch.Tensor:
     """The book's ``generate``: returns the prompt (B, T) followed by the new tokens."""
     device, _ = _model_device_dtype(model)
-    out = [idx.to(device)]
+    out = [_token_ids(idx, device)]
     for idx_next in stream_generate(
         model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, top_p,
         use_cache, generator, compile,

@@ -90,7 +90,11 @@ def calc_loss_batch(
     """Mean next-token cross entropy of one batch: logits (B, T, V) vs targets (B, T).
 
     ``loss_fn`` takes the logits and targets; ``--compile`` passes a compiled
-    :func:`logsumexp_cross_entropy` (see :func:`diygpt.speed.compile_loss`).
+    :func:`logsumexp_cross_entropy` (see :func:`diygpt.speed.compile_loss`). On the CPU
+    the default's backward reuses the saved softmax's memory for the gradient, so the
+    graph backpropagates once: for ``retain_graph=True`` or a second-order gradient, pass
+    ``loss_fn=lambda logits, targets: F.cross_entropy(logits.flatten(0, 1),
+    targets.flatten())``.
     """
     input_batch = input_batch.to(device)
     target_batch = target_batch.to(device)
@@ -122,6 +126,25 @@ def calc_loss_loader(
             break
         total_loss += calc_loss_batch(input_batch, target_batch, model, device).item()
     return total_loss / num_batches
+
+
+def token_mean_loss(
+    data_loader: Iterable,
+    model: nn.Module,
+    device: torch.device | str,
+    num_batches: int | None = None,
+) -> tuple[float, int]:
+    """(Mean cross entropy over every target token scored, how many) in the first
+    ``num_batches`` batches. :func:`calc_loss_loader`, the book's, averages batch means
+    instead, so a short last batch weighs as much as a full one."""
+    total, count = 0.0, 0
+    for i, (input_batch, target_batch) in enumerate(data_loader):
+        if num_batches is not None and i >= num_batches:
+            break
+        n = target_batch.numel()
+        total += calc_loss_batch(input_batch, target_batch, model, device).item() * n
+        count += n
+    return (total / count if count else float("nan")), count
 
 
 def perplexity(loss: float) -> float:

@@ -6,7 +6,9 @@ fewer bytes than fp32. Two kernels, picked at load time:
 
 - ``fbgemm`` (x86 CPUs): PyTorch's dynamic int8 linear; each call also quantizes the
   activations per tensor, and it is the faster kernel (5 ms vs 15 ms for the 50257 x 768
-  output head on one core of the project's machine).
+  output head on one core of the project's machine). One scale per call means a row's
+  result depends on the rows beside it: the cached one-token steps, the uncached window and
+  the other prompts of a batch can give different tokens.
 - ``int8pack`` (elsewhere): ``_weight_int8pack_mm``, bf16 activations x int8 weights scaled
   per row (weight-only, the kernel gpt-fast uses).
 
@@ -22,12 +24,15 @@ For inference only: a quantized model cannot be trained or saved as a checkpoint
 
 from __future__ import annotations
 
+import copy
 import warnings
 import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from diygpt.errors import GenerationError
 
 _ACT_DTYPE = torch.bfloat16  # the kernel's vectorised CPU path wants bf16 activations
 
@@ -94,6 +99,9 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
+        if not bool(torch.isfinite(linear.weight).all()):
+            raise GenerationError("cannot quantize: the model's weights hold NaN or infinite "
+                                  "values (e.g. saved from a run that diverged)")
         q, scales = quantize_rows(linear.weight)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight", q)  # (N, K) int8
@@ -104,6 +112,18 @@ class Int8Linear(nn.Module):
         packed = _fbgemm_pack(q, scales, bias) if on_cpu else None
         self._fbgemm_key = _register_packed(self, packed) if packed is not None else None
 
+    def __deepcopy__(self, memo: dict) -> Int8Linear:
+        # The copy needs a packed weight of its own name: the original's is removed with it.
+        new = self.__class__.__new__(self.__class__)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features, new.training = (
+            self.in_features, self.out_features, self.training)
+        for name, buf in self._buffers.items():
+            new.register_buffer(name, copy.deepcopy(buf, memo))
+        key = self._fbgemm_key
+        new._fbgemm_key = None if key is None else _register_packed(new, _PACKED[key])
+        return new
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         if self._fbgemm_key is not None and x.dtype == torch.float32:
@@ -111,7 +131,16 @@ class Int8Linear(nn.Module):
             if torch.compiler.is_compiling():  # an opaque op inside the compiled graph
                 y = torch.ops.diygpt.fbgemm_linear(x2, self._fbgemm_key, self.out_features)
             else:
-                y = torch.ops.quantized.linear_dynamic(x2, _PACKED[self._fbgemm_key])
+                try:
+                    y = torch.ops.quantized.linear_dynamic(x2, _PACKED[self._fbgemm_key])
+                except RuntimeError:
+                    if bool(torch.isfinite(x2).all()):
+                        raise
+                    # fbgemm cannot pick a scale for NaN activations ("min should be less
+                    # than or equal to max"): the weights before this layer are broken.
+                    raise GenerationError("the model's activations are NaN or infinite: its "
+                                          "weights are broken (e.g. saved from a run that "
+                                          "diverged); load another checkpoint") from None
             return y.view(*lead, self.out_features)  # bias added by the kernel
         if torch.compiler.is_compiling():
             # Traced by torch.compile elsewhere: a multiply-and-sum, which inductor fuses
@@ -125,7 +154,7 @@ class Int8Linear(nn.Module):
         else:  # other devices: dequantize on the fly (correct, not fast)
             y = F.linear(x2, self.weight.to(_ACT_DTYPE) * self.scales.to(_ACT_DTYPE)[:, None])
         y = y.to(x.dtype).view(*lead, self.out_features)  # (B, T, N)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:

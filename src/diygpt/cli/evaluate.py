@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="loss and perplexity of a model on a text",
         description="Slide context-length windows over the text (stride = context length "
-        "unless given) and report the mean next-token cross entropy and its perplexity.",
+        "unless given) and report the mean next-token cross entropy over every token scored "
+        "(the book's calc_loss_loader averages batch means instead) and its perplexity.",
     )
     add_model_source_flags(p)
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
@@ -34,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import math
+
     import torch
 
     from diygpt.data import (
@@ -44,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
         make_loader,
     )
     from diygpt.device import select_device
-    from diygpt.errors import ConfigError
-    from diygpt.losses import calc_loss_loader, perplexity
+    from diygpt.errors import CheckpointError, ConfigError
+    from diygpt.losses import perplexity, token_mean_loss
     from diygpt.tokenizer import get_tokenizer
 
     device = select_device(args.device)
@@ -58,13 +61,19 @@ def run(args: argparse.Namespace) -> int:
         )
     # All of it, read as `train --data` reads it (text files, or .bin files from prepare).
     ids = load_training_data(args.data, tokenizer, train_ratio=1.0).train_ids
-    check_enough_tokens(len(ids), length, "the text")
+    check_enough_tokens(len(ids), length, "the text",
+                        "use more text or a smaller --context-length")
     check_token_ids(ids, model.tok_emb.num_embeddings, "the text")
     dataset = GPTDatasetV1(None, tokenizer, length, args.stride or length, token_ids=ids)
     loader = make_loader(dataset, args.batch_size, shuffle=False, drop_last=False)
     with torch.no_grad():
-        loss = calc_loss_loader(loader, model, device, num_batches=args.max_batches)
+        loss, scored = token_mean_loss(loader, model, device, num_batches=args.max_batches)
+    if math.isnan(loss):
+        raise CheckpointError("the model's loss is NaN: its weights are broken (e.g. saved "
+                              "from a run that diverged)")
     n = len(loader) if args.max_batches is None else min(args.max_batches, len(loader))
-    print(f"loss {loss:.4f}  perplexity {perplexity(loss):.2f}  ({n} batches, {len(ids)} tokens)")
+    # The windows end where the last whole one does: the tokens after it are not scored.
+    print(f"loss {loss:.4f}  perplexity {perplexity(loss):.2f}  ({n} batches, {scored} "
+          f"tokens scored of the text's {len(ids)})")
     return 0
 

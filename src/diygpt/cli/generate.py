@@ -39,7 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="recompute the whole window each step instead of using the KV cache")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 weights in every matmul (dynamic int8 on x86): 4x fewer bytes read per token "
-                   "(CPU; see BENCHMARKS.md for speed and perplexity cost)")
+                   "(CPU; see BENCHMARKS.md for speed and perplexity cost). On x86 each "
+                   "call's activations share one scale, so the tokens can differ with "
+                   "--no-cache or with the other prompts of a batch")
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token decode step with torch.compile (static KV cache): "
                    "slow first call (tens of seconds on CPU, needs a C++ compiler), faster steps after")
