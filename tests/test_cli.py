@@ -150,3 +150,26 @@ def test_an_error_on_another_rank_names_it(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("RANK", "1")
     rc, _, err = run_cli(capsys, "train", "--data", tmp_path / "missing.txt")
     assert rc == 2 and err.startswith("diygpt: error (rank 1): data file") and err.count("\n") == 1
+
+
+def test_a_failed_compile_is_one_line_on_its_own_line(tmp_path, capsys, monkeypatch):
+    # torch.compile without a working C++ compiler raised a page of InductorError.
+    from pathlib import Path
+
+    import torch
+    from torch._inductor.exc import InductorError
+
+    import diygpt.generation as generation
+
+    def fails(*args, **kwargs):
+        yield torch.tensor([[0]])
+        raise InductorError(RuntimeError("InvalidCxxCompiler: No working C++ compiler found"),
+                            None)
+
+    monkeypatch.setattr(generation, "stream_generate", fails)
+    weights = Path(__file__).parent / "fixtures" / "gpt2-tiny-hf"
+    rc, out, err = run_cli(capsys, "generate", "--weights", weights, "--prompt", "!",
+                           "--compile", "--max-new-tokens", "3", "--device", "cpu")
+    assert rc == 2 and out.endswith("\n")
+    assert err.startswith("diygpt: error: --compile failed: ") and "C++ compiler" in err
+    assert err.count("\n") == 1

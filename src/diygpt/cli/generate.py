@@ -112,11 +112,17 @@ def run(args: argparse.Namespace) -> int:
     printer = _StreamPrinter(tokenizer)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
-    for next_id in stream_generate(
-        model, idx, args.max_new_tokens, model.context_length, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, eos_id=EOT_ID if args.eos else None,
-        use_cache=args.use_cache, compile=args.compile,
-    ):
-        printer.feed(int(next_id[0, 0]))
+    try:
+        for next_id in stream_generate(
+            model, idx, args.max_new_tokens, model.context_length, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, eos_id=EOT_ID if args.eos else None,
+            use_cache=args.use_cache, compile=args.compile,
+        ):
+            printer.feed(int(next_id[0, 0]))
+    except (Exception, KeyboardInterrupt) as exc:
+        if not isinstance(exc, BrokenPipeError):  # end the text's line: the error gets its own
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        raise
     printer.close()
     return 0

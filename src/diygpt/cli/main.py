@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _compile_failure(exc: BaseException) -> bool:
+    """An error raised by torch.compile's machinery (dynamo or inductor)."""
+    return any(cls.__module__.startswith(("torch._dynamo", "torch._inductor"))
+               for cls in type(exc).__mro__)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -51,6 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{_PROG}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not _compile_failure(exc):
+            raise
+        # torch.compile's errors are pages long; the first line says what is missing.
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        print(f"{_PROG}: error: --compile failed: {first.strip()[:300]}; run without --compile "
+              "(on the CPU it needs a working C++ compiler)", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # e.g. `diygpt generate ... | head`
         return 0
 
