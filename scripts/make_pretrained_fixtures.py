@@ -16,6 +16,7 @@ fixed input and stores both logits, so tests can compare against either.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -162,6 +163,9 @@ def write_hf(weights: dict[str, np.ndarray], folder: Path):
 
 
 def main() -> None:
+    # No options; parsed so that --help explains instead of rewriting the fixtures.
+    argparse.ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     weights = random_weights()
     tf_logits = write_openai(weights, OUT / "gpt2-tiny-openai")
     hf_logits, greedy = write_hf(weights, OUT / "gpt2-tiny-hf")

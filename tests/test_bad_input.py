@@ -138,6 +138,9 @@ def test_sampling_flags_at_temperature_0_get_a_note(run, capsys):
     assert rc == 0 and "--top-k, --seed change nothing at --temperature 0 (greedy)" in err
     rc, plain, err = run_cli(capsys, "generate", "--checkpoint", run, "--max-new-tokens", "3")
     assert rc == 0 and plain == greedy and "note" not in err
+    rc, _, err = run_cli(capsys, "generate", "--checkpoint", run, "--top-p", "0.5",
+                         "--max-new-tokens", "3")
+    assert rc == 0 and "--top-p changes nothing at --temperature 0" in err
 
 
 def test_int8_generation_with_another_dtype_is_one_line(run, capsys):

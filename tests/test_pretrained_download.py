@@ -228,6 +228,7 @@ def test_unreachable_fails_fast_saying_where_to_put_files(tmp_path, monkeypatch)
     message = str(info.value)
     assert "\n" not in message and str(tmp_path / "m") in message
     assert "model.ckpt.data-00000-of-00001" in message and "hparams.json" in message
+    assert not (tmp_path / "m").exists()  # the folder it made is not left behind, empty
 
 
 def test_cli_command(server, tmp_path, monkeypatch, capsys):

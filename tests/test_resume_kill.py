@@ -126,4 +126,6 @@ def test_sigterm_saves_exits_0_and_resumes(tmp_path, data, baseline):
     assert proc.returncode == 0, err
     assert f"resume with: diygpt train --resume '{run}'" in err
     assert "Traceback" not in err
+    # The run folder as a finished run leaves it (the loss plot was missing after a stop).
+    assert (run / "loss.png").is_file() and (run / "optimizer.pt").is_file()
     resume_and_compare(run, baseline, "SIGTERM after step 6")

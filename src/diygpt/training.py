@@ -270,6 +270,7 @@ class Trainer(TrainerState):
             signum = self.parallel.agreed_signal(signum)
         if signum is not None:
             ckpt = self.save_checkpoint() if self.cfg.out_dir is not None else None
+            self._finish()  # the run folder as a finished run leaves it: plot, links, state
             raise Interrupted(signum, step, str(ckpt) if ckpt else None)
 
     def _evaluate(self, epoch: int, lr: float) -> None:

@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     unused = [f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p),
                              ("--seed", args.seed)) if v is not None]
     if args.temperature == 0 and unused:
-        print(f"diygpt: note: {', '.join(unused)} change nothing at --temperature 0 (greedy); "
+        verb = "changes" if len(unused) == 1 else "change"
+        print(f"diygpt: note: {', '.join(unused)} {verb} nothing at --temperature 0 (greedy); "
               "give a temperature > 0 to sample", file=sys.stderr)
     if args.quantize and args.dtype not in (None, "fp32"):  # its products run in fp32
         raise GenerationError(f"--quantize {args.quantize} computes in fp32: drop --dtype {args.dtype}")

@@ -228,14 +228,20 @@ def download(
     urls = file_urls(name, fmt, base_url)
     folder = model_dir(name, directory)
     _check_folder_holds(name, folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    for file, url in urls.items():
-        try:
-            download_file(url, folder / file, timeout=timeout, progress=progress)
-        except UnreachableError as exc:
-            missing = [f for f in urls if not (folder / f).is_file()]
-            raise UnreachableError(
-                f"{exc}; offline? fetch {', '.join(missing)} from "
-                f"{url.rsplit('/', 1)[0]}/ on a machine with internet and put them in {folder}"
-            ) from None
+    try:
+        for file, url in urls.items():
+            try:
+                download_file(url, folder / file, timeout=timeout, progress=progress)
+            except UnreachableError as exc:
+                missing = [f for f in urls if not (folder / f).is_file()]
+                raise UnreachableError(
+                    f"{exc}; offline? fetch {', '.join(missing)} from {url.rsplit('/', 1)[0]}/ "
+                    f"on a machine with internet and put them in {folder}"
+                ) from None
+    except BaseException:
+        if created and not any(folder.iterdir()):  # a .part stays, for the next try to resume
+            folder.rmdir()
+        raise
     return folder
