@@ -131,7 +131,17 @@ def test_fp32_load_has_no_meta_tensors_and_maps_the_file():
     assert all(p.is_contiguous() for p in model.parameters())
 
 
-def test_preset_name_loads_from_the_download_folder(tmp_path, monkeypatch, hf_logits):
+@pytest.fixture
+def tiny_sizes(monkeypatch):
+    """The fixtures stand in for every GPT-2 size: the names are checked against its shape."""
+    from diygpt.pretrained import catalog
+
+    for name in catalog.GPT2_SHAPES:
+        monkeypatch.setitem(catalog.GPT2_SHAPES, name, (32, 2))
+
+
+def test_preset_name_loads_from_the_download_folder(tmp_path, monkeypatch, hf_logits,
+                                                    tiny_sizes):
     monkeypatch.setenv("DIYGPT_HOME", str(tmp_path))
     shutil.copytree(OPENAI_DIR, tmp_path / "models" / "gpt2-small")
     model = load_pretrained("gpt2-small")
@@ -139,13 +149,14 @@ def test_preset_name_loads_from_the_download_folder(tmp_path, monkeypatch, hf_lo
         torch.testing.assert_close(model(IDS), hf_logits, rtol=0, atol=1e-5)
 
 
-def test_download_dir_argument_overrides_the_home(tmp_path):
+def test_download_dir_argument_overrides_the_home(tmp_path, tiny_sizes):
     shutil.copytree(HF_DIR, tmp_path / "w")
     model = load_pretrained("gpt2-medium", download_dir=tmp_path / "w")
     assert model.cfg.emb_dim == 32
 
 
-def test_cli_pretrained_name_ignores_a_folder_of_that_name_here(tmp_path, monkeypatch, capsys):
+def test_cli_pretrained_name_ignores_a_folder_of_that_name_here(tmp_path, monkeypatch, capsys,
+                                                                tiny_sizes):
     from cli_helpers import run_cli
 
     monkeypatch.setenv("DIYGPT_HOME", str(tmp_path / "home"))
@@ -181,3 +192,14 @@ def test_an_index_of_several_blocks_reads_the_same(tmp_path, hf_logits):
         [n for n in tensors if n.startswith("model/h1/mlp")])  # keys share prefixes
     with torch.no_grad():
         torch.testing.assert_close(load_pretrained(folder)(IDS), hf_logits, rtol=0, atol=1e-5)
+
+
+
+def test_a_name_whose_folder_holds_another_size_is_refused(tmp_path, monkeypatch, capsys):
+    # A mirror that served the wrong model: --pretrained gpt2-small ran a 32-wide model.
+    from cli_helpers import one_line_error
+
+    monkeypatch.setenv("DIYGPT_HOME", str(tmp_path))
+    shutil.copytree(OPENAI_DIR, tmp_path / "models" / "gpt2-small")
+    line = one_line_error(capsys, "generate", "--pretrained", "gpt2-small", "--prompt", "!")
+    assert "its hparams.json says 32 wide, 2 layers; gpt2-small is 768 wide, 12 layers" in line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -30,3 +31,36 @@ def diygpt_home() -> Path:
 def model_dir(name: str, download_dir: Path | str | None = None) -> Path:
     """Where ``diygpt download NAME`` puts the files and ``--pretrained NAME`` looks."""
     return Path(download_dir) if download_dir is not None else diygpt_home() / "models" / name
+
+
+DESCRIPTORS = ("hparams.json", "config.json")  # OpenAI's, Hugging Face's
+
+
+def descriptor_shape(path: Path) -> tuple[int, int] | None:
+    """(n_embd, n_layer) from hparams.json or config.json; None if absent or unreadable."""
+    try:
+        desc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(desc, dict):
+        return None
+    shape = desc.get("n_embd"), desc.get("n_layer")
+    return shape if all(type(v) is int for v in shape) else None  # type: ignore[return-value]
+
+
+def other_size(name: str, folder: Path) -> tuple[str, tuple[int, int]] | None:
+    """(descriptor file, its shape) where one in ``folder`` says it is not ``name``'s size."""
+    for file in DESCRIPTORS:
+        shape = descriptor_shape(folder / file)
+        if shape is not None and shape != GPT2_SHAPES[name]:
+            return file, shape
+    return None
+
+
+def size_clash(name: str, file: str, shape: tuple[int, int]) -> str:
+    """"gpt2-medium (its hparams.json says 1024 wide, 24 layers; gpt2-small is 768 wide,
+    12 layers)": what a folder holds, against the size ``name`` asked for."""
+    held = next((n for n, s in GPT2_SHAPES.items() if s == shape), "a model")
+    want = GPT2_SHAPES[name]
+    return (f"{held} (its {file} says {shape[0]} wide, {shape[1]} layers; {name} is "
+            f"{want[0]} wide, {want[1]} layers)")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import json
 import os
 import re
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from diygpt.errors import DownloadError
-from diygpt.pretrained.catalog import GPT2_MODELS, GPT2_SHAPES, model_dir
+from diygpt.pretrained.catalog import GPT2_MODELS, model_dir, other_size, size_clash
 from diygpt.pretrained.hf import HF_FILES
 from diygpt.pretrained.openai import OPENAI_FILES
 
@@ -37,7 +36,6 @@ _CHUNK = 1 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # "bytes 100-199/200", "bytes 100-199/*" (total unknown), "bytes */200" (in a 416)
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:\d+-\d+|\*)\s*/\s*(\d+|\*)\s*$", re.IGNORECASE)
-_DESCRIPTORS = ("hparams.json", "config.json")  # OpenAI's, Hugging Face's
 
 
 class UnreachableError(DownloadError):
@@ -184,18 +182,6 @@ def _stream(resp, part: Path, mode: str, hasher, start: int, total: int | None, 
             ) from None
 
 
-def _descriptor_shape(path: Path) -> tuple[int, int] | None:
-    """(n_embd, n_layer) from hparams.json or config.json; None if absent or unreadable."""
-    try:
-        desc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(desc, dict):
-        return None
-    shape = desc.get("n_embd"), desc.get("n_layer")
-    return shape if all(type(v) is int for v in shape) else None  # type: ignore[return-value]
-
-
 def _check_folder_holds(name: str, folder: Path) -> None:
     """Refuse a folder whose size descriptor says it holds another size than ``name``.
 
@@ -203,17 +189,9 @@ def _check_folder_holds(name: str, folder: Path) -> None:
     would be reported as holding whatever size was asked for. An absent descriptor is about
     to be downloaded, and an unreadable one is the loader's to report: neither says anything.
     """
-    want = GPT2_SHAPES[name]
-    for file in _DESCRIPTORS:
-        shape = _descriptor_shape(folder / file)
-        if shape is None or shape == want:
-            continue
-        held = next((n for n, s in GPT2_SHAPES.items() if s == shape), None)
-        what = held or "a model"
-        raise DownloadError(
-            f"{folder} already holds {what} (its {file} says {shape[0]} wide, {shape[1]} layers; "
-            f"{name} is {want[0]} wide, {want[1]} layers); choose another --dir for {name}"
-        )
+    if found := other_size(name, folder):
+        raise DownloadError(f"{folder} already holds {size_clash(name, *found)}; choose "
+                            f"another --dir for {name}")
 
 
 def download(

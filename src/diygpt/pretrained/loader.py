@@ -18,7 +18,7 @@ from diygpt.errors import CheckpointError
 from diygpt.model import GPTModel
 from diygpt.pretrained.assemble import assemble, expected_shapes, meta_model
 from diygpt.pretrained.book import book_config, book_extra, book_tensors, book_tied, is_book_layout
-from diygpt.pretrained.catalog import GPT2_MODELS, model_dir
+from diygpt.pretrained.catalog import GPT2_MODELS, model_dir, other_size, size_clash
 from diygpt.pretrained.gpt2_layout import count_layers
 from diygpt.pretrained.hf import hf_config, hf_lm_head, hf_prefix, hf_tensors
 from diygpt.pretrained.openai import is_openai_dir, open_openai, openai_tensors
@@ -61,6 +61,9 @@ def named_dir(name: str, download_dir: Path | str | None = None) -> Path:
     folder = model_dir(name, download_dir)
     if not folder.is_dir() or not (is_openai_dir(folder) or _folder_file(folder)):
         raise CheckpointError(f"no {name} weights in {folder}; {_where_to_put(name, folder)}")
+    if found := other_size(name, folder):  # e.g. a mirror that served another model
+        raise CheckpointError(f"{folder} holds {size_clash(name, *found)}, not {name}; load "
+                              "it by its path, or download the right one")
     return folder
 
 
