@@ -3,6 +3,7 @@
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from cli_helpers import run_cli, train_tiny
@@ -117,6 +118,19 @@ def test_train_into_a_closed_pipe_still_trains_and_saves(tmp_path, verdict_path)
     assert proc.wait(timeout=300) == 0, err
     assert "6 steps" in err and "Traceback" not in err
     assert (out / "model.safetensors").is_file()
+
+
+def test_generate_into_a_closed_pipe_ends_quietly(tmp_path):
+    # `diygpt generate ... | head -c 20`: exit 0 and nothing on stderr (a catch for compile
+    # errors placed before the broken-pipe one turned this into a traceback).
+    weights = Path(__file__).parent / "fixtures" / "gpt2-tiny-hf"
+    cmd = [sys.executable, "-m", "diygpt", "generate", "--weights", str(weights), "--prompt",
+           "!", "--max-new-tokens", "3000", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(20)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0 and err == "", err
 
 
 def test_the_last_line_names_only_what_was_written(tmp_path, verdict_path, capsys):

@@ -49,25 +49,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except DiygptError as exc:
-        # Under torchrun each rank that meets an error says so; the others name their rank.
-        rank = os.environ.get("RANK", "0")
-        tag = "" if rank == "0" else f" (rank {rank})"
-        print(f"{_PROG}: error{tag}: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
     except KeyboardInterrupt:
         print(f"{_PROG}: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:
-        if not _compile_failure(exc):
-            raise
-        # torch.compile's errors are pages long; the first line says what is missing.
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        print(f"{_PROG}: error: --compile failed: {first.strip()[:300]}; run without --compile "
-              "(on the CPU it needs a working C++ compiler)", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # e.g. `diygpt generate ... | head`
         return 0
+    except Exception as exc:
+        if not _compile_failure(exc) or os.environ.get("DIYGPT_TRACEBACK"):
+            raise
+        # torch.compile's errors are pages long; the first line says what went wrong.
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        _error(f"--compile failed: {first.strip()[:300]}; run without --compile (on the CPU it "
+               "needs a working C++ compiler; DIYGPT_TRACEBACK=1 shows the whole error)")
+        return 2
 
+
+def _error(message: str) -> None:
+    # Under torchrun each rank that meets an error says so; the others name their rank.
+    rank = os.environ.get("RANK", "0")
+    tag = "" if rank == "0" else f" (rank {rank})"
+    print(f"{_PROG}: error{tag}: {message}", file=sys.stderr)
 
 if __name__ == "__main__":
     sys.exit(main())
