@@ -207,7 +207,8 @@ def test_eval_reports_the_token_mean_whatever_the_batch_size(run, data, capsys):
            for b in ("1", "3", "5")]
     losses = {re.search(r"loss (\S+)", o).group(1) for o in out}
     assert len(losses) == 1, out  # the mean of batch means moved with --batch-size
-    assert all(re.search(r"\(\d+ batches, (\d+) tokens scored of the text's \d+\)", o) for o in out)
+    assert all(re.search(r"\(\d+ batches, \d+ predictions scored, over a text of \d+ tokens\)",
+                         o) for o in out)
 
 
 def test_eval_of_a_too_short_text_names_its_own_flags(run, tmp_path, capsys):

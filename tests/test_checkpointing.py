@@ -428,3 +428,21 @@ def test_resuming_a_run_that_reached_max_steps_at_an_epochs_end_adds_no_epoch(da
     assert rc == 0 and "Every effort" not in out
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
     assert json.loads((tmp_path / "r" / "state.json").read_text())["epochs_done"] == 1
+
+
+def test_resuming_a_run_stopped_part_way_through_an_epoch_by_max_steps_adds_nothing(
+        data, tmp_path, capsys):
+    # The --max-steps stop ran the epoch's end (its sample) part-way through the epoch; a
+    # resume with no step left printed and recorded that sample again.
+    args = ("--sample-prompt", "Every effort", "--train-ratio", "0.5", "--max-steps", "3")
+    assert train_tiny(capsys, data, tmp_path / "r", *args)[0] == 0
+    before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    assert before.count("sample") == 1
+    rc, out, _ = run_cli(capsys, "train", "--resume", tmp_path / "r")
+    assert rc == 0 and "Every effort" not in out
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
+    # ... and a longer resume goes on in the same epoch, as an unbroken run would
+    assert run_cli(capsys, "train", "--resume", tmp_path / "r", "--max-steps", "6")[0] == 0
+    assert train_tiny(capsys, data, tmp_path / "six", *args[:4], "--max-steps", "6")[0] == 0
+    assert (tmp_path / "r" / "model.safetensors").read_bytes() == (
+        tmp_path / "six" / "model.safetensors").read_bytes()

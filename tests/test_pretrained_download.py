@@ -223,12 +223,12 @@ def test_unreachable_fails_fast_saying_where_to_put_files(tmp_path, monkeypatch)
     monkeypatch.setenv("DIYGPT_DOWNLOAD_BASE", f"http://127.0.0.1:{port}")
     t0 = time.monotonic()
     with pytest.raises(UnreachableError) as info:
-        download("gpt2-small", "openai", tmp_path / "m", progress=False)
+        download("gpt2-small", "openai", tmp_path / "m" / "n", progress=False)
     assert time.monotonic() - t0 < 5
     message = str(info.value)
-    assert "\n" not in message and str(tmp_path / "m") in message
+    assert "\n" not in message and str(tmp_path / "m" / "n") in message
     assert "model.ckpt.data-00000-of-00001" in message and "hparams.json" in message
-    assert not (tmp_path / "m").exists()  # the folder it made is not left behind, empty
+    assert not (tmp_path / "m").exists()  # the folders it made are not left behind, empty
 
 
 def test_cli_command(server, tmp_path, monkeypatch, capsys):

@@ -44,7 +44,7 @@ class TrainerState:
         if point is not None:
             restore_rng(point.epoch_rng, self._loader_generator)
         self._epoch_rng = capture_rng(self._loader_generator)
-        self._epoch_finished = False
+        self._epoch_end_done = self._epoch_finished = False
         batches = iter(self.train_loader)
         self.batch_in_epoch = 0
         if point is not None and point.step_rng is not None:  # None: at the epoch's start
@@ -77,7 +77,7 @@ class TrainerState:
             capture_rng(self._loader_generator),
         )
         state = {"config": unwrap_model(self.model).cfg.to_dict(), **self.training_state(),
-                 "epoch_finished": self._epoch_finished}
+                 "epoch_end_done": self._epoch_end_done, "epoch_finished": self._epoch_finished}
         if self.precision.scaler is not None:  # fp16: its loss scale, so resume is exact
             state["grad_scaler"] = self.precision.scaler.state_dict()
         self.last_checkpoint = write_training_checkpoint(
@@ -103,6 +103,9 @@ class TrainerState:
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{ckpt.folder}: damaged training state ({exc})") from None
         point = ckpt.point
+        # A --max-steps stop part-way through an epoch ran the epoch's end (its sample): a
+        # resume that takes no step there does not run it again.
+        self._end_ran_before_resume = bool(state.get("epoch_end_done"))
         if state.get("epoch_finished"):
             # Taken after the epoch's last batch and its sample: go on with the next epoch,
             # from the RNG state the next epoch would have started with.

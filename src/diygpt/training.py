@@ -79,9 +79,11 @@ class Trainer(TrainerState):
         self._resume_point: ResumePoint | None = None
         self.last_checkpoint: Path | None = None
         self._saved_step: int | None = None
-        # This epoch ran out of batches and its end (the sample) is done: a checkpoint taken
-        # now resumes at the next epoch rather than ending this one again.
+        # This epoch's end (the sample) is done, and it also ran out of batches: a checkpoint
+        # taken now resumes without ending the epoch again (in the next one if finished).
+        self._epoch_end_done = False
         self._epoch_finished = False
+        self._end_ran_before_resume = False  # set from a checkpoint; for the first epoch only
         self._stop = StopRequest()
         # Under torchrun (see distributed.py): how batches split across ranks, and who writes.
         self.parallel = parallel
@@ -223,11 +225,12 @@ class Trainer(TrainerState):
                     self.model.train()
                     if self.parallel is not None:
                         self.parallel.sync_rng()
-                    finished = True
+                    finished, stepped = True, False
                     for input_batch, target_batch in self._epoch_batches():
                         if c.max_steps is not None and h.global_step + 1 >= c.max_steps:
                             finished = False
                             break
+                        stepped = True
                         lr = self._set_lr(h.global_step + 1)
                         if self.meter is not None:
                             self.meter.start()
@@ -246,8 +249,10 @@ class Trainer(TrainerState):
                             self._evaluate(epoch, lr)
                         self._after_step()
                     h.epochs_done = epoch + 1
-                    self._end_of_epoch(epoch)
-                    self._epoch_finished = finished
+                    if stepped or not self._end_ran_before_resume:  # not twice for no step
+                        self._end_of_epoch(epoch)
+                    self._end_ran_before_resume = False
+                    self._epoch_end_done, self._epoch_finished = True, finished
                     if c.max_steps is not None and h.global_step + 1 >= c.max_steps:
                         break
                 # The final state, so that `--resume` can extend any run (the run folder's

@@ -72,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
         raise CheckpointError("the model's loss is NaN: its weights are broken (e.g. saved "
                               "from a run that diverged)")
     n = len(loader) if args.max_batches is None else min(args.max_batches, len(loader))
-    # The windows end where the last whole one does: the tokens after it are not scored.
+    # Windows that overlap (--stride below the window) predict some tokens more than once;
+    # the text after the last whole window is not predicted.
     print(f"loss {loss:.4f}  perplexity {perplexity(loss):.2f}  ({n} batches, {scored} "
-          f"tokens scored of the text's {len(ids)})")
+          f"predictions scored, over a text of {len(ids)} tokens)")
     return 0
 

@@ -206,7 +206,8 @@ def download(
     urls = file_urls(name, fmt, base_url)
     folder = model_dir(name, directory)
     _check_folder_holds(name, folder)
-    created = not folder.exists()
+    # The folders this call makes, deepest first, removed again if it fails leaving them empty
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     try:
         for file, url in urls.items():
@@ -219,7 +220,9 @@ def download(
                     f"on a machine with internet and put them in {folder}"
                 ) from None
     except BaseException:
-        if created and not any(folder.iterdir()):  # a .part stays, for the next try to resume
-            folder.rmdir()
+        for made_dir in made:  # a .part stays, for the next try to resume
+            if any(made_dir.iterdir()):
+                break
+            made_dir.rmdir()
         raise
     return folder
