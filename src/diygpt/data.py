@@ -295,6 +295,36 @@ class TrainingData:
     digest: str
 
 
+def _token_files(paths: Sequence[PathLike]) -> list[PathLike] | None:
+    """The ``.bin`` token files among ``paths``; None for text files; an error for a mix."""
+    token_files = [p for p in paths if str(p).endswith(".bin")]
+    if token_files and len(token_files) != len(paths):
+        raise DataError("give either text files or .bin token files (from `diygpt prepare`), not both")
+    return token_files or None
+
+
+def _read_token_files(token_files: Sequence[PathLike]) -> np.ndarray:
+    """One file's ids memory-mapped; several joined by <|endoftext|>, as text files are
+    (this copies them into memory)."""
+    from diygpt.prepare import load_tokens
+
+    _refuse_twice([Path(p) for p in token_files])
+    arrays = [load_tokens(p) for p in token_files]
+    if len(arrays) == 1:
+        return arrays[0]
+    eot = np.array([EOT_ID], dtype=np.uint16)
+    return np.concatenate([part for a in arrays for part in (eot, a)][1:])
+
+
+def load_token_ids(paths: PathLike | Sequence[PathLike], tokenizer) -> Sequence[int] | np.ndarray:
+    """All the ids of text files (encoded whole) or of ``.bin`` token files, unsplit."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    token_files = _token_files(paths)
+    if token_files is not None:
+        return _read_token_files(token_files)
+    return tokenizer.encode(read_text(paths), allowed_special={ENDOFTEXT})
+
+
 def load_training_data(
     paths: PathLike | Sequence[PathLike], tokenizer, train_ratio: float = 0.9
 ) -> TrainingData:
@@ -304,8 +334,8 @@ def load_training_data(
     The digest lets a resume refuse data that changed since its checkpoint.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    token_files = [p for p in paths if str(p).endswith(".bin")]
-    if not token_files:
+    token_files = _token_files(paths)
+    if token_files is None:
         text = read_text(paths)
         train_text, val_text = split_text(text, train_ratio)
         return TrainingData(
@@ -313,15 +343,6 @@ def load_training_data(
             tokenizer.encode(val_text, allowed_special={ENDOFTEXT}) if val_text else [],
             hashlib.sha256(text.encode("utf-8")).hexdigest(),
         )
-    if len(token_files) != len(paths):
-        raise DataError("give either text files or .bin token files (from `diygpt prepare`), not both")
-    from diygpt.prepare import load_tokens
-
-    _refuse_twice([Path(p) for p in token_files])
-    arrays = [load_tokens(p) for p in token_files]
-    if len(arrays) > 1:  # joined as text files are (this copies them into memory)
-        eot = np.array([EOT_ID], dtype=np.uint16)
-        arrays = [part for a in arrays for part in (eot, a)][1:]
-    ids = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+    ids = _read_token_files(token_files)
     train_ids, val_ids = split_tokens(ids, train_ratio)
     return TrainingData(train_ids, val_ids, hashlib.sha256(memoryview(ids)).hexdigest())

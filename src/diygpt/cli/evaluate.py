@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         GPTDatasetV1,
         check_enough_tokens,
         check_token_ids,
-        load_training_data,
+        load_token_ids,
         make_loader,
     )
     from diygpt.device import select_device
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             f"--context-length {length} exceeds the model's context length {model.context_length}"
         )
     # All of it, read as `train --data` reads it (text files, or .bin files from prepare).
-    ids = load_training_data(args.data, tokenizer, train_ratio=1.0).train_ids
+    ids = load_token_ids(args.data, tokenizer)
     check_enough_tokens(len(ids), length, "the text",
                         "use more text or a smaller --context-length")
     check_token_ids(ids, model.tok_emb.num_embeddings, "the text")
