@@ -186,9 +186,7 @@ def save_run(
     if optimizer is not None:
         opt_state = optimizer.state_dict()
         atomic_write(out / OPTIMIZER_FILE, lambda tmp: torch.save(opt_state, tmp))
-    cfg = unwrap_model(model).cfg
-    payload = {"config": cfg.to_dict(), **state}
-    write_json(out / STATE_FILE, payload)
+    _write_state(out, unwrap_model(model).cfg, state)
     return out
 
 
@@ -200,8 +198,12 @@ def save_run_links(
     out = Path(out_dir)
     for name in (MODEL_FILE, OPTIMIZER_FILE):
         link_or_copy(checkpoint / name, out / name)
-    write_json(out / STATE_FILE, {"config": cfg.to_dict(), **state})
+    _write_state(out, cfg, state)
     return out
+
+
+def _write_state(out: Path, cfg: GPTConfig, state: dict[str, Any]) -> None:
+    write_json(out / STATE_FILE, {"config": cfg.to_dict(), **state})
 
 
 def read_run_state(run_dir: str | os.PathLike) -> dict[str, Any]:
