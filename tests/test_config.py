@@ -63,3 +63,14 @@ def test_as_config_accepts_all_forms_and_roundtrips():
     cfg = get_preset("tiny")
     assert as_config("tiny") == cfg == as_config(cfg) == as_config(cfg.to_dict())
     assert cfg.with_updates(n_layers=3, drop_rate=None).n_layers == 3
+
+
+def test_numpy_scalars_are_accepted_and_stored_as_python_values():
+    np = pytest.importorskip("numpy")
+    cfg = GPTConfig(**{**BOOK_DICT, "emb_dim": np.int64(768), "drop_rate": np.float64(0.1),
+                       "qkv_bias": np.bool_(True)})
+    assert cfg == GPTConfig(**{**BOOK_DICT, "qkv_bias": True})
+    assert type(cfg.emb_dim) is int and type(cfg.qkv_bias) is bool
+    for bad in ({"emb_dim": np.bool_(True)}, {"drop_rate": np.bool_(False)}):
+        with pytest.raises(ConfigError):
+            GPTConfig(**{**BOOK_DICT, **bad})

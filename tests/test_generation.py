@@ -20,8 +20,7 @@ def model():
 def test_seed_multinomial_counts():
     # The seed's section 3.1.1: 1000 draws at temperature 1 from these logits.
     torch.manual_seed(123)
-    probs = torch.softmax(LOGITS[0], dim=-1)
-    draws = [torch.multinomial(probs, num_samples=1).item() for _ in range(1000)]
+    draws = [sample_next(LOGITS, temperature=1.0).item() for _ in range(1000)]
     counts = torch.bincount(torch.tensor(draws), minlength=9).tolist()
     assert counts[:8] == [73, 0, 0, 582, 2, 0, 0, 343]
 
@@ -67,7 +66,7 @@ def test_generate_draws_the_books_tokens(model, temperature, top_k):
 
 
 def test_cached_greedy_equals_uncached_across_window_overflow(model):
-    prompt = torch.randint(0, 120, (3, 10))
+    prompt = torch.randint(0, 120, (3, 10), generator=torch.Generator().manual_seed(11))
     a = generate(model, prompt, 25, 16, use_cache=False)  # 35 tokens > context 16
     b = generate(model, prompt, 25, 16, use_cache=True)
     assert torch.equal(a, b) and a.shape == (3, 35)
@@ -167,7 +166,23 @@ def test_numpy_integers_are_integers(model):
 def test_top_k_above_vocab_is_clamped(model):
     torch.manual_seed(0)
     out = generate(model, torch.tensor([[1]]), 3, 16, temperature=1.0, top_k=10**6)
+    torch.manual_seed(0)
+    assert torch.equal(out, generate(model, torch.tensor([[1]]), 3, 16, temperature=1.0))
     assert out.shape == (1, 4)
+
+
+def test_generate_drives_any_model_as_the_book_does():
+    # The reader's own chapter-4 model, and a wrapper around ours: no KV cache for either.
+    from book_reference import BookGPTModel
+
+    torch.manual_seed(3)
+    book_model = BookGPTModel({**CFG, "drop_rate": 0.0}).eval()
+    prompt = torch.tensor([[5, 17, 99, 3]])
+    torch.manual_seed(123)
+    want = book_generate(book_model, prompt, 20, 16, 1.0, 10)
+    for wrapped in (book_model, torch.nn.Sequential(book_model)):
+        torch.manual_seed(123)
+        assert torch.equal(generate(wrapped, prompt, 20, 16, 1.0, 10), want)
 
 
 def test_the_model_and_the_decoder_name_a_missing_or_extra_batch_dimension(model, tokenizer):

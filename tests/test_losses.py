@@ -44,6 +44,18 @@ def test_uses_the_in_place_backward_only_where_it_applies():
     assert type(loss.grad_fn).__name__ != "_CrossEntropyInPlaceBackward"
     with torch.no_grad():  # evaluation: nothing to save
         assert cross_entropy(logits, targets).grad_fn is None
+    # uint8 targets, which F.cross_entropy takes and an index would read as a mask
+    small = targets.to(torch.uint8)
+    loss = cross_entropy(logits, small)
+    assert type(loss.grad_fn).__name__ != "_CrossEntropyInPlaceBackward"
+    assert torch.equal(loss, F.cross_entropy(logits, targets))
+
+
+def test_a_second_order_gradient_is_refused_not_silently_wrong():
+    layer = torch.nn.Linear(4, 11)
+    loss = cross_entropy(layer(torch.randn(6, 4)), torch.randint(0, 11, (6,)))
+    with pytest.raises(RuntimeError, match="no second-order gradient; pass calc_loss_batch"):
+        torch.autograd.grad(loss, layer.weight, create_graph=True)
 
 
 def test_calc_loss_loader_caps_batches_gives_nan_when_empty_and_refuses_zero():

@@ -3,6 +3,7 @@ import torch
 
 from book_reference import BookGPTModel
 from diygpt import GPTModel, KVCache, get_preset
+from diygpt.model import FeedForward, TransformerBlock
 
 TINY_BOOK = {
     "vocab_size": 300, "context_length": 32, "emb_dim": 48, "n_heads": 4,
@@ -29,8 +30,10 @@ def test_seeded_init_and_eager_logits_equal_the_books(qkv_bias):
     book = BookGPTModel(cfg).eval()
     torch.manual_seed(123)
     ours = GPTModel({**cfg, "attn_impl": "eager"}).eval()
-    for (n, a), (_, b) in zip(ours.state_dict().items(), book.named_parameters(), strict=False):
-        assert torch.equal(a, b), n
+    ours_w, book_w = ours.state_dict(), dict(book.named_parameters())
+    assert list(ours_w) == list(book_w)  # the same names, created in the same order
+    for name, weight in ours_w.items():
+        assert torch.equal(weight, book_w[name]), name
     x = torch.randint(0, 300, (3, 20))
     with torch.no_grad():
         assert torch.equal(ours(x), book(x))
@@ -49,6 +52,20 @@ def test_training_mode_dropout_draws_match_the_book():
     torch.manual_seed(9)
     b = ours(x)
     assert torch.equal(a, b)
+    # Backward too: the same gradients to the bit (the book projects keys first, and
+    # autograd sums the three projections' input gradients in reverse creation order).
+    y = torch.randint(0, 300, (2, 16))
+    for logits in (a, b):
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
+    book_grads = {n: p.grad for n, p in book.named_parameters()}
+    for name, param in ours.named_parameters():
+        assert torch.equal(param.grad, book_grads[name]), name
+
+
+def test_the_chapter_4_blocks_take_the_books_dict():
+    block = TransformerBlock(TINY_BOOK)
+    assert block.att.W_query.in_features == TINY_BOOK["emb_dim"]
+    assert FeedForward(TINY_BOOK).layers[0].out_features == 4 * TINY_BOOK["emb_dim"]
 
 
 def test_book_state_dict_with_mask_buffers_loads_strictly():

@@ -19,6 +19,9 @@ def test_roundtrip_and_endoftext(tokenizer):
     assert ids.shape[0] == 1 and EOT_ID in ids[0].tolist()
     assert token_ids_to_text(ids, tokenizer) == "Hello, world.<|endoftext|>Bye"
     assert token_ids_to_text(torch.tensor([6109, 3626]), tokenizer) == "Every effort"
+    assert token_ids_to_text(torch.tensor([6109]), tokenizer) == "Every"  # (T,) with T = 1
+    assert token_ids_to_text(torch.tensor([[6109]]), tokenizer) == "Every"
+    assert text_to_token_ids("", tokenizer).dtype == torch.long  # not torch.tensor([])'s float
 
 
 def test_env_var_folder_is_used(monkeypatch, tmp_path):

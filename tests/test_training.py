@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from book_reference import BookGPTModel, book_train_model_simple
 from diygpt import GPTModel
 from diygpt.data import prepare_loaders
 from diygpt.schedule import lr_at_step
@@ -46,13 +48,59 @@ def test_tiny_training_loss_falls_and_outputs_are_written(verdict_text, tokenize
     assert state["global_step"] == h.global_step and state["config"]["emb_dim"] == 32
 
 
-def test_train_model_simple_keeps_the_books_signature(verdict_text, tokenizer, capsys):
+def test_train_model_simple_is_the_books_loop_to_the_bit(verdict_text, tokenizer, capsys):
+    # The book's model and hand-written loop (F.cross_entropy, torch's AdamW) against ours
+    # with the book's attention math, dropout on: the same printed log, returned lists and
+    # final weights, bit for bit.
+    cfg = {**TINY, "drop_rate": 0.1}
+    results = []
+    for ours in (False, True):
+        torch.manual_seed(123)
+        train, val = prepare_loaders(verdict_text[:6000], tokenizer, 4, 32, shuffle=True)
+        torch.manual_seed(123)
+        if not ours:
+            model, fit = BookGPTModel(cfg), book_train_model_simple
+        else:
+            model, fit = GPTModel({**cfg, "attn_impl": "eager"}), train_model_simple
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
+        lists = fit(model, train, val, opt, "cpu", num_epochs=2, eval_freq=5, eval_iter=2,
+                    start_context="Every effort", tokenizer=tokenizer)
+        weights = {k: v for k, v in model.state_dict().items() if not k.endswith(".mask")}
+        results.append((capsys.readouterr().out, lists, weights))
+    (book_out, book_lists, book_w), (out, lists, w) = results
+    assert out.startswith("Ep 1 (Step 000000): Train loss ") and out.count("Every effort") == 2
+    assert out == book_out
+    assert lists == book_lists and len(lists[0]) > 2
+    assert w.keys() == book_w.keys()
+    assert all(torch.equal(w[k], book_w[k]) for k in w)
+
+
+def test_ctrl_c_in_train_model_simple_is_a_keyboard_interrupt_after_the_step(
+        verdict_text, tokenizer, capsys):
+    # The book reader's `except KeyboardInterrupt:` around the loop keeps the model trained
+    # so far; diygpt lets the step under way finish first, so its weights are whole.
     model, opt, train, val = _setup(verdict_text, tokenizer)
-    tl, vl, seen = train_model_simple(model, train, val, opt, "cpu", num_epochs=1, eval_freq=5,
-                                      eval_iter=1, start_context="Every effort", tokenizer=tokenizer)
-    out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("Ep 1 (Step 000000): Train loss ")
-    assert len(tl) == len(vl) == len(seen) == len([ln for ln in out if ln.startswith("Ep ")])
+    batches = list(train)
+
+    def ctrl_c_at_third_batch():
+        for i, batch in enumerate(batches):
+            if i == 2:
+                signal.raise_signal(signal.SIGINT)
+            yield batch
+
+    class Loader:
+        def __len__(self):
+            return len(batches)
+
+        def __iter__(self):
+            return ctrl_c_at_third_batch()
+
+    with pytest.raises(KeyboardInterrupt) as stop:
+        train_model_simple(model, Loader(), val, opt, "cpu", num_epochs=1, eval_freq=100,
+                           eval_iter=1, start_context="Every effort", tokenizer=tokenizer)
+    assert stop.value.step == 2  # steps 0 and 1, then the third batch's step
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert all(s["step"] == 3 for s in opt.state.values())
 
 
 def test_train_model_simple_takes_a_list_of_batches_as_the_book_does(verdict_text, tokenizer):

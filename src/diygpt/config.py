@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
@@ -10,6 +11,12 @@ from diygpt.errors import ConfigError
 
 ATTENTION_IMPLS = ("sdpa", "eager")
 _SHAPE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
+
+
+def _is_bool(value: object) -> bool:
+    # numpy's bool (np.bool_; np.bool in numpy 2), recognised without importing numpy
+    kind = type(value)
+    return isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"))
 
 
 @dataclass(frozen=True)
@@ -31,19 +38,24 @@ class GPTConfig:
     attn_impl: str = "sdpa"
 
     def __post_init__(self) -> None:
+        # numpy's scalars (np.int64 from a loaded array, np.float32, np.bool_) are accepted
+        # as the rest of the API accepts them, and stored as plain Python values for JSON.
         for name in _SHAPE_KEYS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if _is_bool(value) or not isinstance(value, numbers.Integral) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
         if self.emb_dim % self.n_heads != 0:
             raise ConfigError(
                 f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
             )
         rate = self.drop_rate
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+        if _is_bool(rate) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
             raise ConfigError(f"drop_rate must be a number with 0 <= drop_rate < 1, got {rate!r}")
-        if not isinstance(self.qkv_bias, bool):
+        object.__setattr__(self, "drop_rate", float(rate))
+        if not _is_bool(self.qkv_bias):
             raise ConfigError(f"qkv_bias must be true or false, got {self.qkv_bias!r}")
+        object.__setattr__(self, "qkv_bias", bool(self.qkv_bias))
         if self.attn_impl not in ATTENTION_IMPLS:
             raise ConfigError(
                 f"attn_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attn_impl!r}"

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from diygpt.errors import GenerationError
-from diygpt.model import KVCache
+from diygpt.model import GPTModel, KVCache
 from diygpt.static_decode import StaticDecoder
 
 
@@ -55,7 +55,10 @@ def check_prompt(model: nn.Module, idx: torch.Tensor) -> None:
         raise GenerationError("the prompt is empty: give at least one token")
     if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
         raise GenerationError(f"the prompt must hold integer token ids, got {idx.dtype}")
-    vocab_size = model.tok_emb.num_embeddings
+    embedding = getattr(model, "tok_emb", None)  # a reader's own model may name it otherwise
+    if not isinstance(embedding, nn.Embedding):
+        return
+    vocab_size = embedding.num_embeddings
     low, high = int(idx.min()), int(idx.max())
     if low < 0 or high >= vocab_size:
         raise GenerationError(
@@ -113,6 +116,12 @@ def sample_next(
 def _token_ids(idx: torch.Tensor, device: torch.device) -> torch.Tensor:
     # The embedding takes int64 or int32 ids; narrower integer prompts are widened.
     return idx.to(device, None if idx.dtype in (torch.int64, torch.int32) else torch.int64)
+
+
+def _takes_a_cache(model: nn.Module) -> bool:
+    """diygpt's GPTModel, or one compiled from outside; any other model (the reader's own
+    chapter-4 model, say) is driven as the book does, re-reading its window every step."""
+    return isinstance(getattr(model, "_orig_mod", model), GPTModel)
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -184,17 +193,19 @@ def stream_generate(
     are padded with it). ``compile`` runs each one-token step through ``torch.compile``
     on a static cache: a slow first call, then faster steps (see BENCHMARKS.md). A model in
     training mode reads its whole window every step, as the book's loop does, so that its
-    dropout draws, and so its tokens, are the book's: the cache serves eval mode.
+    dropout draws, and so its tokens, are the book's: the cache serves eval mode. Any
+    module mapping ids (B, T) to logits (B, T, V) works; only diygpt's GPTModel is cached.
     """
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     check_prompt(model, idx)
     if not (_whole(context_size) and context_size >= 1):
         raise GenerationError(f"context_size must be a positive integer, got {context_size}")
-    context_size = min(int(context_size), model.context_length)
+    limit = getattr(model, "context_length", None)
+    context_size = int(context_size) if limit is None else min(int(context_size), limit)
     max_new_tokens = int(max_new_tokens)
     device, _ = _model_device_dtype(model)
     idx = _token_ids(idx, device)
-    if not use_cache or model.training:
+    if not use_cache or model.training or not _takes_a_cache(model):
         def next_logits(idx: torch.Tensor) -> torch.Tensor:
             return model(idx[:, -context_size:])[:, -1, :]
     elif compile:

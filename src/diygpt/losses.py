@@ -35,6 +35,12 @@ class _CrossEntropyInPlace(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if torch.is_grad_enabled():  # create_graph=True: the gradient below has no graph
+            raise RuntimeError(
+                "diygpt's CPU cross entropy gives no second-order gradient; pass calc_loss_batch "
+                "loss_fn=lambda logits, targets: F.cross_entropy(logits.flatten(0, 1), "
+                "targets.flatten())"
+            )
         logp, targets = ctx.saved_tensors
         n, v = logp.shape
         value = -(grad / n)  # nll_loss's gradient at each target, for a mean over n rows
@@ -49,8 +55,10 @@ class _CrossEntropyInPlace(torch.autograd.Function):
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``F.cross_entropy(logits (N, V), targets (N,))``; on the CPU with less memory."""
+    # Only int64 targets: F.cross_entropy takes uint8 too, which indexing would read as a mask.
     if (logits.device.type == "cpu" and logits.requires_grad and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and not bool((targets < 0).any())):
+            and targets.dtype == torch.long and not torch.compiler.is_compiling()
+            and not bool((targets < 0).any())):
         return _CrossEntropyInPlace.apply(logits, targets)
     return F.cross_entropy(logits, targets)  # also for ignore_index (-100) targets
 

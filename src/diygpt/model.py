@@ -107,8 +107,11 @@ class MultiHeadAttention(nn.Module):
         b, t, _ = x.shape
         split = (b, t, self.num_heads, self.head_dim)
         if not self.fused_qkv:  # (B, T, C) -> (B, T, H, D) -> (B, H, T, D)
-            return tuple(lin(x).view(split).transpose(1, 2)
-                         for lin in (self.W_query, self.W_key, self.W_value))
+            # Keys first, as the book does: autograd sums the three products' input
+            # gradients in reverse creation order, so this order makes them the book's bits.
+            keys, queries, values = (lin(x).view(split).transpose(1, 2)
+                                     for lin in (self.W_key, self.W_query, self.W_value))
+            return queries, keys, values
         # One larger product keeps a GPU's matmul units busier than three small ones, in
         # backward too; the stacked weights are rebuilt each call, so the book's three
         # parameters stay what is trained and saved.
@@ -191,8 +194,9 @@ class GELU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig | Mapping[str, Any] | str) -> None:
         super().__init__()
+        cfg = as_config(cfg)  # chapter 4 builds the blocks from the book's dict too
         self.layers = nn.Sequential(
             nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),  # (B, T, C) -> (B, T, 4C)
             GELU(),
@@ -204,8 +208,9 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig | Mapping[str, Any] | str) -> None:
         super().__init__()
+        cfg = as_config(cfg)
         self.att = MultiHeadAttention(
             d_in=cfg.emb_dim,
             d_out=cfg.emb_dim,

@@ -14,8 +14,10 @@ from types import FrameType
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class Interrupted(Exception):
-    """Training stopped on a signal after saving ``checkpoint`` (not an error)."""
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on a signal, between steps, after saving ``checkpoint`` if it has a
+    run folder (not an error). A KeyboardInterrupt, so that the book reader's
+    ``except KeyboardInterrupt:`` around ``train_model_simple`` still catches Ctrl-C."""
 
     def __init__(self, signum: int, step: int, checkpoint: str | None) -> None:
         self.signum = signum

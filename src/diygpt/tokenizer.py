@@ -74,13 +74,13 @@ def get_tokenizer(tokenizer_dir: str | os.PathLike | None = None):
 def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
     """Encode text to a (1, T) tensor of token ids; ``<|endoftext|>`` is allowed."""
     encoded = tokenizer.encode(text, allowed_special={ENDOFTEXT})
-    return torch.tensor(encoded).unsqueeze(0)  # add the batch dimension
+    return torch.tensor(encoded, dtype=torch.long).unsqueeze(0)  # add the batch dimension
 
 
 def token_ids_to_text(token_ids: torch.Tensor, tokenizer) -> str:
     """Decode a (1, T) or (T,) tensor of token ids back to text."""
-    flat = token_ids.squeeze(0)  # remove the batch dimension
-    if flat.dim() > 1:
+    flat = token_ids[0] if token_ids.dim() == 2 and len(token_ids) == 1 else token_ids
+    if flat.dim() != 1:
         raise ValueError(f"token_ids_to_text decodes one sequence, got shape "
                          f"{tuple(token_ids.shape)}; decode each row: token_ids_to_text(ids[i], ...)")
     return tokenizer.decode(flat.tolist())
