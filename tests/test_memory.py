@@ -157,6 +157,9 @@ def test_malloc_setting_left_to_the_user(monkeypatch):
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
     assert memory.tune_malloc(model, opt, recycle=True) is False
+    # The user's thresholds stand; the trims asked for still happen (they do not use them).
+    assert memory.tune_malloc(model, opt, trim_after_forward=True) is False
+    assert len(model._forward_hooks) == 1 and not opt._optimizer_step_post_hooks
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
     assert memory.tune_malloc(model, opt) is True
     memory._malloc_trim()
@@ -187,6 +190,20 @@ def test_cli_trims_the_heap_by_default_on_the_cpu_uncompiled(data, tmp_path, cap
     rc, _, err = train_tiny(capsys, data, tmp_path / "run", "--max-steps", "1", *extra)
     assert rc == 0, err
     assert [(kw["trim_after_forward"], kw["recycle"]) for kw in seen] == [(trims, not trims)]
+
+
+@pytest.mark.parametrize(("extra", "calls"), [
+    (("--no-malloc-tuning",), []),
+    (("--no-malloc-tuning", "--trim-heap"), [(True, False, False)]),
+    (("--no-malloc-tuning", "--low-memory"), [(True, True, False)])])
+def test_no_malloc_tuning_keeps_the_trims_that_were_asked_for(data, tmp_path, capsys,
+                                                             monkeypatch, extra, calls):
+    seen = []
+    monkeypatch.setattr(memory, "tune_malloc", lambda *a, **kw: seen.append(kw) or True)
+    rc, _, err = train_tiny(capsys, data, tmp_path / "run", "--max-steps", "1", *extra)
+    assert rc == 0, err
+    assert [(kw["trim_after_forward"], kw["trim_before_big_steps"], kw["thresholds"])
+            for kw in seen] == calls
 
 
 RECYCLE_CHECK = """
@@ -246,13 +263,16 @@ def test_resume_with_low_memory_is_exact(data, tmp_path, capsys):
 
 @pytest.mark.parametrize(("saved", "typed", "expected"), [
     (False, [], None), (None, [], None), (True, [], True),
-    (False, ["--no-trim-heap"], False), (None, ["--trim-heap"], True)])
+    (False, ["--no-trim-heap"], False), (None, ["--trim-heap"], True),
+    ({"trim_heap": False, "fast_gelu": None}, [], False)])
 def test_resume_takes_an_older_runs_untyped_trim_heap_as_the_default(saved, typed, expected):
-    """Runs saved before --no-trim-heap existed hold False for "not given"."""
+    """Old runs (no fast_gelu setting) may hold False for "not given"; a newer run's False
+    is a typed --no-trim-heap, which the resume keeps."""
     from diygpt.cli.main import build_parser
     from diygpt.cli.resume_args import merge_resume_args
 
     argv = ["train", "--resume", "runs/x", *typed]
     args = build_parser().parse_args(argv)
     args.argv = argv
-    assert merge_resume_args(args, {"trim_heap": saved}, args.parser).trim_heap is expected
+    saved = saved if isinstance(saved, dict) else {"trim_heap": saved}
+    assert merge_resume_args(args, saved, args.parser).trim_heap is expected

@@ -103,7 +103,7 @@ def test_falls_back_where_it_would_not_be_exact(verdict_text, tokenizer, capsys,
     trainer.train_step = _spy(trainer, used)
     trainer.fit()
     assert used == [False, False]
-    assert f"--optim-in-backward does not apply with {why}" in capsys.readouterr().err
+    assert f"--low-memory's) does not apply with {why}" in capsys.readouterr().err
 
 
 def test_falls_back_for_fp16_and_other_optimizers(verdict_text, tokenizer):

@@ -47,6 +47,14 @@ def test_pad_vocab_keeps_logits_and_checkpoint_shape(tmp_path):
     assert torch.equal(again(idx), before)
 
 
+def test_pad_vocab_takes_no_draw_from_the_global_generator():
+    # Else a padded run shuffles its data and draws its dropout masks off the unpadded run's.
+    _model()
+    unpadded_next = torch.rand(4)
+    pad_vocab(_model())
+    assert torch.equal(torch.rand(4), unpadded_next)
+
+
 def test_padding_rows_get_no_gradient():
     model = pad_vocab(_model()).train()
     idx = torch.randint(0, TINY.vocab_size, (2, 8))

@@ -69,8 +69,9 @@ def _malloc_trim() -> None:
 
 def tune_malloc(model: nn.Module, optimizer: torch.optim.Optimizer,
                 trim_after_forward: bool = False, trim_before_big_steps: bool = False,
-                recycle: bool = False) -> bool:
-    """Cut what glibc's allocator keeps resident around a training step; True if glibc.
+                recycle: bool = False, thresholds: bool = True) -> bool:
+    """Cut what glibc's allocator keeps resident around a training step; True if it set
+    glibc's thresholds (``thresholds``, and the user set none of ``USER_SETTINGS``).
 
     - AdamW's moments are made at the first step, in the middle of the activations' heap,
       which then grows around them, and the holes freed activations leave stay resident.
@@ -95,15 +96,21 @@ def tune_malloc(model: nn.Module, optimizer: torch.optim.Optimizer,
       made a compiled step 1.10-1.19x slower. The heap keeps more, though: the whole compiled
       seed run peaked at 3812 MiB instead of 3439 (BENCHMARKS.md, sixteenth pass). glibc
       before 2.35 refuses a threshold over 32 MiB; there the steady 32 MiB is kept.
+
+    The trims apply whatever the thresholds: ``malloc_trim`` does not depend on them.
     """
-    if not _mallopt(M_MMAP_THRESHOLD, 1 << 20):
+    if _glibc() is None:
+        return False
+    if trim_after_forward:
+        model.register_forward_hook(_trim_after_forward)
+    if trim_before_big_steps:
+        _trim_before_big_steps(optimizer)
+    if not (thresholds and _mallopt(M_MMAP_THRESHOLD, 1 << 20)):
         return False
     if recycle:
         _mallopt(M_TRIM_THRESHOLD, RECYCLE_TRIM)
     steady = RECYCLE_THRESHOLD if recycle else STEADY_THRESHOLD
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-    total = sum(p.numel() for p in params)
-    big = [p for p in params if p.numel() >= DEFER_SHARE * total]
     seen = [len(optimizer.state)]
 
     def state_made(opt: torch.optim.Optimizer, args, kwargs) -> None:
@@ -115,7 +122,19 @@ def tune_malloc(model: nn.Module, optimizer: torch.optim.Optimizer,
             handle.remove()
         seen[0] = count
 
-    starts = {p.data_ptr() for p in big}
+    handle = optimizer.register_step_post_hook(state_made)
+    return True
+
+
+def _trim_after_forward(module: nn.Module, args, output) -> None:
+    if module.training and torch.is_grad_enabled():
+        _malloc_trim()
+
+
+def _trim_before_big_steps(optimizer: torch.optim.Optimizer) -> None:
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    total = sum(p.numel() for p in params)
+    starts = {p.data_ptr() for p in params if p.numel() >= DEFER_SHARE * total}
 
     def before_step(opt: torch.optim.Optimizer, args, kwargs) -> None:
         # A big parameter is next: stepped whole, or its first row slice (optim_in_backward).
@@ -123,16 +142,7 @@ def tune_malloc(model: nn.Module, optimizer: torch.optim.Optimizer,
                for g in opt.param_groups for p in g["params"]):
             _malloc_trim()
 
-    def after_forward(module: nn.Module, args, output) -> None:
-        if module.training and torch.is_grad_enabled():
-            _malloc_trim()
-
-    handle = optimizer.register_step_post_hook(state_made)
-    if trim_after_forward:
-        model.register_forward_hook(after_forward)
-    if trim_before_big_steps:
-        optimizer.register_step_pre_hook(before_step)
-    return True
+    optimizer.register_step_pre_hook(before_step)
 
 
 def recompute_blocks(model: nn.Module) -> None:

@@ -270,8 +270,9 @@ def attached(trainer: Trainer) -> Iterator[OptimInBackward | None]:
     if wanted is None:
         wanted = _on_cpu(trainer.optimizer)
     elif wanted and why is not None and trainer.is_main:
-        print(f"diygpt: note: --optim-in-backward does not apply with {why}; the optimizer "
-              "steps after backward", file=sys.stderr)
+        print(f"diygpt: note: stepping AdamW inside backward (--optim-in-backward, or "
+              f"--low-memory's) does not apply with {why}; the optimizer steps after backward",
+              file=sys.stderr)
     if not wanted or why is not None:
         yield None
         return

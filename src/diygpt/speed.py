@@ -88,7 +88,11 @@ def pad_vocab(model: nn.Module, multiple: int = PAD_MULTIPLE) -> nn.Module:
     if isinstance(head, PaddedHead):
         return model
     vocab, dim = head.weight.shape
-    padded = PaddedHead(dim, vocab, padded_size(vocab, multiple)).to(head.weight)
+    # Built on the meta device: nn.Linear's random init would take draws from the global
+    # generator, moving every later one (data order, dropout masks) off the unpadded run's.
+    with torch.device("meta"):
+        padded = PaddedHead(dim, vocab, padded_size(vocab, multiple))
+    padded = padded.to_empty(device=head.weight.device).to(head.weight.dtype)
     with torch.no_grad():
         padded.weight.zero_()
         padded.weight[:vocab].copy_(head.weight)

@@ -1,6 +1,8 @@
 """The book's pretraining loop (``train_model_simple``), with opt-in extras.
 
-With the defaults each step is exactly the book's: zero_grad, loss, backward, step; every
+With the defaults each step computes the book's numbers to the bit: zero_grad, loss,
+backward, step (on the CPU, AdamW updates each parameter inside backward, once its
+gradient is complete, with the same arithmetic: see diygpt.optim_in_backward); every
 ``eval_freq`` steps the mean loss of ``eval_iter`` train and validation batches; after each
 epoch a 50-token greedy sample. The extras (max_steps, warmup + cosine, gradient clipping,
 gradient accumulation, run-folder outputs, a progress bar) change nothing unless asked for.

@@ -1,6 +1,6 @@
 """``diygpt train``'s speed flags, and turning them into a wrapped model, optimizer and precision.
 
-Without any of them training is the book's: fp32, eager PyTorch, the default AdamW, and
+Without any of them training is the book's: fp32, eager PyTorch, AdamW's arithmetic, and
 the log line exactly ``Ep 1 (Step 000000): Train loss 9.740, Val loss 10.112``. With any of
 them the log line also shows tok/s (and MFU on a known GPU).
 """
@@ -31,8 +31,8 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
                    "weights and optimizer stay fp32 (default fp32)")
     s.add_argument("--compile", action="store_true", help="torch.compile the model and its loss; "
                    "on a GPU also one q/k/v matmul per block, and with triton installed the "
-                   "loss as two Triton kernels; on a CPU in fp32 also the output head's "
-                   "products in vocabulary slices")
+                   "loss as two Triton kernels; on a CPU in fp32 (without --pad-vocab or "
+                   "--fsdp) also the output head's products in vocabulary slices")
     s.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="with --compile, 'max-autotune' (torch's max-autotune-no-cudagraphs): "
                    "on a GPU, times cuBLAS against Triton templates for each matmul and tunes "
@@ -40,11 +40,12 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
                    "an H200, then cached on that machine's disk; 0.4-2.8%% faster there. "
                    "'max-autotune-aten': the same with cuBLAS's own variants only, no "
                    "Triton templates (cuBLAS won every product on the H200): about 2.5 "
-                   "minutes, and as fast (0.2-2.0%% faster over three H200s). "
+                   "minutes, and as fast (0.2-2.0%% faster over two H200s). "
                    "Default: default, inductor's plain compile")
     s.add_argument("--pad-vocab", action="store_true",
                    help="compute 50304 logits (a multiple of 64) and drop the extra 47; "
-                   "checkpoints keep the 50257-row shape")
+                   "saved weights keep the 50257-row shape (optimizer.pt holds the head's "
+                   "moments at 50304 rows)")
     s.add_argument("--fused-adamw", action="store_true",
                    help="torch's fused single-kernel AdamW update (rounds differently from "
                    "the book's AdamW; overrides --fast-adamw)")

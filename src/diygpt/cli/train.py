@@ -78,7 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--grad-clip", type=ranged(float, 0, low_open=True), default=None,
                    help="clip the global gradient norm to this value")
     o.add_argument("--grad-accum", type=positive_int, default=1,
-                   help="split each batch into this many micro-batches (same result, less memory)")
+                   help="split each batch into this many micro-batches: less memory, the same "
+                   "gradient up to rounding (with dropout, masks are drawn per micro-batch, "
+                   "so they differ)")
     o.add_argument("--seed", type=seed_int, default=123, help="random seed (default 123, the book's)")
 
     e = p.add_argument_group("evaluation and output")
@@ -134,13 +136,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     mem.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=False,
                      help="recompute each block's activations during backward instead of keeping "
                      "them, step AdamW inside backward on any device, and trim glibc's heap "
-                     "twice a step: same numbers, about a quarter slower")
+                     "after the forward pass and before the biggest updates: same numbers, "
+                     "about a quarter slower")
     mem.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
                      help="with --no-recompute, keep LayerNorm's and GELU's outputs and attention's dropped weights "
                      "for backward instead of recomputing them there from what is kept anyway "
                      "(CPU): about 180-200 MB more for book-124m, at the same speed")
     mem.add_argument("--malloc-tuning", action=argparse.BooleanOptionalAction, default=True,
-                     help="with --no-malloc-tuning, leave glibc's allocator alone; by default AdamW's moments get "
+                     help="with --no-malloc-tuning, leave glibc's thresholds alone and trim only "
+                     "where --trim-heap or --low-memory asks; by default AdamW's moments get "
                      "mappings of their own, apart from the activations, and on the CPU "
                      "either the heap's free pages are handed back during a step (--trim-heap, "
                      "the default uncompiled, or --low-memory) or, without trimming, blocks of "
@@ -294,14 +298,14 @@ def _train(args: argparse.Namespace, env, device) -> int:
     fast = setup_training(args, model, device)  # optimizer, --dtype, --compile, tok/s meter
     if isinstance(fast.optimizer, fast_adamw.FastAdamW) and fast_adamw.load_kernel() is None:
         warn(f"diygpt: torch's AdamW update, not the fast one: {fast_adamw.unavailable_reason()}")
-    if args.malloc_tuning:
-        trim = args.trim_heap
-        if trim is None:  # where the exact eager step's memory work applies
-            trim = device.type == "cpu" and not args.compile
-        trim = trim or args.low_memory
+    trim = args.trim_heap
+    if trim is None:  # where the exact eager step's memory work applies
+        trim = args.malloc_tuning and device.type == "cpu" and not args.compile
+    trim = trim or args.low_memory  # typed trims hold under --no-malloc-tuning too
+    if args.malloc_tuning or trim:
         tune_malloc(fast.model, fast.optimizer, trim_after_forward=trim,
                     trim_before_big_steps=args.low_memory,
-                    recycle=device.type == "cpu" and not trim)
+                    recycle=device.type == "cpu" and not trim, thresholds=args.malloc_tuning)
     ranks = f" x {env.world_size} ranks ({'FSDP' if args.fsdp else 'DDP'})" if parallel else ""
     warn(
         f"diygpt: {n_params / 1e6:.1f}M parameters on {device}{ranks}; "
