@@ -57,6 +57,18 @@ def test_int8_model_is_smaller_and_its_loss_is_close():
     assert out.shape == (2, 24)
 
 
+def test_int8_of_a_padded_or_fused_model_is_the_int8_of_the_plain_one():
+    from diygpt.speed import fuse_qkv, pad_vocab
+
+    idx = torch.randint(0, CFG.vocab_size, (2, 5))
+    with torch.no_grad():
+        plain = quantize_int8(_model())(idx)
+        padded = quantize_int8(pad_vocab(_model()))(idx)  # not 320 logits, 20 of them zero
+        fused = quantize_int8(fuse_qkv(_model()))(idx)  # int8 weights cannot be stacked
+    assert plain.shape[-1] == CFG.vocab_size
+    assert torch.equal(padded, plain) and torch.equal(fused, plain)
+
+
 def test_generate_cli_int8(tmp_path, capsys):
     torch.manual_seed(0)
     save_run(tmp_path, GPTModel(get_preset("tiny")), None, {})
@@ -74,6 +86,11 @@ def test_static_cache_greedy_equals_generate(attn, device):
     idx = torch.randint(0, CFG.vocab_size, (2, 3), device=device)
     expected = generate(model, idx, 13, CFG.context_length)  # fills the 16-token window
     assert torch.equal(static_generate(model, idx, 13), expected)
+    model.train()
+    assert torch.equal(static_generate(model, idx.to(torch.int16), 13), expected)
+    assert model.training  # left as it was found
+    with pytest.raises(GenerationError, match="max_new_tokens >= 0"):
+        static_generate(model, idx, -1)
 
 
 def test_static_decode_compile_settings_per_device(monkeypatch):
@@ -139,6 +156,26 @@ def test_compiled_decode_equals_generate_also_past_the_window():
         stepped = decoder.step(expected[:, 3:4])
         direct = model(expected[:, :4])[:, -1]
     assert torch.allclose(stepped, direct, atol=1e-5)
+
+
+def test_past_torchs_recompile_limit_decoding_goes_on_uncompiled(monkeypatch):
+    # One compiled step serves the process; a 9th (batch, cache length) makes dynamo refuse.
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    from diygpt import static_decode
+
+    def refused(*args):
+        raise FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
+
+    monkeypatch.setattr(static_decode, "_PAST_RECOMPILE_LIMIT", set())
+    monkeypatch.setattr(static_decode, "compiled_step", lambda device_type: refused)
+    model = _model()
+    idx = torch.randint(0, CFG.vocab_size, (2, 3))
+    expected = generate(model, idx, 20, CFG.context_length)
+    assert torch.equal(generate(model, idx, 20, CFG.context_length, compile=True), expected)
+    assert static_decode._PAST_RECOMPILE_LIMIT == {"cpu"}
+    decoder = static_decode.StaticDecoder(model, 1, CFG.context_length, compile=True)
+    assert decoder.step_fn is static_decode.static_forward  # later decoders skip the refusal
 
 
 def test_generate_cli_compile_flag(tmp_path, capsys, monkeypatch):

@@ -37,6 +37,15 @@ def test_vanishing_temperature_is_greedy_not_nan():
         for top_p in (None, 0.9):
             assert sample_next(LOGITS, temperature=t, top_p=top_p).item() == 3
     assert sample_next(-LOGITS.abs() - 1, temperature=1e-41).item() == 1  # all -inf after /T
+    # 1e-300 is 0 in float32: a logit of exactly 0 gives 0 / 0
+    assert sample_next(torch.tensor([[-1.0, 0.0, -2.0]]), temperature=1e-300).item() == 1
+
+
+def test_a_temperature_past_float32s_range_samples_the_top_k_evenly():
+    # 1e39 is inf in float32: the -inf that top-k leaves would become NaN.
+    torch.manual_seed(0)
+    draws = {sample_next(LOGITS, temperature=1e39, top_k=3).item() for _ in range(60)}
+    assert draws == {0, 3, 7}
 
 
 def test_top_p_keeps_the_nucleus():

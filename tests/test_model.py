@@ -99,6 +99,17 @@ def test_kv_cache_matches_full_forward(attn):
     assert cache.pos == 12
 
 
+def test_a_cache_too_small_or_for_another_batch_is_one_line():
+    model = GPTModel(TINY_BOOK).eval()
+    cache = KVCache(model.cfg, batch_size=1, max_len=4)
+    with torch.no_grad():
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="5 positions do not fit the KV cache's 4"):
+            model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="a batch of 2 does not match the KV cache's 1 rows"):
+            model(torch.zeros(2, 1, dtype=torch.long), cache=cache)
+
+
 def test_too_long_input_is_refused():
     model = GPTModel(TINY_BOOK)
     with pytest.raises(ValueError, match="exceeds the context length 32"):

@@ -87,6 +87,9 @@ def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float = 0.0,
@@ -99,7 +102,10 @@ def sample_next(
         logits = apply_top_k(logits, top_k)
     if temperature > 0.0:
         scaled = logits / temperature
-        overflow = torch.isinf(scaled.amax(dim=-1, keepdim=True))  # (B, 1)
+        if temperature > _FLOAT32_MAX:  # T is inf in float32: -inf / inf would be NaN
+            scaled = scaled.masked_fill(torch.isneginf(logits), float("-inf"))
+        # NaN: 0 / T where T is 0 in float32
+        overflow = ~torch.isfinite(scaled.amax(dim=-1, keepdim=True))  # (B, 1)
         if bool(overflow.any()):
             # A temperature so small that logits / T overflows means greedy for that row.
             greedy = torch.full_like(scaled, float("-inf"))
@@ -133,17 +139,20 @@ class _CachedLogits:
     """Last-position logits (B, V) of the text so far, reading only the new token per step.
 
     When the text outgrows the window the positions shift, so it re-reads the cropped
-    window, exactly as the uncached path does.
+    window into the emptied cache, exactly as the uncached path does. The cache holds
+    ``max_len`` positions: the whole text, or the window where the text outgrows it.
     """
 
-    def __init__(self, model: nn.Module, context_size: int) -> None:
-        self.model, self.context_size = model, context_size
+    def __init__(self, model: nn.Module, context_size: int, max_len: int) -> None:
+        self.model, self.context_size, self.max_len = model, context_size, max_len
         self.cache: KVCache | None = None
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         if self.cache is None or idx.shape[1] > self.context_size:
-            device, dtype = _model_device_dtype(self.model)
-            self.cache = KVCache(self.model.cfg, idx.shape[0], self.context_size, device, dtype)
+            if self.cache is None:
+                device, dtype = _model_device_dtype(self.model)
+                self.cache = KVCache(self.model.cfg, idx.shape[0], self.max_len, device, dtype)
+            self.cache.reset()
             logits = self.model(idx[:, -self.context_size:], cache=self.cache, last_only=True)
         else:
             logits = self.model(idx[:, -1:], cache=self.cache, last_only=True)
@@ -155,7 +164,8 @@ class _StaticLogits:
 
     def __init__(self, model: nn.Module, batch_size: int, max_len: int, context_size: int) -> None:
         self.decoder = StaticDecoder(model, batch_size, max_len, compile=True)
-        self.fallback = _CachedLogits(model, context_size)  # once the text outgrows the cache
+        # once the text outgrows the static cache (which it can only do past the window)
+        self.fallback = _CachedLogits(model, context_size, context_size)
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         d, t = self.decoder, idx.shape[1]
@@ -212,7 +222,8 @@ def stream_generate(
         max_len = _static_cache_len(idx.shape[1], max_new_tokens, context_size)
         next_logits = _StaticLogits(model, idx.shape[0], max_len, context_size)
     else:
-        next_logits = _CachedLogits(model, context_size)
+        max_len = min(context_size, idx.shape[1] + max_new_tokens)
+        next_logits = _CachedLogits(model, context_size, max_len)
     finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         logits = next_logits(idx)

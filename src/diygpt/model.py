@@ -46,6 +46,16 @@ class KVCache:
     def reset(self) -> None:
         self.pos = 0
 
+    def check_fits(self, batch_size: int, end: int) -> None:
+        """One clear line, not a slice assignment's shape error, for a cache that is too
+        small or was made for another batch size."""
+        if batch_size != self.keys[0].shape[0]:
+            raise ValueError(f"a batch of {batch_size} does not match the KV cache's "
+                             f"{self.keys[0].shape[0]} rows; make a KVCache for this batch")
+        if end > self.max_len:
+            raise ValueError(f"{end} positions do not fit the KV cache's {self.max_len}; make a "
+                             "larger KVCache, or reset() it")
+
     def update(
         self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,12 +268,14 @@ class GPTModel(nn.Module):
         if in_idx.dim() != 2:  # a reader's (T,) ids without the batch dimension
             raise ValueError(f"token ids must be (batch, tokens), got shape {tuple(in_idx.shape)}; "
                              "add the batch dimension with .unsqueeze(0)")
-        _, t = in_idx.shape
+        b, t = in_idx.shape
         start = cache.pos if cache is not None else 0
         if start + t > self.context_length:
             raise ValueError(
                 f"sequence of {start + t} tokens exceeds the context length {self.context_length}"
             )
+        if cache is not None:
+            cache.check_fits(b, start + t)
         positions = torch.arange(start, start + t, device=in_idx.device)
         x = self.tok_emb(in_idx) + self.pos_emb(positions)  # (B, T, C)
         x = self.drop_emb(x)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diygpt.errors import GenerationError
+from diygpt.speed import PaddedHead
 
 _ACT_DTYPE = torch.bfloat16  # the kernel's vectorised CPU path wants bf16 activations
 
@@ -158,9 +159,20 @@ class Int8Linear(nn.Module):
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace every ``nn.Linear`` in the model (blocks and output head) with Int8Linear, in place."""
+    """Replace every ``nn.Linear`` in the model (blocks and output head) with Int8Linear, in place.
+
+    A padded output head (``--pad-vocab``) is quantized at the vocabulary's rows, and fused
+    q/k/v products are turned back into three: int8 weights cannot be stacked into one.
+    """
     for module in list(model.modules()):
+        if getattr(module, "fused_qkv", False):
+            module.fused_qkv = False
         for child_name, child in list(module.named_children()):
+            if isinstance(child, PaddedHead):
+                plain = nn.Linear(child.in_features, child.vocab_size, bias=False,
+                                  device="meta")
+                plain.weight = nn.Parameter(child.weight[: child.vocab_size])
+                child = plain
             if isinstance(child, nn.Linear):
                 setattr(module, child_name, Int8Linear(child))
     return model.eval().requires_grad_(False)

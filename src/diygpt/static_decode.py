@@ -185,6 +185,9 @@ def static_forward(model: nn.Module, idx: torch.Tensor, pos: torch.Tensor,
     return model.out_head(model.final_norm(x[:, -1]))  # (B, V)
 
 
+_PAST_RECOMPILE_LIMIT: set[str] = set()  # device types whose compiled step hit the limit
+
+
 @functools.cache
 def compiled_step(device_type: str) -> Callable[..., torch.Tensor]:
     """``static_forward`` compiled for one-token steps on this kind of device (made once)."""
@@ -212,6 +215,7 @@ class StaticDecoder:
                                    fuse_qkv=tuned and FUSE_QKV and can_fuse_qkv(model),
                                    plain_attention=tuned and PLAIN_ATTENTION)
         self.step_prompt = STEP_PROMPT if tuned and compile else 0
+        compile = compile and self.device.type not in _PAST_RECOMPILE_LIMIT
         self.step_fn = compiled_step(self.device.type) if compile else static_forward
         self.pos = 0
         # The position as a device tensor, refilled each step: a new tensor from a Python int
@@ -247,10 +251,17 @@ class StaticDecoder:
         # Dense strides: a column sliced from the growing text has a new stride each step,
         # which would make torch.compile recompile.
         token = token.clone(memory_format=torch.contiguous_format)
-        # Copy out: a CUDA-graph replay reuses its output buffer on the next step.
-        logits = self.step_fn(self.model, token, pos, self.cache).clone()
+        try:
+            logits = self.step_fn(self.model, token, pos, self.cache)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            # One compiled step serves the whole process, and each new (batch, cache length)
+            # is a recompile: past torch's limit (8 shapes), dynamo refuses before the step
+            # has run, so this step and every later one in the process run uncompiled.
+            _PAST_RECOMPILE_LIMIT.add(self.device.type)
+            self.step_fn = static_forward
+            logits = static_forward(self.model, token, pos, self.cache)
         self.pos += 1
-        return logits
+        return logits.clone()  # a CUDA-graph replay reuses its output buffer on the next step
 
 
 @torch.no_grad()
@@ -258,17 +269,29 @@ def static_generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int,
                     compile: bool = False) -> torch.Tensor:
     """Greedy continuation of ``idx`` (B, T) -> (B, T + max_new_tokens), in eval mode.
 
-    The whole text must fit the model's context window.
+    The whole text must fit the model's context window. (``generate(..., compile=True)``
+    checks its arguments and goes on past the window.)
     """
-    model.eval()
+    if idx.dim() != 2 or not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
+        raise GenerationError(f"static decoding takes ids (B, T) and max_new_tokens >= 0, got "
+                              f"shape {tuple(idx.shape)} and {max_new_tokens!r}")
     b, t = idx.shape
     total = t + max_new_tokens
     if t == 0 or total > model.context_length:
         raise GenerationError(
             f"static decoding needs 1 to {model.context_length} tokens in all, got {total}"
         )
+    was_training = model.training
+    try:
+        return _static_greedy(model.eval(), idx, b, t, total, compile)
+    finally:
+        model.train(was_training)
+
+
+def _static_greedy(model: nn.Module, idx: torch.Tensor, b: int, t: int, total: int,
+                   compile: bool) -> torch.Tensor:
     decoder = StaticDecoder(model, b, model.context_length, compile)
-    idx = idx.to(decoder.device)
+    idx = idx.to(decoder.device, torch.long)  # the embedding takes no narrower ids
     out = torch.empty(b, total, dtype=idx.dtype, device=decoder.device)
     out[:, :t] = idx
     logits = decoder.prefill(idx)

@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eos", action="store_true",
                    help="stop at <|endoftext|> (token 50256)")
     p.add_argument("--no-cache", dest="use_cache", action="store_false",
-                   help="recompute the whole window each step instead of using the KV cache")
+                   help="recompute the whole window each step instead of using the KV cache "
+                   "(the same tokens in fp32; in bf16 they can part at near ties)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 weights in every matmul (dynamic int8 on x86): 4x fewer bytes read per token "
                    "(CPU; see BENCHMARKS.md for speed and perplexity cost). On x86 each "
