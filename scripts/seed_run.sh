@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the seed's section 2.1 log (10 epochs of book-124m on the-verdict) and compare it
-# with the numbers printed in the seed. About 15 minutes on 2 CPU cores; not part of CI.
+# with the numbers printed in the seed. 5 to 8 minutes on 2 CPU cores; not part of CI.
 #   scripts/seed_run.sh [eager|sdpa] [more diygpt train flags]
 #   OUT=runs/seed-compiled scripts/seed_run.sh sdpa --compile --fused-adamw
 set -euo pipefail

@@ -93,6 +93,68 @@ def test_nan_temperature_is_an_argument_error(run, capsys):
     assert rc == 2 and "expected a finite number" in err
 
 
+@pytest.mark.parametrize("command", [["train"], ["generate"], ["eval", "--data", "x"],
+                                     ["download", "gpt2-small"],
+                                     ["prepare", "--data", "x", "--out", "y"]])
+def test_an_unknown_flag_names_the_command_and_its_help(capsys, command):
+    rc, _, err = run_cli(capsys, *command, "--bogus", "3")
+    command = command[0]
+    assert rc == 2
+    assert err == (f"diygpt {command}: error: unrecognized arguments: --bogus 3 "
+                   f"(see diygpt {command} --help)\n")
+
+
+def test_model_source_and_run_folder_mistakes_are_one_line(run, data, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bare = tmp_path / "bare.pth"
+    torch.save(torch.nn.Module().state_dict(), bare)
+    odd_width = tmp_path / "odd.pth"  # not one of GPT-2's four widths, and no config.json
+    from diygpt import GPTModel
+
+    torch.save(GPTModel({"vocab_size": 300, "context_length": 16, "emb_dim": 40,
+                         "n_heads": 2, "n_layers": 1}).state_dict(), odd_width)
+    tiny_hf = Path(__file__).parent / "fixtures" / "gpt2-tiny-hf"
+    cases = [
+        (["generate", "--weights", odd_width], f"{odd_width}: cannot tell n_heads for emb_dim "
+         "40; put a config.json next to the weights"),
+        (["generate", "--weights", tiny_hf], "prompt token id 6109 is outside the model's "
+         "vocabulary of 500"),
+        (["eval", "--checkpoint", run, "--data", data, "--context-length", "1000"],
+         "--context-length 1000 exceeds the model's context length 16"),
+        (["train", "--data", data, "--compile-mode", "max-autotune"],
+         "--compile-mode max-autotune needs --compile"),
+        (["train", "--resume", tmp_path / "nope"], f"{tmp_path / 'nope'}: no such run folder"),
+        (["generate", "--checkpoint", bare], f"{bare}: a bare weights file needs a model "
+         "config (--preset)"),
+        (["generate", "--checkpoint", run, "--weights", run],
+         "give exactly one of --checkpoint, --weights or --pretrained"),
+        (["generate", "--checkpoint", empty], f"{empty}/state.json: missing (is {empty} a "
+         "diygpt run folder?)"),
+        (["train", "--data", empty, *TINY], f"folder {empty} contains no .txt files"),
+        (["generate", "--checkpoint", run, "--tokenizer-dir", empty],
+         f"tokenizer folder {empty} must contain encoder.json and vocab.bpe"),
+    ]
+    for argv, expect in cases:
+        assert expect in one_line_error(capsys, *argv), argv
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--grad-accum", "--max-steps", "--eval-freq",
+                                  "--eval-iter", "--save-every", "--keep-last", "--stride",
+                                  "--context-length"])
+def test_a_count_of_zero_is_an_argument_error(data, capsys, flag):
+    rc, _, err = run_cli(capsys, "train", "--data", data, flag, "0")
+    assert rc == 2 and err == (f"diygpt train: error: argument {flag}: expected a positive "
+                               "integer, got 0 (see diygpt train --help)\n")
+
+
+def test_eval_warns_of_a_stride_past_the_window(run, data, capsys):
+    rc, _, err = run_cli(capsys, "eval", "--checkpoint", run, "--data", data, "--stride", "20")
+    assert rc == 0
+    assert "diygpt: warning: --stride 20 is past the context length 16: 4 of every 20 tokens " \
+           "are never scored" in err
+
+
 def test_eval_of_a_model_with_a_smaller_vocabulary(data, capsys):
     tiny_hf = Path(__file__).parent / "fixtures" / "gpt2-tiny-hf"  # a 500-token vocabulary
     line = one_line_error(capsys, "eval", "--weights", tiny_hf, "--data", data, "--max-batches", "1")

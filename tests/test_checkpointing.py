@@ -176,6 +176,11 @@ def test_garbage_state_json(run_copy, capsys):
 def test_resume_with_conflicting_preset(run_copy, capsys):
     line = one_line_error(capsys, "train", "--resume", run_copy, "--preset", "book-124m")
     assert "--preset book-124m conflicts with the checkpoint's tiny" in line
+    # shown as typed: a switch as on/off, a string quoted (an empty one as '')
+    line = one_line_error(capsys, "train", "--resume", run_copy, "--cosine")
+    assert "--cosine on conflicts with the checkpoint's off" in line
+    line = one_line_error(capsys, "train", "--resume", run_copy, "--sample-prompt", "Hi there")
+    assert "--sample-prompt 'Hi there' conflicts with the checkpoint's ''" in line
 
 
 def test_resume_with_changed_data(run_copy, tmp_path, capsys, verdict_text):

@@ -152,9 +152,13 @@ def test_a_token_file_stays_on_disk_window_by_window(tmp_path, verdict_text, tok
 
 def test_a_file_given_twice_is_refused(tmp_path):
     (tmp_path / "a.txt").write_text("some text")
-    for twice in ([tmp_path / "a.txt", tmp_path / "a.txt"], [tmp_path, tmp_path / "a.txt"]):
-        with pytest.raises(DataError, match="given twice"):
+    a, spelled = tmp_path / "a.txt", tmp_path / "." / "a.txt"
+    for twice, ways in (([a, a], f"as {a} and as {a}"),
+                        ([tmp_path, a], f"in the folder {tmp_path} and as {a}"),
+                        ([spelled, a], f"as {spelled} and as {a}")):
+        with pytest.raises(DataError) as refused:
             read_text(twice)
+        assert str(refused.value) == f"{a} is given twice ({ways}); give each file once"
 
 
 def test_a_folder_named_like_a_token_file_is_refused(tmp_path, tokenizer):

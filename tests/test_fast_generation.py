@@ -247,27 +247,29 @@ def test_cuda_tuning_keeps_the_logits_and_reuses_a_refreshed_cache(prompt_len, d
     torch.testing.assert_close(logits, decode(False)[1], atol=1e-5, rtol=1e-5)
 
 
-def _broken_run(tmp_path):
+def _broken_run(tmp_path, broken="final_norm.scale"):
     """A run folder whose weights hold NaN (as a diverged run saves them)."""
     torch.manual_seed(0)
     model = GPTModel(get_preset("tiny"))
     with torch.no_grad():
-        model.final_norm.scale.fill_(float("nan"))
+        model.get_parameter(broken).view(-1)[0] = float("nan")
     save_run(tmp_path, model, None, {})
     return model
 
 
 @pytest.mark.parametrize("extra", [[], ["--temperature", "1", "--seed", "1"],
                                    ["--quantize", "int8"], ["--no-cache"]])
-def test_nan_weights_are_one_line_not_garbage(tmp_path, capsys, extra):
+@pytest.mark.parametrize("broken", ["final_norm.scale", "trf_blocks.0.att.W_query.weight"])
+def test_nan_weights_are_one_line_not_garbage(tmp_path, capsys, extra, broken):
     # Greedy printed "!!!!!" (argmax ranks NaN first), sampling turned greedy without a
-    # word, and int8 ended in fbgemm's traceback.
+    # word, int8 ended in fbgemm's traceback, and a NaN query weight never reached the
+    # logits (CPU SDPA gives such rows zeros): quietly wrong text.
     from cli_helpers import one_line_error
 
-    _broken_run(tmp_path)
+    _broken_run(tmp_path, broken)
     line = one_line_error(capsys, "generate", "--checkpoint", tmp_path, "--prompt", "Every",
                           "--max-new-tokens", "3", "--device", "cpu", *extra)
-    assert "NaN" in line and "broken" in line
+    assert f"weight {broken} holds NaN" in line and "broken" in line
 
 
 def test_nan_weights_refuse_quantization_and_eval_says_so(tmp_path, capsys, verdict_path):
@@ -280,7 +282,16 @@ def test_nan_weights_refuse_quantization_and_eval_says_so(tmp_path, capsys, verd
         quantize_int8(model)
     line = one_line_error(capsys, "eval", "--checkpoint", tmp_path, "--data", verdict_path,
                           "--max-batches", "1", "--device", "cpu")
-    assert "loss is NaN" in line
+    assert "weight final_norm.scale holds NaN" in line
+
+
+def test_nan_logits_from_finite_weights_are_one_line():
+    # Finite weights whose activations overflow: the per-step check still catches them.
+    model = _model()
+    with torch.no_grad():
+        model.trf_blocks[0].ff.layers[0].weight.fill_(3e38)
+    with pytest.raises(GenerationError, match="logits are NaN"):
+        generate(model, torch.tensor([[1, 2]]), 3, CFG.context_length)
 
 
 def test_int8_layers_keep_a_half_precision_models_dtype_and_survive_a_copy():

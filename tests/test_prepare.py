@@ -188,9 +188,10 @@ def test_output_that_is_an_input_a_folder_or_under_a_file_is_one_line(tmp_path, 
     assert "is one of the input files" in one_line_error(
         capsys, "prepare", "--data", mine, "--out", mine)
     assert mine.read_text() == "precious text\n"
-    assert "is a folder" in one_line_error(capsys, "prepare", "--data", mine, "--out", tmp_path)
-    assert "cannot write" in one_line_error(
-        capsys, "prepare", "--data", mine, "--out", mine / "t.bin")
+    rc, _, err = run_cli(capsys, "prepare", "--data", mine, "--out", tmp_path)
+    assert rc == 2 and err.startswith("diygpt: error:") and "is a folder" in err  # no note first
+    assert f"cannot write {mine / 'x' / 't.bin'}: {mine} is a file, not a folder" in \
+        one_line_error(capsys, "prepare", "--data", mine, "--out", mine / "x" / "t.bin")
 
 
 def test_empty_inputs_and_outputs_are_one_line(tmp_path, tokenizer, capsys):

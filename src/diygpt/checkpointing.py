@@ -59,6 +59,10 @@ def describe_os_error(exc: OSError, path: Path) -> str:
         return f"cannot write {path}: no space left on device"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {path}: the folder is read-only or not writable ({exc.strerror})"
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR) and (
+            blocker := next((p for p in Path(path).parents if p.is_file()), None)):
+        # mkdir(parents=True) under a file says EEXIST, an open under one ENOTDIR
+        return f"cannot write {path}: {blocker} is a file, not a folder"
     return f"cannot write {path}: {exc.strerror or exc}"
 
 

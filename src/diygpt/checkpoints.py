@@ -234,6 +234,20 @@ def load_optimizer_state(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     return safe_torch_load(path)
 
 
+def refuse_non_finite(model: nn.Module, source: str | os.PathLike) -> None:
+    """One line naming the first weight that holds NaN or inf (a run that diverged saved it).
+
+    Checked at load: a NaN in attention's query or key weights never reaches the logits
+    under CPU SDPA (which gives such rows zeros), so the text would just be quietly wrong.
+    """
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"{source}: weight {name} holds NaN or infinite values: the weights are broken "
+                "(e.g. saved from a run that diverged); load another checkpoint"
+            )
+
+
 _SHAPE_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias")
 
 

@@ -26,6 +26,9 @@ class GPTConfig:
     ``attn_impl`` picks the attention kernel: ``eager`` is the book's math step for step
     (bit-exact with the book's code); ``sdpa`` calls PyTorch's fused
     ``scaled_dot_product_attention`` and is the default because it is faster.
+
+    The defaults are a context-1024 GPT-2 without q/k/v bias, which is neither the seed's
+    ``book-124m`` (context 256) nor ``gpt2-small`` (q/k/v bias): start from a preset.
     """
 
     vocab_size: int = 50257
@@ -132,6 +135,7 @@ PRESETS: dict[str, GPTConfig] = {
 
 
 def get_preset(name: str) -> GPTConfig:
+    """A named config from :data:`PRESETS`; a one-line ConfigError names the choices."""
     try:
         return PRESETS[name]
     except KeyError:

@@ -23,6 +23,7 @@ def _expand(paths: PathLike | Sequence[PathLike]) -> list[Path]:
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     files: list[Path] = []
+    origins: list[Path] = []  # the argument each file came from: itself or its folder
     for p in map(Path, paths):
         if p.is_dir():
             # .txt in any case; not inside hidden folders or hidden files (.git,
@@ -32,22 +33,29 @@ def _expand(paths: PathLike | Sequence[PathLike]) -> list[Path]:
             if not found:
                 raise DataError(f"folder {p} contains no .txt files")
             files.extend(found)
+            origins.extend([p] * len(found))
         elif p.is_file():
             files.append(p)
+            origins.append(p)
         else:
             raise DataError(f"data file {p} does not exist")
     if not files:
         raise DataError("no data files given")
-    _refuse_twice(files)
+    _refuse_twice(files, origins)
     return files
 
 
-def _refuse_twice(files: Sequence[Path]) -> None:
+def _refuse_twice(files: Sequence[Path], origins: Sequence[Path] | None = None) -> None:
     # Read twice, a file would put copies of its text in both the train and val splits.
-    seen: dict[Path, Path] = {}
-    for f in files:
-        if (first := seen.setdefault(f.resolve(), f)) is not f:
-            raise DataError(f"{f} is given twice (also as {first}); give each file once")
+    def how(f: Path, origin: Path) -> str:
+        return f"as {f}" if origin is f else f"in the folder {origin}"
+
+    seen: dict[Path, tuple[Path, Path]] = {}
+    for f, origin in zip(files, origins or files, strict=True):
+        first = seen.setdefault(f.resolve(), (f, origin))
+        if first[0] is not f:
+            raise DataError(f"{f} is given twice ({how(*first)} and {how(f, origin)}); give "
+                            "each file once")
 
 
 def _read_one(path: Path) -> str:
@@ -66,7 +74,8 @@ def _read_one(path: Path) -> str:
 def read_text(paths: PathLike | Sequence[PathLike]) -> str:
     """Read a file, several files, or a folder of .txt files (sorted) as one string.
 
-    Several documents are joined with ``<|endoftext|>`` so the model sees where each ends.
+    A folder is searched in its sub-folders too, for ``.txt`` in any letter case, skipping
+    hidden files and folders (``.git``, ``.ipynb_checkpoints``). Several documents are joined with ``<|endoftext|>`` so the model sees where each ends.
     """
     texts = []
     for path in _expand(paths):
@@ -278,7 +287,7 @@ def loaders_from_tokens(
         )
     if len(val_ds) == 0 and warn is not None:
         warn(
-            f"warning: the validation split has {len(val_ids)} tokens, fewer than one window "
+            f"diygpt: warning: the validation split has {len(val_ids)} tokens, fewer than one window "
             f"of {max_length + 1}; validation loss will be nan (lower --train-ratio to fix)"
         )
     train_loader = make_loader(train_ds, batch_size, shuffle, drop_last, num_workers)

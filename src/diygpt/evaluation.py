@@ -35,6 +35,7 @@ def sample_text(
 
 
 def generate_and_print_sample(model: nn.Module, tokenizer, device, start_context: str) -> None:
+    """The book's: print a 50-token greedy continuation of ``start_context`` on one line."""
     print(sample_text(model, tokenizer, device, start_context))
 
 

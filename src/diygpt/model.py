@@ -243,6 +243,15 @@ class TransformerBlock(nn.Module):
 
 
 class GPTModel(nn.Module):
+    """The book's GPT-2: token and position embeddings, ``n_layers`` pre-LayerNorm
+    transformer blocks, a final LayerNorm and an output head, under the book's names.
+
+    ``cfg`` is the book's dict (``GPT_CONFIG_124M``), a :class:`GPTConfig` or a preset name
+    (``"book-124m"``, ``"gpt2-small"``...). Unlike the book it registers no causal-mask
+    buffer (the mask is built per call), so its state dict is the book's minus ``att.mask``;
+    a book state dict with the masks still loads.
+    """
+
     def __init__(self, cfg: GPTConfig | Mapping[str, Any] | str) -> None:
         super().__init__()
         cfg = as_config(cfg)

@@ -192,8 +192,9 @@ def find_resume_checkpoint(run_dir: str | os.PathLike) -> Path:
     found = latest_checkpoint(run)
     if found is None:
         raise CheckpointError(
-            f"{run}: no checkpoint to resume from (a run saves one at its end, every "
-            "--save-every N steps, and on Ctrl-C or SIGTERM)"
+            f"{run}: no checkpoint to resume from (a run that took a step saves one at its "
+            "end, every --save-every N steps, and on Ctrl-C or SIGTERM; an --epochs 0 run "
+            "saves none)"
         )
     return found
 

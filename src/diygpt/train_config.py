@@ -11,6 +11,9 @@ NAN_POLICIES = ("stop", "skip")
 
 @dataclass
 class TrainConfig:
+    """What :class:`diygpt.training.Trainer` does beyond the book's loop (whose arguments
+    are the first four fields); validated when made, each error one line."""
+
     num_epochs: int = 10
     eval_freq: int = 5
     eval_iter: int = 5

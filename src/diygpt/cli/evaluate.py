@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from diygpt.cli.options import (
     add_device_flags,
@@ -16,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="loss and perplexity of a model on a text",
         description="Slide context-length windows over the text (stride = context length "
-        "unless given) and report the mean next-token cross entropy over every token scored "
+        "unless given) and report the mean next-token cross entropy over every prediction scored "
         "(the book's calc_loss_loader averages batch means instead) and its perplexity.",
     )
     add_model_source_flags(p)
@@ -64,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
     check_enough_tokens(len(ids), length, "the text",
                         "use more text or a smaller --context-length")
     check_token_ids(ids, model.tok_emb.num_embeddings, "the text")
+    if args.stride is not None and args.stride > length:
+        print(f"diygpt: warning: --stride {args.stride} is past the context length {length}: "
+              f"{args.stride - length} of every {args.stride} tokens are never scored",
+              file=sys.stderr)
     dataset = GPTDatasetV1(None, tokenizer, length, args.stride or length, token_ids=ids)
     loader = make_loader(dataset, args.batch_size, shuffle=False, drop_last=False)
     with torch.no_grad():

@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (train, generate, evaluate, download, prepare):
         module.register(sub)
+    for command in sub.choices.values():  # each command's own parser, for its errors
+        command.set_defaults(parser=command)
     return parser
 
 
@@ -44,7 +46,9 @@ def _compile_failure(exc: BaseException) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse leaves them to the top parser, whose hint would be `diygpt --help`
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for `train --resume` checks
     try:
         return int(args.func(args) or 0)

@@ -109,12 +109,21 @@ def add_model_source_flags(p: argparse.ArgumentParser) -> None:
 
 
 def load_model_from_args(args: argparse.Namespace, device):
-    """The model named by --checkpoint, --weights or --pretrained, in eval mode on ``device``."""
-    from diygpt.checkpoints import load_model
+    """The model named by --checkpoint, --weights or --pretrained, in eval mode on ``device``;
+    its weights all finite."""
+    from diygpt.checkpoints import refuse_non_finite
 
     chosen = [f for f in ("checkpoint", "weights", "pretrained") if getattr(args, f)]
     if len(chosen) != 1:
         raise ConfigError("give exactly one of --checkpoint, --weights or --pretrained")
+    model = _load_chosen(args, device)
+    refuse_non_finite(model, getattr(args, chosen[0]))
+    return model
+
+
+def _load_chosen(args: argparse.Namespace, device):
+    from diygpt.checkpoints import load_model
+
     if args.checkpoint:
         cfg = get_preset(args.preset) if args.preset else None
         model = load_model(args.checkpoint, cfg, device, attn_impl=args.attn)

@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from diygpt.cli.options import positive_int
 
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from diygpt.prepare import prepare_tokens
     from diygpt.tokenizer import get_tokenizer
 
-    if not str(args.out).endswith(".bin"):
+    if not str(args.out).endswith(".bin") and not Path(args.out).is_dir():  # a folder: refused
         print(f"diygpt: note: `diygpt train --data` reads token files named *.bin; {args.out} "
               "would be read as text", file=sys.stderr)
     tokenizer = get_tokenizer(args.tokenizer_dir)

@@ -9,6 +9,7 @@ the numbers (device, progress, checkpoint cadence) or that extend the run may be
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 from diygpt.errors import CheckpointError, ConfigError
@@ -46,6 +47,19 @@ def _flag(parser: argparse.ArgumentParser, dest: str) -> str:
     return dest
 
 
+def _shown(value: object) -> str:
+    """A setting as the user would type it: on/off, a quoted string ('' when empty)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "unset"
+    if isinstance(value, str):
+        return shlex.quote(value)
+    if isinstance(value, list):
+        return " ".join(map(_shown, value))
+    return str(value)
+
+
 def merge_resume_args(
     args: argparse.Namespace, saved: dict, parser: argparse.ArgumentParser,
     launched: bool = True,
@@ -61,8 +75,9 @@ def merge_resume_args(
     for dest in sorted(typed - CHANGEABLE - {"out"}):
         if dest in saved and getattr(args, dest) != saved[dest]:
             raise ConfigError(
-                f"{_flag(parser, dest)} {getattr(args, dest)} conflicts with the checkpoint's "
-                f"{saved[dest]}; drop the flag to resume, or start a new run with another --out"
+                f"{_flag(parser, dest)} {_shown(getattr(args, dest))} conflicts with the "
+                f"checkpoint's {_shown(saved[dest])}; drop the flag to resume, or start a new "
+                "run with another --out"
             )
     if "out" in typed and Path(args.out).resolve() != Path(args.resume).resolve():
         raise ConfigError("--out and --resume name different folders; give only --resume RUN")

@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Pretrain a GPT on text: split into train/validation, slide windows, "
         "train with AdamW, print losses every --eval-freq steps and a greedy sample after "
         "each epoch. The run folder gets model.safetensors, optimizer.pt, state.json, "
-        "metrics.jsonl and loss.png.",
+        "metrics.jsonl, loss.png and its final checkpoint ckpt-<step>/ (with a latest "
+        "pointer), which the top-level weights and optimizer state link to.",
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d = p.add_argument_group("data")
@@ -92,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help='start of the greedy sample printed after each epoch ("" for none)')
     e.add_argument("--out", default="runs/train", help="run folder (default runs/train)")
     e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="a progress bar on stderr (default: on)")
+                   help="a progress bar on stderr (default: on when stderr is a terminal)")
     c = p.add_argument_group("checkpoints and resume")
     c.add_argument("--save-every", type=positive_int, default=None, metavar="N",
                    help="save a checkpoint RUN/ckpt-<step> every N steps, atomically (every "
