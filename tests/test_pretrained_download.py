@@ -105,6 +105,24 @@ def test_download_then_load(server, tmp_path):
     assert load_pretrained(folder).cfg.emb_dim == 32
 
 
+def test_the_books_download_and_load_gpt2_from_openais_files(tmp_path, monkeypatch, capsys):
+    from diygpt import download_and_load_gpt2
+
+    openai_dir = Path(__file__).parent / "fixtures" / "gpt2-tiny-openai"  # served as 124M
+    srv = _Server({f"/gpt-2/models/124M/{f.name}": f.read_bytes() for f in openai_dir.iterdir()})
+    monkeypatch.setenv("DIYGPT_DOWNLOAD_BASE", srv.base)
+    try:
+        settings, params = download_and_load_gpt2("124M", tmp_path / "gpt2")
+    finally:
+        srv.httpd.shutdown()
+        srv.httpd.server_close()
+    assert settings == json.loads((openai_dir / "hparams.json").read_text())
+    assert (tmp_path / "gpt2" / "124M" / "model.ckpt.index").is_file()  # the book's layout
+    assert len(params["blocks"]) == 2 and params["wte"].shape == (500, 32)
+    with pytest.raises(DownloadError, match="'125M' is not one of 124M, 355M, 774M, 1558M"):
+        download_and_load_gpt2("125M", tmp_path)
+
+
 def test_resumes_from_a_part_file(server, tmp_path):
     body = server.files[REPO + "model.safetensors"]
     (tmp_path / "model.safetensors.part").write_bytes(body[:1000])

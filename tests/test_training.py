@@ -154,8 +154,10 @@ def test_the_books_function_names_are_importable():
     for name in ("GPTModel", "create_dataloader_v1", "calc_loss_batch", "calc_loss_loader",
                  "train_model_simple", "evaluate_model", "generate_and_print_sample",
                  "generate_text_simple", "generate", "text_to_token_ids", "token_ids_to_text",
-                 "plot_losses", "load_pretrained"):
+                 "plot_losses", "load_pretrained", "download_and_load_gpt2",
+                 "load_weights_into_gpt"):
         assert callable(getattr(diygpt, name)), name
+        assert name in dir(diygpt) and name in diygpt.__all__, name  # lazy ones too
 
 
 def test_plot_losses_returns_the_figure_and_leaves_matplotlibs_backend_alone(tmp_path):

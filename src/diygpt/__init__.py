@@ -19,6 +19,8 @@ _LAZY = {
     "evaluate_model": "diygpt.evaluation",
     "generate_and_print_sample": "diygpt.evaluation",
     "plot_losses": "diygpt.plotting",
+    "download_and_load_gpt2": "diygpt.pretrained.book_loader",
+    "load_weights_into_gpt": "diygpt.pretrained.book_loader",
 }
 
 
@@ -29,8 +31,14 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'diygpt' has no attribute {name!r}")
 
+
+def __dir__() -> list[str]:  # tab completion sees the lazy names too
+    return sorted(set(globals()) | set(_LAZY))
+
 __all__ = [
     "TrainConfig",
+    "download_and_load_gpt2",
+    "load_weights_into_gpt",
     "Trainer",
     "evaluate_model",
     "generate_and_print_sample",
