@@ -46,6 +46,27 @@ def test_eval_reports_loss_and_perplexity(trained_run, capsys, verdict_path):
     rc, text, _ = run_cli(capsys, "eval", "--checkpoint", str(out), "--data", str(verdict_path),
                           "--max-batches", "3")
     assert rc == 0 and text.startswith("loss ") and "perplexity" in text
+    # The reference: the book's windows over the whole text, F.cross_entropy over every
+    # target of the first 3 batches of 4
+    import math
+
+    import torch
+
+    from book_reference import BookGPTDatasetV1
+    from diygpt import get_tokenizer
+    from diygpt.checkpoints import load_model
+
+    model = load_model(out)
+    n = model.context_length
+    windows = BookGPTDatasetV1(verdict_path.read_text(), get_tokenizer(), n, n)
+    x = torch.stack([windows[i][0] for i in range(12)])
+    y = torch.stack([windows[i][1] for i in range(12)])
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+    words = text.split()
+    loss, ppl = float(words[1]), float(words[3])
+    assert loss == pytest.approx(want, abs=1e-4) and ppl == pytest.approx(math.exp(want), rel=1e-4)
+    assert f"(3 batches, {12 * n} predictions scored" in text
 
 
 def test_every_command_has_help(capsys):

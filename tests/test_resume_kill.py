@@ -79,8 +79,13 @@ def resume_and_compare(run: Path, baseline: tuple[list[str], bytes], why: str) -
 
 
 @pytest.mark.slow
+def _kill_seed() -> int:
+    """A fresh draw each run (a failure message prints it); DIYGPT_KILL_SEED=N replays one."""
+    return int(os.environ.get("DIYGPT_KILL_SEED") or random.randrange(2**32))
+
+
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, data, baseline):
-    seed = random.randrange(2**32)
+    seed = _kill_seed()
     kill_after = random.Random(seed).choice([6, 9, 12, 15])  # an eval line's step
     run = tmp_path / "run"
     proc = subprocess.Popen(
@@ -102,7 +107,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, data, b
 def test_sigkill_inside_a_save_leaves_a_loadable_checkpoint(tmp_path, data, baseline):
     # A save makes 7 atomic writes (4 files, the pointer, the run folder's weights and
     # state); write 5 onward falls inside the first save's pointer move or in a later save.
-    seed = random.randrange(2**32)
+    seed = _kill_seed()
     nth = random.Random(seed).randrange(5, 22)
     run = tmp_path / "run"
     done = train("--data", str(data), *ARGS, "--out", str(run), **{KILL_HOOK_ENV: str(nth)})

@@ -126,8 +126,9 @@ def test_the_seeds_initial_losses_under_its_own_names(verdict_text):
 
 
 def test_the_seeds_training_loop_under_its_own_names(verdict_text, tokenizer, capsys):
+    # Against the book's own model and hand-written loop, not diygpt's loop under its names
+    from book_reference import BookGPTModel, book_train_model_simple
     from diygpt.seed_names import DiyGPTModel, create_data_loader_v1, train_model_simple
-    from diygpt.training import train_model_simple as book_train_model_simple
 
     context = "Every effort moves you"
 
@@ -145,12 +146,12 @@ def test_the_seeds_training_loop_under_its_own_names(verdict_text, tokenizer, ca
     kw = dict(batch_size=2, max_length=32, stride=32, drop_last=False, shuffle=False,
               num_workers=0, tokenizer=tokenizer)
     results = []
-    for train in (seeds, books):
+    for train, build in ((seeds, DiyGPTModel), (books, BookGPTModel)):
         torch.manual_seed(123)
         loaders = (create_data_loader_v1(verdict_text[:3000], **kw),
                    create_data_loader_v1(verdict_text[3000:3600], **kw))
         torch.manual_seed(123)
-        model = DiyGPTModel(tiny)
+        model = build(tiny)
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.0004, weight_decay=0.1)
         results.append((train(model, *loaders, optimizer), capsys.readouterr().out))
     assert results[0] == results[1] and len(results[0][0][0]) > 1
