@@ -104,6 +104,12 @@ def test_an_unknown_flag_names_the_command_and_its_help(capsys, command):
                    f"(see diygpt {command} --help)\n")
 
 
+def test_a_flag_before_the_command_is_the_top_parsers_to_name(capsys):
+    rc, _, err = run_cli(capsys, "--no-cache", "generate", "--checkpoint", "x")
+    assert rc == 2
+    assert err == "diygpt: error: unrecognized arguments: --no-cache (see diygpt --help)\n"
+
+
 def test_model_source_and_run_folder_mistakes_are_one_line(run, data, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -61,3 +61,27 @@ def test_assign_refuses_another_shape_and_a_model_without_qkv_bias():
     settings, params = _settings_and_params()
     with pytest.raises(ValueError, match="qkv_bias=True"):
         load_weights_into_gpt(_book_model(settings, qkv_bias=False), params)
+
+
+def test_a_fine_tuned_checkpoints_optimizer_slots_are_left_out(tmp_path):
+    from diygpt.pretrained.tf_checkpoint import open_tf_checkpoint, write_tf_bundle
+
+    source = open_tf_checkpoint(OPENAI_DIR / "model.ckpt")
+    tensors = {name: source.get(name).numpy() for name in source.names()}
+    for name in list(tensors):  # what TF's Adam saves beside each variable
+        tensors[f"{name}/Adam"] = tensors[f"{name}/Adam_1"] = np.zeros_like(tensors[name])
+    tensors["global_step"] = np.zeros((), np.float32)
+    write_tf_bundle(tmp_path / "model.ckpt", tensors)
+    settings, plain = _settings_and_params()
+    tuned = load_gpt2_params_from_tf_ckpt(tmp_path / "model.ckpt", settings)
+    assert sorted(tuned) == sorted(plain)
+    assert sorted(tuned["blocks"][0]["attn"]["c_attn"]) == ["b", "w"]
+    assert np.array_equal(tuned["blocks"][1]["mlp"]["c_fc"]["w"],
+                          plain["blocks"][1]["mlp"]["c_fc"]["w"])
+
+
+def test_assign_takes_a_tensor_of_any_dtype_with_or_without_grad():
+    right = torch.ones(2, 3, dtype=torch.bfloat16, requires_grad=True)
+    made = assign(torch.zeros(2, 3), right)
+    assert made.dtype == torch.float32 and torch.equal(made, torch.ones(2, 3))
+    assert made.data_ptr() != right.data_ptr()

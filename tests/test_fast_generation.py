@@ -172,7 +172,8 @@ def test_past_torchs_recompile_limit_decoding_goes_on_uncompiled(monkeypatch):
     model = _model()
     idx = torch.randint(0, CFG.vocab_size, (2, 3))
     expected = generate(model, idx, 20, CFG.context_length)
-    assert torch.equal(generate(model, idx, 20, CFG.context_length, compile=True), expected)
+    with pytest.warns(UserWarning, match="recompile limit"):
+        assert torch.equal(generate(model, idx, 20, CFG.context_length, compile=True), expected)
     assert static_decode._PAST_RECOMPILE_LIMIT == {"cpu"}
     decoder = static_decode.StaticDecoder(model, 1, CFG.context_length, compile=True)
     assert decoder.step_fn is static_decode.static_forward  # later decoders skip the refusal
@@ -285,13 +286,23 @@ def test_nan_weights_refuse_quantization_and_eval_says_so(tmp_path, capsys, verd
     assert "weight final_norm.scale holds NaN" in line
 
 
-def test_nan_logits_from_finite_weights_are_one_line():
+def test_nan_logits_from_finite_weights_are_one_line(tmp_path, capsys, verdict_path):
     # Finite weights whose activations overflow: the per-step check still catches them.
+    from cli_helpers import one_line_error
+
     model = _model()
     with torch.no_grad():
         model.trf_blocks[0].ff.layers[0].weight.fill_(3e38)
     with pytest.raises(GenerationError, match="logits are NaN"):
         generate(model, torch.tensor([[1, 2]]), 3, CFG.context_length)
+    torch.manual_seed(0)
+    model = GPTModel(get_preset("tiny"))
+    with torch.no_grad():
+        model.trf_blocks[0].ff.layers[0].weight.fill_(3e38)
+    save_run(tmp_path, model, None, {})
+    line = one_line_error(capsys, "eval", "--checkpoint", tmp_path, "--data", verdict_path,
+                          "--max-batches", "1", "--device", "cpu")
+    assert "the model's loss is NaN" in line
 
 
 def test_int8_layers_keep_a_half_precision_models_dtype_and_survive_a_copy():

@@ -264,9 +264,9 @@ def test_resume_with_low_memory_is_exact(data, tmp_path, capsys):
 @pytest.mark.parametrize(("saved", "typed", "expected"), [
     (False, [], None), (None, [], None), (True, [], True),
     (False, ["--no-trim-heap"], False), (None, ["--trim-heap"], True),
-    ({"trim_heap": False, "fast_gelu": None}, [], False)])
+    ({"trim_heap": False, "compile_mode": "default"}, [], False)])
 def test_resume_takes_an_older_runs_untyped_trim_heap_as_the_default(saved, typed, expected):
-    """Old runs (no fast_gelu setting) may hold False for "not given"; a newer run's False
+    """Old runs (no compile_mode setting) may hold False for "not given"; a newer run's False
     is a typed --no-trim-heap, which the resume keeps."""
     from diygpt.cli.main import build_parser
     from diygpt.cli.resume_args import merge_resume_args

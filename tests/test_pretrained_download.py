@@ -119,7 +119,7 @@ def test_the_books_download_and_load_gpt2_from_openais_files(tmp_path, monkeypat
     assert settings == json.loads((openai_dir / "hparams.json").read_text())
     assert (tmp_path / "gpt2" / "124M" / "model.ckpt.index").is_file()  # the book's layout
     assert len(params["blocks"]) == 2 and params["wte"].shape == (500, 32)
-    with pytest.raises(DownloadError, match="'125M' is not one of 124M, 355M, 774M, 1558M"):
+    with pytest.raises(ValueError, match="'125M' is not one of 124M, 355M, 774M, 1558M"):
         download_and_load_gpt2("125M", tmp_path)
 
 

@@ -78,12 +78,12 @@ def resume_and_compare(run: Path, baseline: tuple[list[str], bytes], why: str) -
     assert (run / "model.safetensors").read_bytes() == weights, why
 
 
-@pytest.mark.slow
 def _kill_seed() -> int:
     """A fresh draw each run (a failure message prints it); DIYGPT_KILL_SEED=N replays one."""
     return int(os.environ.get("DIYGPT_KILL_SEED") or random.randrange(2**32))
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, data, baseline):
     seed = _kill_seed()
     kill_after = random.Random(seed).choice([6, 9, 12, 15])  # an eval line's step

@@ -240,8 +240,11 @@ def refuse_non_finite(model: nn.Module, source: str | os.PathLike) -> None:
     Checked at load: a NaN in attention's query or key weights never reaches the logits
     under CPU SDPA (which gives such rows zeros), so the text would just be quietly wrong.
     """
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    # Each tensor once (a tied head is the embedding); a sum, which any NaN or inf makes
+    # non-finite, reads it without the bool copy isfinite() makes (0.43 -> 0.03 s, gpt2-small).
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if (tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum()))
+                and not bool(torch.isfinite(tensor).all())):  # not a finite sum's overflow
             raise CheckpointError(
                 f"{source}: weight {name} holds NaN or infinite values: the weights are broken "
                 "(e.g. saved from a run that diverged); load another checkpoint"

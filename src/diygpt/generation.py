@@ -127,7 +127,9 @@ def _token_ids(idx: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _takes_a_cache(model: nn.Module) -> bool:
     """diygpt's GPTModel, or one compiled from outside; any other model (the reader's own
     chapter-4 model, say) is driven as the book does, re-reading its window every step."""
-    return isinstance(getattr(model, "_orig_mod", model), GPTModel)
+    inner = getattr(model, "_orig_mod", model)
+    # a subclass with its own forward may not take cache= and last_only=
+    return isinstance(inner, GPTModel) and type(inner).forward is GPTModel.forward
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:

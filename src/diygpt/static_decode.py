@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
+import warnings
 import weakref
 from collections.abc import Callable
 
@@ -214,8 +216,8 @@ class StaticDecoder:
         self.cache = acquire_cache(model, batch_size, max_len, self, pooled=tuned and POOL_CACHES,
                                    fuse_qkv=tuned and FUSE_QKV and can_fuse_qkv(model),
                                    plain_attention=tuned and PLAIN_ATTENTION)
-        self.step_prompt = STEP_PROMPT if tuned and compile else 0
         compile = compile and self.device.type not in _PAST_RECOMPILE_LIMIT
+        self.step_prompt = STEP_PROMPT if tuned and compile else 0
         self.step_fn = compiled_step(self.device.type) if compile else static_forward
         self.pos = 0
         # The position as a device tensor, refilled each step: a new tensor from a Python int
@@ -258,6 +260,9 @@ class StaticDecoder:
             # is a recompile: past torch's limit (8 shapes), dynamo refuses before the step
             # has run, so this step and every later one in the process run uncompiled.
             _PAST_RECOMPILE_LIMIT.add(self.device.type)
+            warnings.warn("diygpt: the compiled decode step met torch.compile's recompile "
+                          "limit (a new batch size or length each time); from here this "
+                          "process decodes uncompiled", stacklevel=2)
             self.step_fn = static_forward
             logits = static_forward(self.model, token, pos, self.cache)
         self.pos += 1
@@ -272,9 +277,13 @@ def static_generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int,
     The whole text must fit the model's context window. (``generate(..., compile=True)``
     checks its arguments and goes on past the window.)
     """
-    if idx.dim() != 2 or not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
-        raise GenerationError(f"static decoding takes ids (B, T) and max_new_tokens >= 0, got "
-                              f"shape {tuple(idx.shape)} and {max_new_tokens!r}")
+    if (idx.dim() != 2 or idx.dtype.is_floating_point or idx.dtype.is_complex
+            or isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral)
+            or max_new_tokens < 0):
+        raise GenerationError(f"static decoding takes integer ids (B, T) and max_new_tokens "
+                              f">= 0, got {idx.dtype} ids of shape {tuple(idx.shape)} and "
+                              f"{max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)
     b, t = idx.shape
     total = t + max_new_tokens
     if t == 0 or total > model.context_length:

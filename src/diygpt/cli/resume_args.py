@@ -83,10 +83,10 @@ def merge_resume_args(
         raise ConfigError("--out and --resume name different folders; give only --resume RUN")
     merged = {k: v for k, v in vars(args).items()}
     merged.update({k: v for k, v in saved.items() if k not in NOT_SETTINGS})
-    if saved.get("trim_heap") is False and "fast_gelu" not in saved:
-        # An older run (from before --fast-gelu, which came after --no-trim-heap): there
-        # False may only mean that --trim-heap was not given, so today's default (on for
-        # the uncompiled CPU) applies. A newer run's False is a typed --no-trim-heap.
+    if saved.get("trim_heap") is False and "compile_mode" not in saved:
+        # An older run (from before --compile-mode, which came soon after --no-trim-heap):
+        # there False may only mean that --trim-heap was not given, so today's default (on
+        # for the uncompiled CPU) applies. A newer run's False is a typed --no-trim-heap.
         merged["trim_heap"] = None
     if not launched and "fsdp" not in typed:
         merged["fsdp"] = False

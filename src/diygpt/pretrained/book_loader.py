@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from diygpt.errors import CheckpointError, DownloadError
+from diygpt.errors import CheckpointError, ConfigError
 from diygpt.pretrained.catalog import GPT2_MODELS
 from diygpt.pretrained.openai import checkpoint_prefix
 from diygpt.pretrained.tf_checkpoint import open_tf_checkpoint
@@ -34,8 +34,8 @@ def download_and_load_gpt2(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Download OpenAI's ``model_size`` (124M, 355M, 774M or 1558M) into
     ``models_dir/model_size`` (files already there are kept) -> (settings, params)."""
-    if model_size not in _SIZES:
-        raise DownloadError(f"model size {model_size!r} is not one of {', '.join(_SIZES)}")
+    if model_size not in _SIZES:  # a ValueError, as the book's
+        raise ConfigError(f"model size {model_size!r} is not one of {', '.join(_SIZES)}")
     from diygpt.pretrained.download import download
 
     folder = download(_SIZES[model_size], "openai", Path(models_dir) / model_size)
@@ -55,11 +55,12 @@ def load_gpt2_params_from_tf_ckpt(
     source = open_tf_checkpoint(ckpt_path)
     n_layer = settings["n_layer"]
     params: dict[str, Any] = {"blocks": [{} for _ in range(n_layer)]}
-    # Sorted, a variable comes before the optimizer slots named under it (".../w/Adam" in a
-    # fine-tuned checkpoint), which are skipped, as is anything outside "model/".
-    for name in sorted(source.names()):
+    names = set(source.names())
+    for name in sorted(names):
         parts = name.split("/")
-        if parts[0] != "model" or len(parts) < 2:
+        # Not outside "model/", nor an optimizer's slot: a name under another variable's
+        # (".../w/Adam", "model/wte/Adam_1" in a fine-tuned checkpoint)
+        if parts[0] != "model" or any("/".join(parts[:i]) in names for i in range(2, len(parts))):
             continue
         target = params
         if parts[1].startswith("h") and parts[1][1:].isdigit():
@@ -72,10 +73,7 @@ def load_gpt2_params_from_tf_ckpt(
         # params["blocks"][0]["attn"]["c_attn"]["w"]
         for key in parts[2:-1]:
             target = target.setdefault(key, {})
-            if not isinstance(target, dict):
-                break
-        else:
-            target[parts[-1]] = np.squeeze(source.get(name).numpy())
+        target[parts[-1]] = np.squeeze(source.get(name).numpy())
     return params
 
 
@@ -88,17 +86,21 @@ def assign(left: torch.Tensor, right: np.ndarray | torch.Tensor) -> nn.Parameter
                          "presets)")
     if tuple(left.shape) != tuple(right.shape):
         raise ValueError(f"Shape mismatch. Left: {tuple(left.shape)}, Right: {tuple(right.shape)}")
-    return nn.Parameter(torch.tensor(np.asarray(right), dtype=left.dtype, device=left.device))
+    if isinstance(right, torch.Tensor):  # any device or dtype, with or without grad
+        value = right.detach().to(left.device, left.dtype, copy=True)
+    else:
+        value = torch.tensor(np.asarray(right), dtype=left.dtype, device=left.device)
+    return nn.Parameter(value)
 
 
 def load_weights_into_gpt(gpt: nn.Module, params: dict[str, Any]) -> None:
     """The book's: copy OpenAI's ``params`` into ``gpt`` (a GPTModel with q/k/v bias),
     transposing Conv1D's (in, out) weights to Linear's (out, in)."""
-    gpt.pos_emb.weight = assign(gpt.pos_emb.weight, params["wpe"])
-    gpt.tok_emb.weight = assign(gpt.tok_emb.weight, params["wte"])
-    if len(params["blocks"]) != len(gpt.trf_blocks):
+    if len(params["blocks"]) != len(gpt.trf_blocks):  # before anything is replaced
         raise ValueError(f"the weights have {len(params['blocks'])} layers, the model "
                          f"{len(gpt.trf_blocks)}")
+    gpt.pos_emb.weight = assign(gpt.pos_emb.weight, params["wpe"])
+    gpt.tok_emb.weight = assign(gpt.tok_emb.weight, params["wte"])
     for block, p in zip(gpt.trf_blocks, params["blocks"], strict=True):
         att, attn = block.att, p["attn"]
         q_w, k_w, v_w = np.split(attn["c_attn"]["w"], 3, axis=-1)
