@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse leaves them to the top parser, whose hint would be `diygpt --help`
-        given = list(sys.argv[1:] if argv is None else argv)
+        given = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
         # After the command, they are the command's to name; before it, the top parser's.
         after = unknown[0] not in given or given.index(unknown[0]) > given.index(args.command)
         (args.parser if after else parser).error(f"unrecognized arguments: {' '.join(unknown)}")
