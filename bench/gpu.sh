@@ -96,13 +96,13 @@ done
 run_step gen 200 $PY bench/generate_speed.py --new-tokens 200 --warmup 2 --repeats 5 \
   --cuda-ablation --profile
 run_step fsdp 120 $PY scripts/fsdp_gpu_check.py --data "$DIYGPT_ASSETS/the-verdict.txt" \
-  --out /tmp/diygpt-fsdp-check
+  --out "$(mktemp -d)"
 run_step ablation 60 $PY bench/train_speed.py --preset gpt2-small --batch-size "$BATCH" \
   --variants sdpa --peers none --dtype bf16 --fused-adamw --tf32 --warmup 3 --steps 10
 run_step cli 180 $PY -m diygpt train --data "$DIYGPT_ASSETS/the-verdict.txt" \
   --preset gpt2-small --context-length 1024 --train-ratio 0.7 --batch-size 2 --epochs 30 \
   --max-steps 30 --eval-freq 10 --eval-iter 1 --dtype bf16 --compile --fused-adamw \
-  --pad-vocab --tf32 --sample-prompt "" --no-progress --out /tmp/diygpt-gpu-run
+  --pad-vocab --tf32 --sample-prompt "" --no-progress --out "$(mktemp -d)/run"
 
 echo; echo "== summary ($SECONDS s)"
 printf '%s\n' "${SUMMARY[@]}"

@@ -91,8 +91,9 @@ try:
         sys.argv = ["diygpt", *rest]
         try:
             runpy.run_module("diygpt", run_name="__main__")
-        except SystemExit:
-            pass
+        except SystemExit as done:  # a failed run must not pass for a small peak
+            if done.code not in (None, 0):
+                raise
     else:
         sys.argv = ["-c", *rest[1:]]
         exec(rest[0])

@@ -10,6 +10,7 @@ there are two GPUs; prints each run's largest weight difference and fails above 
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,8 @@ def main() -> int:
              "--attn", "eager", "--batch-size", "8", "--grad-accum", "2", "--max-steps", "20",
              "--eval-freq", "10", "--eval-iter", "2", "--no-progress", "--device", "cuda", "--seed", "123"]
     out = Path(args.out)
+    for old in ("single", "fsdp-1", "fsdp-2", "ddp-2"):  # a rerun: train refuses a used folder
+        shutil.rmtree(out / old, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "diygpt", *train, "--out", str(out / "single")], check=True)
     runs = [("fsdp-1", 1, ["--fsdp"])]
     if torch.cuda.device_count() >= 2:
