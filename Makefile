@@ -14,6 +14,7 @@ TORCH_PIP_ARGS ?=
 # diygpt.fused_ce's GPU kernels in its CPU interpreter): in the venv's packages, every
 # training run would load it (torch's optimizers import it when present), 75 MB more RSS.
 $(VENV)/.installed: pyproject.toml constraints.txt
+	@echo "setting up $(VENV): torch, diygpt and the test tools (first time: a minute or more)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
@@ -26,6 +27,7 @@ setup: $(VENV)/.installed
 # A GPT-2-style model, smaller than book-124m (256 wide, 4 layers) so the demo trains in a few
 # minutes on two CPU cores; `scripts/seed_run.sh` runs the full-size seed configuration.
 demo: setup
+	@echo "training a 4-layer GPT on the-verdict into runs/demo (replaced each time): a few minutes on 2 CPU cores"
 	rm -rf runs/demo
 	$(VENV)/bin/diygpt train --data $(ASSETS)/the-verdict.txt --preset book-124m \
 	  --emb-dim 256 --n-heads 4 --n-layers 4 --epochs 15 --batch-size 2 --lr 0.001 \

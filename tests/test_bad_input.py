@@ -132,7 +132,7 @@ def test_model_source_and_run_folder_mistakes_are_one_line(run, data, tmp_path, 
          "--compile-mode max-autotune needs --compile"),
         (["train", "--resume", tmp_path / "nope"], f"{tmp_path / 'nope'}: no such run folder"),
         (["generate", "--checkpoint", bare], f"{bare}: a bare weights file needs a model "
-         "config (--preset)"),
+         "config (--preset NAME, or --weights FILE"),
         (["generate", "--checkpoint", run, "--weights", run],
          "give exactly one of --checkpoint, --weights or --pretrained"),
         (["generate", "--checkpoint", empty], f"{empty}/state.json: missing (is {empty} a "

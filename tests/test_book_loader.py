@@ -37,6 +37,8 @@ def test_params_have_the_books_layout():
     assert block["attn"]["c_attn"]["w"].shape == (d, 3 * d)  # squeezed from [1, d, 3d]
     assert block["mlp"]["c_proj"]["w"].shape == (4 * d, d) and params["g"].shape == (d,)
     assert all(isinstance(a, np.ndarray) for a in (params["wte"], block["ln_2"]["b"]))
+    from_folder = load_gpt2_params_from_tf_ckpt(OPENAI_DIR, settings)  # the folder works too
+    assert np.array_equal(from_folder["wpe"], params["wpe"])
 
 
 def test_load_weights_into_gpt_gives_openais_logits_with_an_untied_head():

@@ -232,7 +232,9 @@ def test_a_finished_run_without_save_every_can_be_extended(data, tmp_path, capsy
     assert train_tiny(capsys, data, tmp_path / "straight", "--max-steps", "4")[0] == 0
     assert (out / "model.safetensors").read_bytes() == (
         tmp_path / "straight" / "model.safetensors").read_bytes()
-    assert run_cli(capsys, "train", "--resume", out)[0] == 0  # nothing left to do
+    rc, _, err = run_cli(capsys, "train", "--resume", out)  # nothing left to do
+    assert rc == 0 and "the run has taken 4 steps, all that --epochs 10 and --max-steps 4 " \
+        "allow: nothing to train" in err
     assert not list(out.glob(".*")), list(out.glob(".*"))  # no temp name left behind
 
 

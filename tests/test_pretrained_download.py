@@ -214,7 +214,7 @@ def test_a_folder_holding_another_size_is_refused(
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and err.startswith("diygpt: error: ")
     assert f"{tmp_path} already holds gpt2-small (its {present}" in err
-    assert "choose another --dir for gpt2-medium" in err
+    assert "choose another folder for gpt2-medium (--dir" in err
     assert server.requests == []
     assert (tmp_path / "model.safetensors").read_bytes() == b"gpt2-small's weights"
 

@@ -21,6 +21,7 @@ _LAZY = {
     "plot_losses": "diygpt.plotting",
     "download_and_load_gpt2": "diygpt.pretrained.book_loader",
     "load_weights_into_gpt": "diygpt.pretrained.book_loader",
+    "load_gpt2_params_from_tf_ckpt": "diygpt.pretrained.book_loader",
 }
 
 
@@ -39,6 +40,7 @@ __all__ = [
     "TrainConfig",
     "download_and_load_gpt2",
     "load_weights_into_gpt",
+    "load_gpt2_params_from_tf_ckpt",
     "Trainer",
     "evaluate_model",
     "generate_and_print_sample",

@@ -280,7 +280,10 @@ def load_model(
         cfg, weights = run_cfg, path / MODEL_FILE
     elif path.is_file():
         if cfg is None:
-            raise CheckpointError(f"{path}: a bare weights file needs a model config (--preset)")
+            raise CheckpointError(
+                f"{path}: a bare weights file needs a model config (--preset NAME, or "
+                "--weights FILE with the shape read from the tensors or a config.json beside it)"
+            )
         weights = path
     else:
         raise CheckpointError(f"{path}: no such checkpoint file or run folder")

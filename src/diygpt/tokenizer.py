@@ -55,7 +55,8 @@ def _load(tokenizer_dir: str | None):
     except Exception as exc:  # network errors come in many types
         raise TokenizerError(
             "cannot load the GPT-2 tokenizer (no network?): put encoder.json and vocab.bpe "
-            f"in a folder and pass --tokenizer-dir DIR or set {TOKENIZER_ENV}=DIR "
+            f"in a folder and pass --tokenizer-dir DIR (get_tokenizer(DIR) in Python) or set "
+            f"{TOKENIZER_ENV}=DIR "
             f"({type(exc).__name__})"
         ) from exc
 

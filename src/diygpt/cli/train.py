@@ -93,7 +93,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help='start of the greedy sample printed after each epoch ("" for none)')
     e.add_argument("--out", default="runs/train", help="run folder (default runs/train)")
     e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="a progress bar on stderr (default: on when stderr is a terminal)")
+                   help="a progress bar on stderr, shown only when stderr is a terminal "
+                   "(--no-progress: never)")
     c = p.add_argument_group("checkpoints and resume")
     c.add_argument("--save-every", type=positive_int, default=None, metavar="N",
                    help="save a checkpoint RUN/ckpt-<step> every N steps, atomically (every "
@@ -323,6 +324,11 @@ def _train(args: argparse.Namespace, env, device) -> int:
     if ckpt is not None:
         trainer.load_checkpoint(ckpt)
         warn(f"diygpt: resuming from {ckpt.folder} (after step {ckpt.state['global_step']})")
+        done = ckpt.state["global_step"] + 1
+        if done >= trainer.total_steps():
+            warn(f"diygpt: note: the run has taken {done} steps, all that --epochs "
+                 f"{args.epochs}{f' and --max-steps {args.max_steps}' if args.max_steps else ''} "
+                 "allow: nothing to train; raise --epochs or --max-steps to go on")
     draws = device.type == "cpu" if args.fast_draws is None else args.fast_draws
     # GELU's kernel serves diygpt.lean's GELU, which only the uncompiled CPU model has.
     gelu = device.type == "cpu" and not args.compile if args.fast_gelu is None else args.fast_gelu

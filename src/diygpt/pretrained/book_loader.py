@@ -50,8 +50,11 @@ def download_and_load_gpt2(
 def load_gpt2_params_from_tf_ckpt(
     ckpt_path: str | os.PathLike, settings: dict[str, Any]
 ) -> dict[str, Any]:
-    """OpenAI's TF checkpoint (its prefix, e.g. ``models/124M/model.ckpt``) as the book's
-    nested dict of squeezed numpy arrays, one ``blocks`` entry per layer."""
+    """OpenAI's TF checkpoint (its prefix, e.g. ``models/124M/model.ckpt``, as the book's
+    ``tf.train.latest_checkpoint`` gives it, or the folder) as the book's nested dict of
+    squeezed numpy arrays, one ``blocks`` entry per layer."""
+    if Path(ckpt_path).is_dir():
+        ckpt_path = checkpoint_prefix(Path(ckpt_path))
     source = open_tf_checkpoint(ckpt_path)
     n_layer = settings["n_layer"]
     params: dict[str, Any] = {"blocks": [{} for _ in range(n_layer)]}

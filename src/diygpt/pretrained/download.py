@@ -191,7 +191,8 @@ def _check_folder_holds(name: str, folder: Path) -> None:
     """
     if found := other_size(name, folder):
         raise DownloadError(f"{folder} already holds {size_clash(name, *found)}; choose "
-                            f"another --dir for {name}")
+                            f"another folder for {name} (--dir; download_and_load_gpt2's "
+                            "models_dir)")
 
 
 def download(
