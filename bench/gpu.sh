@@ -52,6 +52,8 @@ fi
 export DIYGPT_ASSETS DIYGPT_TOKENIZER_DIR=${DIYGPT_TOKENIZER_DIR:-$DIYGPT_ASSETS/gpt2}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}  # a failed nccl start says why
+SCRATCH=$(mktemp -d)  # run folders of the fsdp and cli steps, removed at the end
+trap 'rm -rf "$SCRATCH"' EXIT
 TEE=
 if [[ -n "${OUT:-}" ]]; then exec > >(tee -a "$OUT/gpu.txt") 2>&1; TEE=$!; fi
 
@@ -96,13 +98,13 @@ done
 run_step gen 200 $PY bench/generate_speed.py --new-tokens 200 --warmup 2 --repeats 5 \
   --cuda-ablation --profile
 run_step fsdp 120 $PY scripts/fsdp_gpu_check.py --data "$DIYGPT_ASSETS/the-verdict.txt" \
-  --out "$(mktemp -d)"
+  --out "$SCRATCH/fsdp"
 run_step ablation 60 $PY bench/train_speed.py --preset gpt2-small --batch-size "$BATCH" \
   --variants sdpa --peers none --dtype bf16 --fused-adamw --tf32 --warmup 3 --steps 10
 run_step cli 180 $PY -m diygpt train --data "$DIYGPT_ASSETS/the-verdict.txt" \
   --preset gpt2-small --context-length 1024 --train-ratio 0.7 --batch-size 2 --epochs 30 \
   --max-steps 30 --eval-freq 10 --eval-iter 1 --dtype bf16 --compile --fused-adamw \
-  --pad-vocab --tf32 --sample-prompt "" --no-progress --out "$(mktemp -d)/run"
+  --pad-vocab --tf32 --sample-prompt "" --no-progress --out "$SCRATCH/run"
 
 echo; echo "== summary ($SECONDS s)"
 printf '%s\n' "${SUMMARY[@]}"

@@ -8,7 +8,9 @@ A B C C B A, so that each row follows each other as often): the output head's an
 embedding's weight gradients made whole and stepped in 4 MB slices (as before the ninth
 pass), made and stepped 4 MB of rows at a time (``diygpt.streamed_grads``) without the heap
 trim, and that with ``--trim-heap``'s ``malloc_trim`` after the forward pass (the CLI's
-default on the CPU uncompiled: its own trim hook is switched per row). Peak
+default on the CPU uncompiled: its own trim hook is switched per row). The untrimmed rows
+keep the trimmed run's allocator settings, so they are not ``--no-trim-heap``, which also
+recycles big blocks in the heap (``bench/memory.py`` and ``bench/step_ab.py`` time that). Peak
 memory needs a process per row (``bench/memory.py``); speed does not, and switching inside
 one process keeps the machine's load the same for every row. The first round is left out
 (AdamW's moments are made there). Prints each row's median step time and its ratio to the
@@ -31,7 +33,7 @@ from diygpt.training import Trainer
 
 ROWS = {  # name: (vocabulary gradients streamed, trim after forward)
     "whole vocabulary gradients, no trim (before the ninth pass)": (False, False),
-    "streamed vocabulary gradients, --no-trim-heap": (True, False),
+    "streamed vocabulary gradients, trim hook off (heap not recycled)": (True, False),
     "streamed + trim after forward (default)": (True, True),
 }
 DEFAULT = "streamed + trim after forward (default)"

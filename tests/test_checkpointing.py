@@ -233,8 +233,8 @@ def test_a_finished_run_without_save_every_can_be_extended(data, tmp_path, capsy
     assert (out / "model.safetensors").read_bytes() == (
         tmp_path / "straight" / "model.safetensors").read_bytes()
     rc, _, err = run_cli(capsys, "train", "--resume", out)  # nothing left to do
-    assert rc == 0 and "the run has taken 4 steps, all that --epochs 10 and --max-steps 4 " \
-        "allow: nothing to train" in err
+    assert rc == 0 and "the run has taken 4 steps, all that --max-steps 4 allows: nothing " \
+        "to train; raise --max-steps to go on" in err
     assert not list(out.glob(".*")), list(out.glob(".*"))  # no temp name left behind
 
 

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, old)
     seconds = time.perf_counter() - t0
     mb = stats.bytes_read / 1e6
-    size = f"{mb:.1f} MB" if mb >= 1 else f"{stats.bytes_read / 1e3:.1f} kB"
+    size = f"{mb:.1f} MB" if mb >= 0.99995 else f"{stats.bytes_read / 1e3:.1f} kB"
     print(
         f"{stats.tokens} tokens from {size} in {stats.files} file(s) -> {args.out} "
         f"({mb / max(seconds, 1e-9):.1f} MB/s, peak RSS {peak_rss_mb():.0f} MB)"

@@ -326,9 +326,10 @@ def _train(args: argparse.Namespace, env, device) -> int:
         warn(f"diygpt: resuming from {ckpt.folder} (after step {ckpt.state['global_step']})")
         done = ckpt.state["global_step"] + 1
         if done >= trainer.total_steps():
-            warn(f"diygpt: note: the run has taken {done} steps, all that --epochs "
-                 f"{args.epochs}{f' and --max-steps {args.max_steps}' if args.max_steps else ''} "
-                 "allow: nothing to train; raise --epochs or --max-steps to go on")
+            by_steps = args.max_steps is not None and args.max_steps <= done
+            limit = f"--max-steps {args.max_steps}" if by_steps else f"--epochs {args.epochs}"
+            warn(f"diygpt: note: the run has taken {done} steps, all that {limit} allows: "
+                 f"nothing to train; raise {limit.split()[0]} to go on")
     draws = device.type == "cpu" if args.fast_draws is None else args.fast_draws
     # GELU's kernel serves diygpt.lean's GELU, which only the uncompiled CPU model has.
     gelu = device.type == "cpu" and not args.compile if args.fast_gelu is None else args.fast_gelu
