@@ -8,21 +8,29 @@ export DIYGPT_ASSETS ?= $(abspath $(ASSETS))
 # CUDA build): make demo TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_PIP_ARGS ?=
 
-.PHONY: setup demo test lint gpu-stage clean
+.PHONY: setup setup-test demo test lint gpu-stage clean
+
+# What diygpt needs to run (`make demo`); the test tools come on top, for `make test` only.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@echo "setting up $(VENV): torch and diygpt (first time: a minute or more)"
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
+	$(PY) -m pip install -q -c constraints.txt -e .
+	touch $@
 
 # triton goes in a folder of its own, which only the tests put on their path (they run
 # diygpt.fused_ce's GPU kernels in its CPU interpreter): in the venv's packages, every
 # training run would load it (torch's optimizers import it when present), 75 MB more RSS.
-$(VENV)/.installed: pyproject.toml constraints.txt
-	@echo "setting up $(VENV): torch, diygpt and the test tools (first time: a minute or more)"
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
+$(VENV)/.installed-test: $(VENV)/.installed
+	@echo "adding the test tools to $(VENV): pytest, transformers, hypothesis, ruff, triton"
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	$(PY) -m pip install -q -c constraints.txt --target $(VENV)/triton-tests triton
 	touch $@
 
 setup: $(VENV)/.installed
+
+setup-test: $(VENV)/.installed-test
 
 # A GPT-2-style model, smaller than book-124m (256 wide, 4 layers) so the demo trains in a few
 # minutes on two CPU cores; `scripts/seed_run.sh` runs the full-size seed configuration.
@@ -37,11 +45,11 @@ demo: setup
 	  --max-new-tokens 40 --temperature 1.0 --top-k 25 --seed 123
 	@echo "loss plot: runs/demo/loss.png   checkpoint: runs/demo/"
 
-test: setup
+test: setup-test
 	$(VENV)/bin/ruff check src tests bench scripts
 	$(PY) -m pytest -q
 
-lint: setup
+lint: setup-test
 	$(VENV)/bin/ruff check src tests bench scripts
 
 # The assets for a lent GPU machine, which gets the working tree but not ../shared:
