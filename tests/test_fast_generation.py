@@ -314,7 +314,11 @@ def test_int8_layers_keep_a_half_precision_models_dtype_and_survive_a_copy():
     assert half(idx).dtype == torch.bfloat16
     original = quantize_int8(_model())
     expected = original(idx)
+    seen = []
+    original.out_head.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     twin = copy.deepcopy(original)
     del original  # the copy looked its packed weights up under the original's name
     gc.collect()
     torch.testing.assert_close(twin(idx), expected, rtol=0, atol=0)
+    assert seen == [(1, 5, CFG.vocab_size)]  # hooks copied with the layer, as nn.Module's are
+    assert isinstance(twin.out_head, Int8Linear) and twin.out_head.weight.dtype == torch.int8

@@ -114,13 +114,13 @@ class Int8Linear(nn.Module):
         self._fbgemm_key = _register_packed(self, packed) if packed is not None else None
 
     def __deepcopy__(self, memo: dict) -> Int8Linear:
-        # The copy needs a packed weight of its own name: the original's is removed with it.
+        # As nn.Module copies (its hooks and settings too), but the copy needs a packed
+        # weight of its own name: the original's is removed with it.
         new = self.__class__.__new__(self.__class__)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features, new.training = (
-            self.in_features, self.out_features, self.training)
-        for name, buf in self._buffers.items():
-            new.register_buffer(name, copy.deepcopy(buf, memo))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            if name != "_fbgemm_key":
+                new.__dict__[name] = copy.deepcopy(value, memo)
         key = self._fbgemm_key
         new._fbgemm_key = None if key is None else _register_packed(new, _PACKED[key])
         return new
