@@ -10,6 +10,7 @@ from diygpt.cli.options import (
     add_model_source_flags,
     load_model_from_args,
     positive_int,
+    stride_warning,
 )
 
 
@@ -65,10 +66,8 @@ def run(args: argparse.Namespace) -> int:
     check_enough_tokens(len(ids), length, "the text",
                         "use more text or a smaller --context-length")
     check_token_ids(ids, model.tok_emb.num_embeddings, "the text")
-    if args.stride is not None and args.stride > length:
-        print(f"diygpt: warning: --stride {args.stride} is past the context length {length}: "
-              f"{args.stride - length} of every {args.stride} tokens are never scored",
-              file=sys.stderr)
+    if warning := stride_warning(args.stride, length, "scored"):
+        print(warning, file=sys.stderr)
     dataset = GPTDatasetV1(None, tokenizer, length, args.stride or length, token_ids=ids)
     loader = make_loader(dataset, args.batch_size, shuffle=False, drop_last=False)
     with torch.no_grad():

@@ -47,12 +47,12 @@ def _compile_failure(exc: BaseException) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for `train --resume` checks
     if unknown:  # argparse leaves them to the top parser, whose hint would be `diygpt --help`
-        given = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+        given = [str(a) for a in args.argv]
         # After the command, they are the command's to name; before it, the top parser's.
         after = unknown[0] not in given or given.index(unknown[0]) > given.index(args.command)
         (args.parser if after else parser).error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # for `train --resume` checks
     try:
         return int(args.func(args) or 0)
     except DiygptError as exc:

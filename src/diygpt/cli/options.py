@@ -9,6 +9,14 @@ from diygpt.config import ATTENTION_IMPLS, PRESETS, GPTConfig, get_preset
 from diygpt.errors import ConfigError
 
 
+def stride_warning(stride: int | None, length: int, missed: str) -> str | None:
+    """The warning for a --stride past the window (train and eval), or None."""
+    if stride is None or stride <= length:
+        return None
+    return (f"diygpt: warning: --stride {stride} is past the context length {length}: "
+            f"{stride - length} of every {stride} tokens are never {missed}")
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

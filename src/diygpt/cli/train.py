@@ -14,6 +14,7 @@ from diygpt.cli.options import (
     positive_int,
     ranged,
     seed_int,
+    stride_warning,
 )
 from diygpt.cli.speed_flags import add_speed_flags, prepare_model, setup_training
 from diygpt.config import ATTENTION_IMPLS, PRESETS
@@ -271,10 +272,8 @@ def _train(args: argparse.Namespace, env, device) -> int:
             "the same --data"
         )
 
-    if args.stride is not None and args.stride > cfg.context_length:
-        warn(f"diygpt: warning: --stride {args.stride} is past the context length "
-             f"{cfg.context_length}: {args.stride - cfg.context_length} of every {args.stride} "
-             "tokens are never trained on")
+    if warning := stride_warning(args.stride, cfg.context_length, "trained on"):
+        warn(warning)
     if args.grad_accum > args.batch_size:
         warn(f"diygpt: note: --grad-accum {args.grad_accum} is more than the {args.batch_size} "
              f"windows of a batch; each step runs micro-batches of one window")
@@ -324,7 +323,7 @@ def _train(args: argparse.Namespace, env, device) -> int:
     if ckpt is not None:
         trainer.load_checkpoint(ckpt)
         warn(f"diygpt: resuming from {ckpt.folder} (after step {ckpt.state['global_step']})")
-        done = ckpt.state["global_step"] + 1
+        done = trainer.history.global_step + 1
         if done >= trainer.total_steps():
             by_steps = args.max_steps is not None and args.max_steps <= done
             limit = f"--max-steps {args.max_steps}" if by_steps else f"--epochs {args.epochs}"
