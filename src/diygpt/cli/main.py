@@ -22,7 +22,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from diygpt.cli import download, evaluate, generate, prepare, train
+    from diygpt.cli import download, evaluate, export, generate, prepare, train
 
     parser = _Parser(
         prog=_PROG,
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (train, generate, evaluate, download, prepare):
+    for module in (train, generate, evaluate, download, prepare, export):
         module.register(sub)
     for command in sub.choices.values():  # each command's own parser, for its errors
         command.set_defaults(parser=command)

@@ -88,7 +88,8 @@ def add_device_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_model_source_flags(p: argparse.ArgumentParser) -> None:
+def add_model_source_flags(p: argparse.ArgumentParser, attn: bool = True) -> None:
+    """--checkpoint/--weights/--pretrained, --preset and --dtype; --attn where ``attn``."""
     src = p.add_argument_group("model source (one of)")
     src.add_argument(
         "--checkpoint", metavar="RUN",
@@ -108,7 +109,8 @@ def add_model_source_flags(p: argparse.ArgumentParser) -> None:
         "--preset", default=None, choices=list(PRESETS),
         help="model shape for a bare weights file (a run folder carries its own config)",
     )
-    p.add_argument("--attn", choices=ATTENTION_IMPLS, default=None, help="attention kernel")
+    if attn:
+        p.add_argument("--attn", choices=ATTENTION_IMPLS, default=None, help="attention kernel")
     p.add_argument(
         "--dtype", choices=["fp32", "bf16", "fp16"], default=None,
         help="weights dtype, applied at load time (default: fp32; a run folder or book "
@@ -134,7 +136,7 @@ def _load_chosen(args: argparse.Namespace, device):
 
     if args.checkpoint:
         cfg = get_preset(args.preset) if args.preset else None
-        model = load_model(args.checkpoint, cfg, device, attn_impl=args.attn)
+        model = load_model(args.checkpoint, cfg, device, attn_impl=getattr(args, "attn", None))
         if args.dtype:
             from diygpt.precision import parse_precision
 
@@ -146,7 +148,7 @@ def _load_chosen(args: argparse.Namespace, device):
     # --pretrained is a name: a folder of that name in the working directory is not it.
     source = args.weights or named_dir(args.pretrained)
     model = load_pretrained(source, device=device, dtype=args.dtype)
-    if args.attn:
+    if getattr(args, "attn", None):
         model.set_attn_impl(args.attn)
     return model
 

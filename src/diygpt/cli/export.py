@@ -1,0 +1,61 @@
+"""``diygpt export``: a run's weights (and AdamW state) as the book's own .pth files."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from diygpt.cli.options import add_model_source_flags, load_model_from_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="write the book's model.pth (or model_and_optimizer.pth)",
+        description="Write a model as the book's code saves it: torch.save(model.state_dict()) "
+        "with the book's parameter names and each layer's causal-mask buffer, so the book's "
+        "GPTModel loads it with a strict load_state_dict. With --optimizer, the book's "
+        "{'model_state_dict': ..., 'optimizer_state_dict': ...}, whose optimizer state the "
+        "book's torch.optim.AdamW(model.parameters(), ...) loads to train on.",
+    )
+    add_model_source_flags(p, attn=False)
+    p.add_argument("--out", required=True, metavar="FILE", help="the .pth file to write")
+    p.add_argument("--optimizer", action="store_true",
+                   help="also the run's AdamW state (needs --checkpoint RUN, a run folder)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from diygpt.book_export import save_book_checkpoint
+    from diygpt.checkpointing import check_writable
+    from diygpt.checkpoints import OPTIMIZER_FILE, load_optimizer_state
+    from diygpt.errors import CheckpointError, ConfigError
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; name the .pth file to write")
+    optimizer_state = None
+    if args.optimizer:
+        if not (args.checkpoint and Path(args.checkpoint).is_dir()):
+            raise ConfigError("--optimizer needs --checkpoint RUN, a run folder written by "
+                              "`diygpt train` (a weights file holds no optimizer state)")
+        optimizer_state = load_optimizer_state(args.checkpoint)
+        if optimizer_state is None:
+            raise CheckpointError(f"{Path(args.checkpoint) / OPTIMIZER_FILE}: missing (a run "
+                                  "stopped before its first step saves none)")
+    model = load_model_from_args(args, "cpu")
+    check_writable(out.parent)
+    save_book_checkpoint(out, model, optimizer_state)
+    book_cfg = {k: v for k, v in model.cfg.to_dict().items() if k != "attn_impl"}
+    megabytes = out.stat().st_size / 1e6
+    print(f"wrote {out} ({megabytes:.1f} MB); in the book's code:")
+    print(f"  model = GPTModel({book_cfg})")
+    if optimizer_state is None:
+        print(f'  model.load_state_dict(torch.load("{out}", weights_only=True))')
+        return 0
+    group = optimizer_state["param_groups"][0]
+    print(f'  checkpoint = torch.load("{out}", weights_only=True)')
+    print('  model.load_state_dict(checkpoint["model_state_dict"])')
+    print(f"  optimizer = torch.optim.AdamW(model.parameters(), lr={group['lr']:g}, "
+          f"weight_decay={group['weight_decay']:g})")
+    print('  optimizer.load_state_dict(checkpoint["optimizer_state_dict"])')
+    return 0
