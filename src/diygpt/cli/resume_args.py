@@ -40,6 +40,12 @@ def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]
     return {k for k, v in vars(ns).items() if v is not unset}
 
 
+def typed_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The dests typed after ``train`` in the command line ``argv``."""
+    argv = list(argv)
+    return explicit_dests(parser, argv[argv.index("train") + 1 :] if "train" in argv else [])
+
+
 def _flag(parser: argparse.ArgumentParser, dest: str) -> str:
     for action in parser._actions:
         if action.dest == dest and action.option_strings:
@@ -70,8 +76,7 @@ def merge_resume_args(
     """
     if not isinstance(saved, dict):
         raise CheckpointError(f"{args.resume}: state.json has no training settings (train_args)")
-    argv = list(getattr(args, "argv", []))
-    typed = explicit_dests(parser, argv[argv.index("train") + 1 :] if "train" in argv else [])
+    typed = typed_dests(parser, getattr(args, "argv", []))
     for dest in sorted(typed - CHANGEABLE - {"out"}):
         if dest in saved and getattr(args, dest) != saved[dest]:
             raise ConfigError(

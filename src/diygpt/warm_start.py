@@ -1,0 +1,89 @@
+"""Start a training run from existing weights instead of random ones.
+
+The source is what ``generate`` loads: a GPT-2 size by name, OpenAI's or Hugging Face's
+files, a diygpt run folder, or a book ``model.pth`` / ``model_and_optimizer.pth``. The
+model keeps the source's shape; only what a run may choose changes: a shorter context (the
+first rows of ``pos_emb``, as nanoGPT's ``crop_block_size``), the dropout rate and the
+attention kernel. AdamW starts afresh (``diygpt train --resume`` continues a run's own).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diygpt.checkpoints import (
+    STATE_FILE,
+    load_into,
+    load_model,
+    load_state_dict_file,
+    model_state_for_saving,
+)
+from diygpt.config import GPTConfig
+from diygpt.errors import ConfigError
+from diygpt.model import GPTModel
+
+SHAPE_FIELDS = ("vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias")
+_WEIGHT_FILES = (".pth", ".pt", ".safetensors")
+
+
+def load_source(source: str | os.PathLike, file_cfg: GPTConfig | None = None) -> GPTModel:
+    """The source's model on the CPU. ``file_cfg`` gives a bare weights file its shape (its
+    context length is read from ``pos_emb``); without it the shape is detected, as
+    ``load_pretrained`` does."""
+    from diygpt.pretrained import load_pretrained
+
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / STATE_FILE).is_file():
+        return load_model(path)
+    if file_cfg is not None and path.is_file() and path.suffix in _WEIGHT_FILES:
+        state = load_state_dict_file(path)
+        positions = state.get("pos_emb.weight")
+        if positions is not None:
+            file_cfg = file_cfg.with_updates(context_length=positions.shape[0])
+        with torch.device("meta"):
+            model = GPTModel(file_cfg)
+        load_into(model, state, str(path), assign=True)
+        return model
+    return load_pretrained(source)
+
+
+def start_model(
+    source: str | os.PathLike,
+    *,
+    file_cfg: GPTConfig | None = None,
+    shape: dict[str, Any] | None = None,
+    context_length: int | None = None,
+    drop_rate: float | None = None,
+    attn_impl: str | None = None,
+) -> GPTModel:
+    """A float32 CPU model in training mode holding ``source``'s weights.
+
+    ``shape`` holds the fields of :data:`SHAPE_FIELDS` the caller asked for: each must be
+    the source's. ``context_length`` may only shorten the source's; ``drop_rate`` and
+    ``attn_impl`` replace its own where given.
+    """
+    loaded = load_source(source, file_cfg)
+    cfg = loaded.cfg
+    for field, wanted in (shape or {}).items():
+        if getattr(cfg, field) != wanted:
+            raise ConfigError(f"{source}: the weights have {field} {getattr(cfg, field)}, "
+                              f"not the {wanted} asked for")
+    if context_length is not None and context_length > cfg.context_length:
+        raise ConfigError(f"{source}: the weights have {cfg.context_length} positions; a "
+                          f"context length of {context_length} would need more")
+    cfg = cfg.with_updates(context_length=context_length, drop_rate=drop_rate,
+                           attn_impl=attn_impl)
+    # Tensors of its own (a tied head becomes a copy, as the book's untied head is), float32
+    # for AdamW whatever the source's dtype.
+    state = {key: t.float() if t.is_floating_point() else t
+             for key, t in model_state_for_saving(loaded).items()}
+    state["pos_emb.weight"] = state["pos_emb.weight"][: cfg.context_length].clone()
+    del loaded
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    load_into(model, state, str(source), assign=True)
+    return model.train()

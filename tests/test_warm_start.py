@@ -1,0 +1,83 @@
+"""`diygpt train --init-from` and diygpt.warm_start: training that starts from given weights."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import one_line_error, run_cli, train_tiny
+
+from diygpt import load_pretrained
+from diygpt.checkpoints import load_model, load_state_dict_file
+from diygpt.errors import ConfigError
+from diygpt.warm_start import start_model
+
+OPENAI_DIR = Path(__file__).parent / "fixtures" / "gpt2-tiny-openai"
+
+
+def test_start_model_holds_the_weights_untied_in_float32_for_training():
+    reference = load_pretrained(OPENAI_DIR)
+    model = start_model(OPENAI_DIR, drop_rate=0.1)
+    assert model.training and model.cfg.drop_rate == 0.1
+    assert model.out_head.weight is not model.tok_emb.weight  # the book's untied head
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    ids = torch.arange(20).view(2, 10)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids), reference(ids))
+    # Training the copy leaves the loaded weights alone.
+    with torch.no_grad():
+        model.tok_emb.weight.add_(1.0)
+    assert torch.equal(model.out_head.weight, reference.out_head.weight)
+
+
+def test_a_shorter_context_keeps_the_first_positions():
+    reference = load_pretrained(OPENAI_DIR)
+    model = start_model(OPENAI_DIR, context_length=8).eval()
+    assert model.cfg.context_length == 8 and model.pos_emb.weight.shape[0] == 8
+    ids = torch.arange(16).view(2, 8)
+    with torch.no_grad():
+        assert torch.equal(model(ids), reference(ids))
+
+
+def test_the_weights_shape_is_not_overridden():
+    with pytest.raises(ConfigError, match="have 64 positions; a context length of 65"):
+        start_model(OPENAI_DIR, context_length=65)
+    with pytest.raises(ConfigError, match="the weights have emb_dim 32, not the 48 asked for"):
+        start_model(OPENAI_DIR, shape={"emb_dim": 48})
+
+
+def test_cli_run_starts_from_another_runs_weights_and_resumes(data, tmp_path, capsys):
+    first = tmp_path / "first"
+    assert train_tiny(capsys, data, first, "--max-steps", "3")[0] == 0
+    # A learning rate too small to move a trained weight: the second run's weights are the
+    # first run's, its context cut to 8 positions.
+    second = tmp_path / "second"
+    rc, _, err = run_cli(capsys, "train", "--data", data, "--init-from", first, "--context-length",
+                         "8", "--drop-rate", "0.1", "--lr", "1e-30", "--max-steps", "2",
+                         "--batch-size", "2", "--sample-prompt", "", "--no-progress",
+                         "--out", second)
+    assert rc == 0, err
+    assert f"starting from the weights of {first} (context 8, dropout 0.1)" in err
+    before, after = load_state_dict_file(first / "model.safetensors"), load_model(second)
+    assert after.cfg.context_length == 8 and after.cfg.drop_rate == 0.1
+    for name, tensor in after.state_dict().items():
+        expected = before[name][:8] if name == "pos_emb.weight" else before[name]
+        torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-25)
+    # Its shape is not the default preset's (book-124m), yet it resumes: the shape comes
+    # from the checkpoint.
+    rc, _, err = run_cli(capsys, "train", "--resume", second, "--max-steps", "3", "--no-progress")
+    assert rc == 0 and "resuming from" in err, err
+    assert load_model(second).cfg == after.cfg
+
+
+def test_cli_init_from_mistakes_are_one_line(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_tiny(capsys, data, run, "--max-steps", "1")[0] == 0
+    line = one_line_error(capsys, "train", "--data", data, "--init-from", run,
+                          "--context-length", "17", "--out", tmp_path / "a")
+    assert "have 16 positions; a context length of 17 would need more" in line
+    line = one_line_error(capsys, "train", "--data", data, "--init-from", run,
+                          "--preset", "book-124m", "--out", tmp_path / "b")
+    assert "the weights have vocab_size" not in line and "not the 768 asked for" in line
+    line = one_line_error(capsys, "train", "--data", data, "--init-from", tmp_path / "nothing",
+                          "--out", tmp_path / "c")
+    assert "no such file or folder" in line
