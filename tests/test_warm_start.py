@@ -8,7 +8,7 @@ from cli_helpers import one_line_error, run_cli, train_tiny
 
 from diygpt import load_pretrained
 from diygpt.checkpoints import load_model, load_state_dict_file
-from diygpt.errors import ConfigError
+from diygpt.errors import CheckpointError, ConfigError
 from diygpt.warm_start import start_model
 
 OPENAI_DIR = Path(__file__).parent / "fixtures" / "gpt2-tiny-openai"
@@ -81,3 +81,12 @@ def test_cli_init_from_mistakes_are_one_line(data, tmp_path, capsys):
     line = one_line_error(capsys, "train", "--data", data, "--init-from", tmp_path / "nothing",
                           "--out", tmp_path / "c")
     assert "no such file or folder" in line
+
+
+def test_weights_holding_nan_are_refused_before_training(tmp_path):
+    model = load_pretrained(OPENAI_DIR)
+    with torch.no_grad():
+        model.trf_blocks[1].att.W_key.weight[0, 0] = float("nan")
+    torch.save(model.state_dict(), tmp_path / "diverged.pth")
+    with pytest.raises(CheckpointError, match="W_key.weight holds NaN"):
+        start_model(tmp_path / "diverged.pth", file_cfg=model.cfg)

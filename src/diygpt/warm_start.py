@@ -21,6 +21,7 @@ from diygpt.checkpoints import (
     load_model,
     load_state_dict_file,
     model_state_for_saving,
+    refuse_non_finite,
 )
 from diygpt.config import GPTConfig
 from diygpt.errors import ConfigError
@@ -67,6 +68,7 @@ def start_model(
     ``attn_impl`` replace its own where given.
     """
     loaded = load_source(source, file_cfg)
+    refuse_non_finite(loaded, source)  # a diverged run's weights would stop the first step
     cfg = loaded.cfg
     for field, wanted in (shape or {}).items():
         if getattr(cfg, field) != wanted:
