@@ -266,6 +266,31 @@ def test_read_only_output_folder(data, tmp_path, capsys, monkeypatch):
 def test_preset_that_does_not_match_the_checkpoint(run, capsys):
     line = one_line_error(capsys, "generate", "--checkpoint", run, "--preset", "gpt2-small")
     assert "emb_dim" in line or "context_length" in line
+    assert line.endswith("(a run folder carries its own config: drop --preset)")
+
+
+def test_files_that_are_not_state_dicts_say_what_they_are(run, tmp_path, capsys):
+    import json
+
+    import torch
+
+    from diygpt.checkpoints import load_model
+
+    (tmp_path / "notes.pth").write_text("my training notes\n")
+    line = one_line_error(capsys, "generate", "--checkpoint", tmp_path / "notes.pth",
+                          "--preset", "tiny")
+    assert line.endswith("notes.pth: not a PyTorch weights file (neither torch.save's zip nor a pickle)")
+    torch.save(load_model(run), tmp_path / "whole.pth")  # the whole module, not its state dict
+    line = one_line_error(capsys, "generate", "--checkpoint", tmp_path / "whole.pth",
+                          "--preset", "tiny")
+    assert "holds a whole model (diygpt.model.GPTModel, from torch.save(model))" in line
+    assert line.endswith("save model.state_dict(), as the book does")
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    torch.save(load_model(run).state_dict(), folder / "model.pth")
+    (folder / "config.json").write_text(json.dumps({"vocab_size": 50257})[:-1])
+    line = one_line_error(capsys, "generate", "--weights", folder / "model.pth")
+    assert "config.json: not valid JSON (" in line
 
 
 def test_eval_reports_the_token_mean_whatever_the_batch_size(run, data, capsys):

@@ -2,6 +2,7 @@
 
 import ast
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from cli_helpers import one_line_error, run_cli, train_tiny
 from book_reference import BookGPTModel
 from diygpt import GPTModel
 from diygpt.book_export import book_optimizer_state, book_state_dict, save_book_checkpoint
-from diygpt.checkpoints import load_optimizer_state, save_run
+from diygpt.checkpoints import load_optimizer_state, load_state_dict_file, save_run
 from diygpt.errors import CheckpointError
 from diygpt.speed import pad_vocab
 
@@ -72,17 +73,23 @@ def test_the_books_adamw_trains_on_from_the_exported_state_to_the_bit(tmp_path):
         assert torch.equal(opt.state[ours_p]["exp_avg_sq"], book_opt.state[book_p]["exp_avg_sq"])
 
 
-def test_padded_head_moments_lose_their_padding_rows_and_kernel_flags_reset():
+@pytest.mark.parametrize("against", ["the run's unpadded model", "the padded model itself"])
+def test_padded_head_moments_lose_their_padding_rows_and_kernel_flags_reset(tmp_path, against):
     model = pad_vocab(GPTModel(CFG))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
     _step(model, opt, _batch(1))
-    state = book_optimizer_state(opt.state_dict(), GPTModel(CFG))
+    path = tmp_path / "model_and_optimizer.pth"
+    save_book_checkpoint(path, model if "padded" in against else GPTModel(CFG), opt.state_dict())
+    state = torch.load(path, weights_only=True)["optimizer_state_dict"]
     head = len(list(model.parameters())) - 1
     assert state["state"][head]["exp_avg"].shape == (CFG["vocab_size"], CFG["emb_dim"])
     assert torch.equal(state["state"][head]["exp_avg"], opt.state[model.out_head.weight]["exp_avg"][:200])
     assert state["param_groups"][0]["foreach"] is None and state["param_groups"][0]["lr"] == 1e-3
+    assert book_optimizer_state(state, GPTModel(CFG))["state"][head]["exp_avg"].shape[0] == 200
     book = BookGPTModel(CFG)
-    torch.optim.AdamW(book.parameters()).load_state_dict(state)
+    book_opt = torch.optim.AdamW(book.parameters())
+    book_opt.load_state_dict(state)
+    _step(book, book_opt, _batch(2))  # the book's AdamW steps with them
 
 
 def test_an_optimizer_state_of_another_model_is_one_error():
@@ -124,19 +131,78 @@ def test_cli_export_of_a_trained_run_loads_into_the_books_model_and_adamw(
     BookGPTModel(cfg).load_state_dict(torch.load(tmp_path / "m.pth", weights_only=True))
 
 
+def test_cli_export_reads_a_run_at_its_newest_checkpoint(data, tmp_path, capsys, monkeypatch):
+    # A run that died after its checkpoints (no final save): the run folder's own files
+    # follow each checkpoint, and export reads the newest one whatever they hold.
+    from diygpt.trainer_state import TrainerState
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(TrainerState, "_finish", lambda self: None)
+        assert train_tiny(capsys, data, run, "--max-steps", "3", "--save-every", "1",
+                          "--keep-last", "3")[0] == 0
+    newest = run / "ckpt-000002"
+    assert (run / "optimizer.pt").samefile(newest / "optimizer.pt")
+    # An older diygpt left the run folder's optimizer.pt at an earlier step.
+    (run / "optimizer.pt").unlink()
+    shutil.copy(run / "ckpt-000000" / "optimizer.pt", run / "optimizer.pt")
+    out = tmp_path / "m.pth"
+    assert run_cli(capsys, "export", "--checkpoint", run, "--out", out, "--optimizer")[0] == 0
+    checkpoint = torch.load(out, weights_only=True)
+    steps = {int(s["step"]) for s in checkpoint["optimizer_state_dict"]["state"].values()}
+    assert steps == {3}
+    weights = load_state_dict_file(newest / "model.safetensors")
+    assert all(torch.equal(checkpoint["model_state_dict"][k], v) for k, v in weights.items())
+
+
 def test_cli_export_mistakes_are_one_line(tmp_path, capsys):
     model = GPTModel(CFG)
     save_run(tmp_path / "run", model, None, {"global_step": 0})
     torch.save(model.state_dict(), tmp_path / "w.pth")
     line = one_line_error(capsys, "export", "--checkpoint", tmp_path / "w.pth", "--preset",
                           "tiny", "--out", tmp_path / "x.pth", "--optimizer")
-    assert "--optimizer needs --checkpoint RUN" in line
+    assert "--optimizer takes the AdamW state of a run folder" in line
     line = one_line_error(capsys, "export", "--checkpoint", tmp_path / "run",
                           "--out", tmp_path / "x.pth", "--optimizer")
     assert "optimizer.pt: missing" in line
     line = one_line_error(capsys, "export", "--checkpoint", tmp_path / "run", "--out", tmp_path)
     assert "is a folder" in line
+    line = one_line_error(capsys, "export", "--checkpoint", tmp_path / "run",
+                          "--out", f"{tmp_path / 'new'}/")
+    assert "is a folder" in line and not (tmp_path / "new").exists()
+    line = one_line_error(capsys, "export", "--checkpoint", tmp_path / "run",
+                          "--out", tmp_path / "w.pth" / "x.pth")
+    assert "w.pth is a file, not a folder" in line
+    line = one_line_error(capsys, "export", "--checkpoint", tmp_path / "run",
+                          "--out", tmp_path / "x.safetensors")
+    assert "not safetensors; name it .pth" in line
+    # A damaged optimizer.pt is named, and nothing is written.
+    torch.save({"state": {}, "param_groups": ["x"]}, tmp_path / "run" / "optimizer.pt")
+    line = one_line_error(capsys, "export", "--checkpoint", tmp_path / "run",
+                          "--out", tmp_path / "x.pth", "--optimizer")
+    assert "run/optimizer.pt: not a torch AdamW state dict" in line
+    torch.save(torch.optim.AdamW(model.parameters()).state_dict(), tmp_path / "run" / "optimizer.pt")
+    line = one_line_error(capsys, "export", "--checkpoint", tmp_path / "run",
+                          "--out", tmp_path / "x.pth", "--optimizer", "--dtype", "bf16")
+    assert "drop --dtype bf16" in line
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    # torch.save's zip writer reports a full disk as RuntimeError, not OSError.
+    import diygpt.checkpointing as checkpointing
+
+    model = GPTModel(CFG)
+    save_run(tmp_path / "run", model, None, {"global_step": 0})
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 0))
+    line = one_line_error(capsys, "export", "--checkpoint", tmp_path / "run", "--out", tmp_path / "x.pth")
+    assert line.endswith("x.pth: no space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_cli_export_of_openais_weights_gives_the_book_model_tensorflows_logits(tmp_path, capsys):

@@ -84,8 +84,11 @@ def test_errors_name_the_file_and_tensor(tmp_path):
     with pytest.raises(CheckpointError, match=r"missing.pth: missing tensor final_norm.scale"):
         load_model(tmp_path / "missing.pth", GPTConfig.from_dict(CFG))
     torch.save(model.state_dict(), tmp_path / "full.pth")
-    with pytest.raises(CheckpointError, match=r"full.pth: tensor tok_emb.weight has shape"):
+    with pytest.raises(CheckpointError, match=r"full.pth: the file's vocab_size is 200, the "
+                       r"requested config has 300 \(wrong --preset\?\)"):
         load_model(tmp_path / "full.pth", GPTConfig.from_dict({**CFG, "vocab_size": 300}))
+    with pytest.raises(CheckpointError, match=r"full.pth: the file's qkv_bias is False"):
+        load_model(tmp_path / "full.pth", GPTConfig.from_dict({**CFG, "qkv_bias": True}))
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="junk.safetensors: cannot read"):
         load_model(tmp_path / "junk.safetensors", GPTConfig.from_dict(CFG))

@@ -1,5 +1,6 @@
 """`diygpt train --init-from` and diygpt.warm_start: training that starts from given weights."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ from cli_helpers import one_line_error, run_cli, train_tiny
 
 from diygpt import load_pretrained
 from diygpt.checkpoints import load_model, load_state_dict_file
+from diygpt.config import get_preset
 from diygpt.errors import CheckpointError, ConfigError
 from diygpt.warm_start import start_model
 
@@ -81,6 +83,46 @@ def test_cli_init_from_mistakes_are_one_line(data, tmp_path, capsys):
     line = one_line_error(capsys, "train", "--data", data, "--init-from", tmp_path / "nothing",
                           "--out", tmp_path / "c")
     assert "no such file or folder" in line
+    # A bare book file: a typed preset's shape is checked against the file's tensors, and
+    # its context is asked for.
+    torch.save(load_model(run).state_dict(), tmp_path / "model.pth")
+    line = one_line_error(capsys, "train", "--data", data, "--init-from", tmp_path / "model.pth",
+                          "--preset", "gpt2-small", "--out", tmp_path / "d")
+    assert "model.pth: the file's emb_dim is 16, the requested config has 768 (wrong --preset?)" in line
+    line = one_line_error(capsys, "train", "--data", data, "--init-from", tmp_path / "model.pth",
+                          "--preset", "tiny", "--emb-dim", "16", "--n-heads", "2", "--out", tmp_path / "e")
+    assert "the weights have 16 positions; a context length of 64 would need more" in line
+    line = one_line_error(capsys, "train", "--data", data, "--init-from", tmp_path / "model.pth",
+                          "--out", tmp_path / "f")
+    assert "cannot tell n_heads for emb_dim 16" in line and "--preset NAME, with --emb-dim" in line
+    line = one_line_error(capsys, "train", "--resume", run, "--init-from", tmp_path / "model.pth")
+    assert "--init-from starts a new run from given weights; --resume continues" in line
+
+
+def test_dropout_and_attention_are_the_runs_own_settings(data, tmp_path, capsys):
+    # Not the source's: the book-124m preset's dropout (0.1) and sdpa, whatever the source ran.
+    run = tmp_path / "run"
+    assert train_tiny(capsys, data, run, "--max-steps", "1", "--attn", "eager")[0] == 0
+    assert load_model(run).cfg.drop_rate == 0.0
+    rc, _, err = run_cli(capsys, "train", "--data", data, "--init-from", run, "--max-steps", "1",
+                         "--batch-size", "2", "--sample-prompt", "", "--no-progress",
+                         "--out", tmp_path / "warm")
+    assert rc == 0 and "(context 16, dropout 0.1); AdamW starts afresh" in err, err
+    assert load_model(tmp_path / "warm").cfg.attn_impl == "sdpa"
+
+
+def test_other_layouts_and_names_are_read_as_load_pretrained_reads_them(tmp_path, monkeypatch):
+    # A Hugging Face file with a typed preset: detected, then checked against the preset.
+    hf_file = Path(__file__).parent / "fixtures" / "gpt2-tiny-hf" / "model.safetensors"
+    preset = get_preset("tiny").with_updates(emb_dim=32)
+    with pytest.raises(ConfigError, match="the weights have vocab_size 500, not the 50257"):
+        start_model(hf_file, file_cfg=preset, shape={"vocab_size": preset.vocab_size})
+    # A GPT-2 name is its download folder, never a folder of that name here.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DIYGPT_HOME", str(tmp_path / "home"))
+    shutil.copytree(OPENAI_DIR, tmp_path / "gpt2-small")
+    with pytest.raises(CheckpointError, match="no gpt2-small weights in"):
+        start_model("gpt2-small")
 
 
 def test_weights_holding_nan_are_refused_before_training(tmp_path):

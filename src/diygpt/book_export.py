@@ -49,14 +49,20 @@ def book_optimizer_state(state: dict[str, Any], model: nn.Module) -> dict[str, A
     """A diygpt run's ``optimizer.pt`` as the book's AdamW over ``model.parameters()`` loads it.
 
     The numbers stay (moments, step counts, lr, betas, weight decay); the kernel flags go
-    back to AdamW's defaults. A ``--pad-vocab`` run's head moments lose their padding rows,
-    whose gradients were always zero.
+    back to AdamW's defaults. Moments of a ``--pad-vocab`` head (from a run's file or from a
+    padded model's live optimizer) lose their padding rows, whose gradients were always zero.
+    Converting a converted state changes nothing.
     """
-    params = list(unwrap_model(model).named_parameters())
+    plain = unwrap_model(model)
+    # The book's shapes: a padded head's state dict already holds only the vocabulary rows.
+    shapes = {name: tensor.shape for name, tensor in plain.state_dict().items()}
+    params = [name for name, _ in plain.named_parameters()]
     groups = state.get("param_groups") if isinstance(state, dict) else None
-    if not isinstance(groups, list) or not isinstance(state.get("state"), dict):
-        raise CheckpointError("the optimizer state is not a torch optimizer's state dict")
-    order = [i for group in groups for i in group.get("params", [])]
+    if (not isinstance(groups, list) or not isinstance(state.get("state"), dict)
+            or not all(_is_adamw_group(g) for g in groups)):
+        raise CheckpointError("not a torch AdamW state dict (param_groups with params, lr "
+                              "and weight_decay, and a per-parameter state)")
+    order = [i for group in groups for i in group["params"]]
     if order != list(range(len(params))):
         raise CheckpointError(
             f"the optimizer state holds {len(order)} parameters in its groups, the model "
@@ -67,25 +73,33 @@ def book_optimizer_state(state: dict[str, Any], model: nn.Module) -> dict[str, A
         if not isinstance(index, int) or not 0 <= index < len(params):
             raise CheckpointError(f"the optimizer state has an entry for parameter {index!r}, "
                                   f"which the model does not have")
-        name, param = params[index]
-        moments[index] = {key: _fit(value, name, param, key) for key, value in per_param.items()}
+        if not isinstance(per_param, dict):
+            raise CheckpointError(f"the optimizer state of parameter {index} is not a dict")
+        name = params[index]
+        moments[index] = {key: _fit(value, name, shapes[name], key)
+                          for key, value in per_param.items()}
     return {
         "state": moments,
         "param_groups": [{**group, **_KERNEL_FLAGS} for group in groups],
     }
 
 
-def _fit(value: Any, name: str, param: torch.Tensor, key: str) -> Any:
-    if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape == param.shape:
+def _is_adamw_group(group: Any) -> bool:
+    return (isinstance(group, dict) and isinstance(group.get("params"), list)
+            and all(isinstance(group.get(k), (int, float)) for k in ("lr", "weight_decay")))
+
+
+def _fit(value: Any, name: str, shape: torch.Size, key: str) -> Any:
+    if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape == shape:
         return value
     padded = (name == "out_head.weight" and value.dim() == 2
-              and value.shape[0] > param.shape[0] and value.shape[1:] == param.shape[1:])
+              and value.shape[0] > shape[0] and value.shape[1:] == shape[1:])
     if not padded:
         raise CheckpointError(
             f"the optimizer's {key} for {name} has shape {tuple(value.shape)}, the weight "
-            f"{tuple(param.shape)}: it belongs to another model"
+            f"{tuple(shape)}: it belongs to another model"
         )
-    return value[: param.shape[0]].clone()
+    return value[: shape[0]].clone()
 
 
 def save_book_checkpoint(

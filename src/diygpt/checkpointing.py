@@ -31,6 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 from diygpt.errors import CheckpointError
 
 CKPT_PREFIX = "ckpt-"
@@ -60,10 +62,21 @@ def describe_os_error(exc: OSError, path: Path) -> str:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {path}: the folder is read-only or not writable ({exc.strerror})"
     if exc.errno in (errno.EEXIST, errno.ENOTDIR) and (
-            blocker := next((p for p in Path(path).parents if p.is_file()), None)):
+            blocker := next((p for p in (Path(path), *Path(path).parents) if p.is_file()), None)):
         # mkdir(parents=True) under a file says EEXIST, an open under one ENOTDIR
         return f"cannot write {path}: {blocker} is a file, not a folder"
     return f"cannot write {path}: {exc.strerror or exc}"
+
+
+def _describe_writer_error(exc: Exception, tmp: Path, path: Path) -> str:
+    first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+    try:
+        free = shutil.disk_usage(tmp.parent).free
+    except OSError:
+        free = None
+    if "No space left" in first or (free is not None and free < 64 * 2**20):
+        return f"cannot write {path}: no space left on device"
+    return f"cannot write {path}: {first[:200]}"
 
 
 def _kill_hook() -> None:
@@ -92,7 +105,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
         # A name left by a crash may be a hard link to a kept checkpoint's file: writing
         # through it would change that file, so it goes first.
         tmp.unlink(missing_ok=True)
-        write(tmp)
+        try:
+            write(tmp)
+        except (RuntimeError, SafetensorError) as exc:
+            # torch.save's zip writer and safetensors' report a failed write (a full disk)
+            # as their own errors, not OSError.
+            raise CheckpointError(_describe_writer_error(exc, tmp, path)) from None
         # A plain file's mode under the umask: safetensors' writer makes its files 0600,
         # which hid a run's weights from the other users of a shared runs/ folder.
         os.chmod(tmp, 0o666 & ~_umask())

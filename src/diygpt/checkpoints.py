@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,16 @@ def safe_torch_load(path: Path, mmap: bool = False) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not _looks_like_torch_save(path):
+            raise CheckpointError(f"{path}: not a PyTorch weights file (neither torch.save's "
+                                  "zip nor a pickle)") from None
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found and (found[1].endswith("Model") or found[1].startswith("torch.nn.modules")):
+            raise CheckpointError(
+                f"{path}: refused to load: it holds a whole model ({found[1]}, from "
+                "torch.save(model)), whose pickle could run code; save model.state_dict(), as "
+                "the book does"
+            ) from None
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise CheckpointError(
                 f"{path}: refused to load: the file holds Python objects other than tensors "
@@ -122,6 +133,16 @@ def safe_torch_load(path: Path, mmap: bool = False) -> Any:
         raise CheckpointError(
             f"{path}: not a readable PyTorch weights file (truncated or wrong format?): {first}"
         ) from None
+
+
+def _looks_like_torch_save(path: Path) -> bool:
+    """torch.save's zip (``PK``) or a pickle (protocol 2+ starts with 0x80)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return True  # let the caller's error say why it cannot be read
+    return head[:2] == b"PK" or head[:1] == b"\x80"
 
 
 def state_dict_from(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -275,7 +296,8 @@ def load_model(
             if diff:
                 raise CheckpointError(
                     f"{path}: the checkpoint's {diff[0]} is {getattr(run_cfg, diff[0])}, "
-                    f"the requested config has {getattr(cfg, diff[0])}"
+                    f"the requested config has {getattr(cfg, diff[0])} (a run folder carries "
+                    "its own config: drop --preset)"
                 )
         cfg, weights = run_cfg, path / MODEL_FILE
     elif path.is_file():
@@ -290,7 +312,33 @@ def load_model(
     if attn_impl is not None:
         cfg = cfg.with_updates(attn_impl=attn_impl)
     state_dict = load_state_dict_file(weights)
+    if not path.is_dir():  # a run folder's config is its own; a bare file's was given
+        check_file_shape(state_dict, cfg, path)
     with torch.device("meta"):
         model = GPTModel(cfg)
     load_into(model, state_dict, str(weights), assign=True)
     return model.to(device).eval()
+
+
+def file_shape(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What a book-layout state dict's tensors tell of its config (all but n_heads)."""
+    shape: dict[str, Any] = {}
+    if (emb := state_dict.get("tok_emb.weight")) is not None and emb.dim() == 2:
+        shape["vocab_size"], shape["emb_dim"] = emb.shape
+    if (pos := state_dict.get("pos_emb.weight")) is not None and pos.dim() == 2:
+        shape["context_length"] = pos.shape[0]
+    blocks = {key.split(".")[1] for key in state_dict if key.startswith("trf_blocks.")}
+    if blocks:
+        shape["n_layers"] = len(blocks)
+        shape["qkv_bias"] = "trf_blocks.0.att.W_query.bias" in state_dict
+    return shape
+
+
+def check_file_shape(state_dict: dict[str, torch.Tensor], cfg: GPTConfig, path: Path) -> None:
+    """One line naming the first field in which a bare weights file is not ``cfg``'s shape."""
+    for field, have in file_shape(state_dict).items():
+        if have != getattr(cfg, field):
+            raise CheckpointError(
+                f"{path}: the file's {field} is {have}, the requested config has "
+                f"{getattr(cfg, field)} (wrong --preset?)"
+            )

@@ -137,8 +137,10 @@ def write_training_checkpoint(
         write_json(folder / STATE_FILE, state)  # last: a folder with state.json is whole
 
     folder = save_checkpoint(run_dir, step, write_files, keep_last)
-    # The run folder's own files follow, so `diygpt generate --checkpoint RUN` sees new weights.
-    link_or_copy(folder / MODEL_FILE, Path(run_dir) / MODEL_FILE)
+    # The run folder's own files follow, so `diygpt generate --checkpoint RUN` sees new weights
+    # and `diygpt export --optimizer` their AdamW state, whatever ended the run.
+    for name in (MODEL_FILE, OPTIMIZER_FILE):
+        link_or_copy(folder / name, Path(run_dir) / name)
     write_json(Path(run_dir) / STATE_FILE, {k: v for k, v in state.items() if k != "resume"})
     return folder
 

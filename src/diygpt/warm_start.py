@@ -15,8 +15,10 @@ from typing import Any
 
 import torch
 
+from diygpt.checkpointing import latest_checkpoint
 from diygpt.checkpoints import (
     STATE_FILE,
+    check_file_shape,
     load_into,
     load_model,
     load_state_dict_file,
@@ -32,24 +34,31 @@ _WEIGHT_FILES = (".pth", ".pt", ".safetensors")
 
 
 def load_source(source: str | os.PathLike, file_cfg: GPTConfig | None = None) -> GPTModel:
-    """The source's model on the CPU. ``file_cfg`` gives a bare weights file its shape (its
-    context length is read from ``pos_emb``); without it the shape is detected, as
-    ``load_pretrained`` does."""
+    """The source's model on the CPU. ``file_cfg`` gives a bare book-layout weights file its
+    shape (its context length is read from ``pos_emb``); without it the shape is detected,
+    as ``load_pretrained`` does. A GPT-2 name is its download folder, as ``--pretrained``'s."""
     from diygpt.pretrained import load_pretrained
+    from diygpt.pretrained.catalog import GPT2_MODELS
+    from diygpt.pretrained.loader import named_dir
 
+    if str(source) in GPT2_MODELS:
+        return load_pretrained(named_dir(str(source)))
     path = Path(source).expanduser()
     if path.is_dir() and (path / STATE_FILE).is_file():
-        return load_model(path)
+        # Its newest checkpoint: weights of one step, whatever ended the run.
+        return load_model(latest_checkpoint(path) or path)
     if file_cfg is not None and path.is_file() and path.suffix in _WEIGHT_FILES:
         state = load_state_dict_file(path)
-        positions = state.get("pos_emb.weight")
-        if positions is not None:
-            file_cfg = file_cfg.with_updates(context_length=positions.shape[0])
-        with torch.device("meta"):
-            model = GPTModel(file_cfg)
-        load_into(model, state, str(path), assign=True)
-        return model
-    return load_pretrained(source)
+        if "tok_emb.weight" in state:  # the book's layout (Hugging Face's is detected below)
+            positions = state.get("pos_emb.weight")
+            if positions is not None:
+                file_cfg = file_cfg.with_updates(context_length=positions.shape[0])
+            check_file_shape(state, file_cfg, path)
+            with torch.device("meta"):
+                model = GPTModel(file_cfg)
+            load_into(model, state, str(path), assign=True)
+            return model
+    return load_pretrained(path)
 
 
 def start_model(

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     n = len(loader) if args.max_batches is None else min(args.max_batches, len(loader))
     # Windows that overlap (--stride below the window) predict some tokens more than once;
     # the text after the last whole window is not predicted.
-    print(f"loss {loss:.4f}  perplexity {perplexity(loss):.2f}  ({n} batches, {scored} "
+    print(f"loss {loss:.4f}  perplexity {perplexity(loss):.2f}  ({n} batch{'' if n == 1 else 'es'}, {scored} "
           f"predictions scored, over a text of {len(ids)} tokens)")
     return 0
 

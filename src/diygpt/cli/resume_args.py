@@ -77,6 +77,9 @@ def merge_resume_args(
     if not isinstance(saved, dict):
         raise CheckpointError(f"{args.resume}: state.json has no training settings (train_args)")
     typed = typed_dests(parser, getattr(args, "argv", []))
+    if "init_from" in typed and args.init_from != saved.get("init_from"):
+        raise ConfigError("--init-from starts a new run from given weights; --resume continues "
+                          "RUN from its own checkpoint: drop --init-from")
     for dest in sorted(typed - CHANGEABLE - {"out"}):
         if dest in saved and getattr(args, dest) != saved[dest]:
             raise ConfigError(

@@ -17,7 +17,7 @@ from diygpt.cli.options import (
     stride_warning,
 )
 from diygpt.cli.speed_flags import add_speed_flags, prepare_model, setup_training
-from diygpt.config import ATTENTION_IMPLS, PRESETS, GPTConfig, get_preset
+from diygpt.config import ATTENTION_IMPLS, PRESETS, GPTConfig
 
 EXAMPLE = """example (the seed's run, section 2.1):
   diygpt train --data the-verdict.txt --preset book-124m --epochs 10 --batch-size 2 \\
@@ -65,8 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="start from these weights, not random ones: gpt2-small|medium|large|xl "
                    "(after `diygpt download`), OpenAI's or Hugging Face's files, a run folder, "
                    "or a book model.pth (shaped by its tensors, or by a typed --preset). The "
-                   "model keeps their shape and dropout rate (--drop-rate changes it, "
-                   "--context-length may shorten it); AdamW starts afresh")
+                   "model keeps their shape (--context-length or a typed --preset's context "
+                   "may shorten it); dropout and attention are this run's (--drop-rate, --attn, "
+                   "default the preset's); AdamW starts afresh, its state in the source unused")
     m.add_argument("--emb-dim", type=positive_int, default=None, help="override the embedding size")
     m.add_argument("--n-layers", type=positive_int, default=None, help="override the layer count")
     m.add_argument("--n-heads", type=positive_int, default=None, help="override the head count")
@@ -208,23 +209,6 @@ def _free_frames(exc: BaseException) -> None:
         exc = exc.__cause__ or exc.__context__
 
 
-def _start_model(args: argparse.Namespace):
-    """--init-from's model: a typed --preset (or shape flag) must be the weights' shape,
-    and gives a bare weights file its shape."""
-    from diygpt.cli.resume_args import typed_dests
-    from diygpt.warm_start import SHAPE_FIELDS, start_model
-
-    sizes = {f: getattr(args, f) for f in ("emb_dim", "n_layers", "n_heads")
-             if getattr(args, f) is not None}
-    preset = get_preset(args.preset) if "preset" in typed_dests(args.parser, args.argv) else None
-    shape = {f: getattr(preset, f) for f in SHAPE_FIELDS} if preset else {}
-    return start_model(
-        args.init_from, file_cfg=preset.with_updates(**sizes) if preset else None,
-        shape={**shape, **sizes}, context_length=args.context_length,
-        drop_rate=args.drop_rate, attn_impl=args.attn,
-    )
-
-
 def _train(args: argparse.Namespace, env, device) -> int:
     import torch
 
@@ -268,7 +252,9 @@ def _train(args: argparse.Namespace, env, device) -> int:
                                   "resume; choose another --out")
     start = None
     if args.init_from and ckpt is None:
-        start = _start_model(args)
+        from diygpt.cli.init_from import start_model_from_args
+
+        start = start_model_from_args(args)
         cfg = start.cfg
     elif args.init_from:  # resuming a warm-started run: its shape is the checkpoint's
         cfg = GPTConfig.from_dict(ckpt.state["config"])
@@ -321,7 +307,7 @@ def _train(args: argparse.Namespace, env, device) -> int:
     n_params = model.num_parameters()
     if start is not None:
         warn(f"diygpt: starting from the weights of {args.init_from} (context "
-             f"{cfg.context_length}, dropout {cfg.drop_rate:g})")
+             f"{cfg.context_length}, dropout {cfg.drop_rate:g}); AdamW starts afresh")
     if device.type == "cpu" and not args.compile:
         lean_activations(model, recompute=args.recompute)  # less kept for backward; same numbers
     if args.low_memory:

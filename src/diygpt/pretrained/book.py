@@ -36,7 +36,9 @@ def book_config(source: TensorSource, config_path: Path) -> GPTConfig:
             if config_path is run_state:
                 data = data["config"]
             return GPTConfig.from_dict(data).with_updates(drop_rate=0.0)
-        except (json.JSONDecodeError, ConfigError, KeyError, TypeError) as exc:
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+        except (ConfigError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{config_path}: not a diygpt config ({exc})") from None
     vocab, d = source.shape("tok_emb.weight")
     if "pos_emb.weight" not in source:
