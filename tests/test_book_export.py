@@ -92,6 +92,14 @@ def test_padded_head_moments_lose_their_padding_rows_and_kernel_flags_reset(tmp_
     _step(book, book_opt, _batch(2))  # the book's AdamW steps with them
 
 
+def test_another_optimizers_state_is_one_error():
+    model = GPTModel(CFG)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    _step(model, opt, _batch(1))
+    with pytest.raises(CheckpointError, match="not AdamW's"):
+        book_optimizer_state(opt.state_dict(), model)
+
+
 def test_an_optimizer_state_of_another_model_is_one_error():
     small = GPTModel({**CFG, "n_layers": 1})
     opt = torch.optim.AdamW(small.parameters())

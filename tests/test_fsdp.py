@@ -52,3 +52,17 @@ def test_fsdp_with_uneven_shares_and_grad_accum_does_not_hang(verdict_path, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     assert max_weight_diff(tmp_path / "run", reference) < 1e-5
     assert_same_losses(tmp_path / "run", reference)
+
+
+@pytest.mark.slow
+def test_a_warm_start_with_adamws_state_under_fsdp_matches_one_process(
+        verdict_path, tmp_path, tmp_path_factory, reference):
+    # --init-from a run: its AdamW state goes into the sharded optimizer as into one process's.
+    warm = ("--init-from", str(reference), "--max-steps", "2")
+    single = single_run(verdict_path, tmp_path_factory, *warm)
+    result = torchrun(2, tiny_args(verdict_path, str(tmp_path / "run"), "--fsdp", *warm),
+                      tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "AdamW's state from it (step 6)" in result.stderr
+    assert max_weight_diff(tmp_path / "run", single) < 1e-5
+    assert_same_optimizer_state(tmp_path / "run", single)

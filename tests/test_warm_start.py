@@ -7,8 +7,9 @@ import pytest
 import torch
 from cli_helpers import one_line_error, run_cli, train_tiny
 
+from book_reference import BookGPTModel
 from diygpt import load_pretrained
-from diygpt.checkpoints import load_model, load_state_dict_file
+from diygpt.checkpoints import load_model, load_optimizer_state, load_state_dict_file
 from diygpt.config import get_preset
 from diygpt.errors import CheckpointError, ConfigError
 from diygpt.warm_start import start_model
@@ -107,7 +108,7 @@ def test_dropout_and_attention_are_the_runs_own_settings(data, tmp_path, capsys)
     rc, _, err = run_cli(capsys, "train", "--data", data, "--init-from", run, "--max-steps", "1",
                          "--batch-size", "2", "--sample-prompt", "", "--no-progress",
                          "--out", tmp_path / "warm")
-    assert rc == 0 and "(context 16, dropout 0.1); AdamW starts afresh" in err, err
+    assert rc == 0 and "(context 16, dropout 0.1); AdamW's state from it (step 1)" in err, err
     assert load_model(tmp_path / "warm").cfg.attn_impl == "sdpa"
 
 
@@ -132,3 +133,54 @@ def test_weights_holding_nan_are_refused_before_training(tmp_path):
     torch.save(model.state_dict(), tmp_path / "diverged.pth")
     with pytest.raises(CheckpointError, match="W_key.weight holds NaN"):
         start_model(tmp_path / "diverged.pth", file_cfg=model.cfg)
+
+
+def test_a_warm_start_with_adamws_state_takes_the_step_a_resume_takes(data, tmp_path, capsys):
+    # A run's first epoch, then its next step twice: resumed, and as a new run started from
+    # it (same settings, no shuffling, so the same first batch). AdamW's moments and step
+    # counts came along, so the weights and the optimizer state are the same to the bit.
+    first = tmp_path / "first"
+    flags = ("--no-shuffle", "--attn", "eager")
+    assert train_tiny(capsys, data, first, "--epochs", "1", *flags)[0] == 0
+    resumed = tmp_path / "resumed"
+    shutil.copytree(first, resumed)
+    rc, _, err = run_cli(capsys, "train", "--resume", resumed, "--epochs", "2", "--max-steps",
+                         str(load_optimizer_state(first)["state"][0]["step"].int().item() + 1))
+    assert rc == 0, err
+    warm = tmp_path / "warm"
+    rc, _, err = train_tiny(capsys, data, warm, "--init-from", first, "--max-steps", "1", *flags)
+    assert rc == 0 and "AdamW's state from it (step 8)" in err, err
+    assert (resumed / "model.safetensors").read_bytes() == (warm / "model.safetensors").read_bytes()
+    ours, theirs = load_optimizer_state(warm), load_optimizer_state(resumed)
+    for index, per in theirs["state"].items():
+        assert all(torch.equal(ours["state"][index][k], v) for k, v in per.items())
+    # --no-init-optimizer starts AdamW afresh: another step.
+    rc, _, err = train_tiny(capsys, data, tmp_path / "fresh", "--init-from", first,
+                            "--max-steps", "1", "--no-init-optimizer", *flags)
+    assert rc == 0 and "AdamW starts afresh" in err
+    assert int(load_optimizer_state(tmp_path / "fresh")["state"][0]["step"]) == 1
+
+
+def test_a_books_model_and_optimizer_file_brings_its_adamw_state(data, tmp_path, capsys):
+    # The book's section 5.4 file, trained a little with the book's own model and AdamW.
+    torch.manual_seed(0)
+    cfg = {"vocab_size": 50257, "context_length": 32, "emb_dim": 16, "n_heads": 2,
+           "n_layers": 2, "drop_rate": 0.1, "qkv_bias": False}
+    book = BookGPTModel(cfg)
+    opt = torch.optim.AdamW(book.parameters(), lr=4e-4, weight_decay=0.1)
+    for _ in range(2):
+        ids = torch.randint(0, 50257, (2, 17))
+        loss = torch.nn.functional.cross_entropy(book(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = tmp_path / "model_and_optimizer.pth"
+    torch.save({"model_state_dict": book.state_dict(), "optimizer_state_dict": opt.state_dict()}, path)
+    run = tmp_path / "run"
+    rc, _, err = train_tiny(capsys, data, run, "--init-from", path, "--emb-dim", "16",
+                            "--max-steps", "1", "--pad-vocab")
+    assert rc == 0 and "(context 16, dropout 0); AdamW's state from it (step 2)" in err, err
+    after = load_optimizer_state(run)
+    assert {int(per["step"]) for per in after["state"].values()} == {3}
+    # Its positions' moments were cut with the weight: 32 rows to the 16 asked for.
+    assert after["state"][1]["exp_avg"].shape == (16, 16)

@@ -73,8 +73,10 @@ def book_optimizer_state(state: dict[str, Any], model: nn.Module) -> dict[str, A
         if not isinstance(index, int) or not 0 <= index < len(params):
             raise CheckpointError(f"the optimizer state has an entry for parameter {index!r}, "
                                   f"which the model does not have")
-        if not isinstance(per_param, dict):
-            raise CheckpointError(f"the optimizer state of parameter {index} is not a dict")
+        if not isinstance(per_param, dict) or (
+                per_param and not {"step", "exp_avg", "exp_avg_sq"} <= per_param.keys()):
+            raise CheckpointError(f"the optimizer state of parameter {index} is not AdamW's "
+                                  "(step, exp_avg, exp_avg_sq)")
         name = params[index]
         moments[index] = {key: _fit(value, name, shapes[name], key)
                           for key, value in per_param.items()}

@@ -74,11 +74,13 @@ def gather_full_state(
 def load_full_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
-    weights: dict[str, torch.Tensor],
+    weights: dict[str, torch.Tensor] | None,
     optim_state: dict[str, Any] | None,
 ) -> None:
-    """Collective: load a single-process (full, index-keyed) state into a sharded model."""
-    set_model_state_dict(model, clean_state_dict(weights), options=_FULL)
+    """Collective: load a single-process (full, index-keyed) state into a sharded model
+    (``weights=None``: the optimizer's alone)."""
+    if weights is not None:
+        set_model_state_dict(model, clean_state_dict(weights), options=_FULL)
     if optimizer is None or optim_state is None:
         return
     names = dict(enumerate(name for name, _ in model.named_parameters()))

@@ -119,6 +119,21 @@ class TrainerState:
             with open(metrics, "r+b") as f:
                 f.truncate(min(metrics_bytes, metrics.stat().st_size))
 
+    def start_optimizer_from(self, state: dict) -> None:
+        """AdamW's moments and step counts from ``--init-from``'s source (the book's layout,
+        see :func:`diygpt.book_export.book_optimizer_state`); this run's own lr, betas and
+        weight decay stay. A padded head's extra rows start at zero, as their gradients are."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        moments = {index: {key: _pad_rows(value, params[index]) for key, value in per.items()}
+                   for index, per in state["state"].items()}
+        full = {"state": moments, "param_groups": self.optimizer.state_dict()["param_groups"]}
+        if self.parallel is not None and self.parallel.sharded:
+            from diygpt.fsdp import load_full_state  # a collective under FSDP
+
+            load_full_state(self.model, self.optimizer, None, full)
+        else:
+            self.optimizer.load_state_dict(full)
+
     def _finish(self) -> None:
         c, h = self.cfg, self.history
         if c.out_dir is None:
@@ -154,3 +169,11 @@ class TrainerState:
         if self.parallel is None:
             return self.model, self.optimizer
         return self.parallel.full_model_and_optimizer(self.model, self.optimizer)
+
+
+def _pad_rows(value, param: torch.Tensor):
+    if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape == param.shape:
+        return value
+    padded = value.new_zeros(param.shape)
+    padded[: value.shape[0]] = value
+    return padded

@@ -4,7 +4,8 @@ The source is what ``generate`` loads: a GPT-2 size by name, OpenAI's or Hugging
 files, a diygpt run folder, or a book ``model.pth`` / ``model_and_optimizer.pth``. The
 model keeps the source's shape; only what a run may choose changes: a shorter context (the
 first rows of ``pos_emb``, as nanoGPT's ``crop_block_size``), the dropout rate and the
-attention kernel. AdamW starts afresh (``diygpt train --resume`` continues a run's own).
+attention kernel. AdamW's state, where the source holds one (a run's ``optimizer.pt``, a book
+``model_and_optimizer.pth``), comes with them: :func:`source_optimizer_state`.
 """
 
 from __future__ import annotations
@@ -17,16 +18,19 @@ import torch
 
 from diygpt.checkpointing import latest_checkpoint
 from diygpt.checkpoints import (
+    OPTIMIZER_FILE,
     STATE_FILE,
     check_file_shape,
     load_into,
     load_model,
+    load_optimizer_state,
     load_state_dict_file,
     model_state_for_saving,
     refuse_non_finite,
+    safe_torch_load,
 )
 from diygpt.config import GPTConfig
-from diygpt.errors import ConfigError
+from diygpt.errors import CheckpointError, ConfigError
 from diygpt.model import GPTModel
 
 SHAPE_FIELDS = ("vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias")
@@ -98,3 +102,41 @@ def start_model(
         model = GPTModel(cfg)
     load_into(model, state, str(source), assign=True)
     return model.train()
+
+
+def source_optimizer_state(source: str | os.PathLike, model: GPTModel) -> dict[str, Any] | None:
+    """The AdamW state the source holds, in the book's layout for ``model`` (the model
+    :func:`start_model` built from it), or None: a run folder's newest ``optimizer.pt``, a
+    book ``model_and_optimizer.pth``'s ``optimizer_state_dict``; GPT-2's releases hold none."""
+    from diygpt.book_export import book_optimizer_state
+    from diygpt.pretrained.catalog import GPT2_MODELS
+
+    path = Path(source).expanduser()
+    if str(source) in GPT2_MODELS:
+        return None
+    if path.is_dir() and (path / STATE_FILE).is_file():
+        where = latest_checkpoint(path) or path
+        state, named = load_optimizer_state(where), where / OPTIMIZER_FILE
+    elif path.is_file() and path.suffix in (".pth", ".pt"):
+        loaded = safe_torch_load(path, mmap=True)
+        state = loaded.get("optimizer_state_dict") if isinstance(loaded, dict) else None
+        named = path
+    else:
+        return None
+    if state is None:
+        return None
+    positions = [name for name, _ in model.named_parameters()].index("pos_emb.weight")
+    try:
+        return book_optimizer_state(_crop_rows(state, positions, model.cfg.context_length), model)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{named}: {exc}") from None
+
+
+def _crop_rows(state: Any, index: int, rows: int) -> Any:
+    """The moments of parameter ``index`` (``pos_emb``) cut to ``rows``, as its weight was."""
+    per = state.get("state", {}).get(index) if isinstance(state, dict) else None
+    if not isinstance(per, dict) or not isinstance(state.get("state"), dict):
+        return state
+    cut = {k: v[:rows] if isinstance(v, torch.Tensor) and v.dim() == 2 else v
+           for k, v in per.items()}
+    return {**state, "state": {**state["state"], index: cut}}

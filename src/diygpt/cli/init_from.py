@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from diygpt.config import get_preset
 
 if TYPE_CHECKING:
+    from diygpt.config import GPTConfig
     from diygpt.model import GPTModel
 
 
-def start_model_from_args(args: argparse.Namespace) -> GPTModel:
-    """--init-from's model. A typed --preset (or size flag) must be the weights' shape and
+def start_from_args(args: argparse.Namespace) -> tuple[GPTModel, dict[str, Any] | None]:
+    """--init-from's model, and the AdamW state its source holds (None without one, or
+    with --no-init-optimizer). A typed --preset (or size flag) must be the weights' shape and
     gives a bare book file its shape; the typed preset's context is asked for. Dropout and
     attention are this run's settings, defaulting to the preset's as in any run."""
     from diygpt.cli.resume_args import typed_dests
     from diygpt.errors import CheckpointError
-    from diygpt.warm_start import SHAPE_FIELDS, start_model
+    from diygpt.warm_start import SHAPE_FIELDS, source_optimizer_state, start_model
 
     preset = get_preset(args.preset)
     sizes = {f: getattr(args, f) for f in ("emb_dim", "n_layers", "n_heads")
@@ -25,7 +27,7 @@ def start_model_from_args(args: argparse.Namespace) -> GPTModel:
     typed = "preset" in typed_dests(args.parser, args.argv)
     shape = {**({f: getattr(preset, f) for f in SHAPE_FIELDS} if typed else {}), **sizes}
     try:
-        return start_model(
+        model = start_model(
             args.init_from, file_cfg=preset.with_updates(**sizes) if typed or sizes else None,
             shape=shape, context_length=args.context_length or (
                 preset.context_length if typed else None),
@@ -37,3 +39,13 @@ def start_model_from_args(args: argparse.Namespace) -> GPTModel:
             raise
         raise CheckpointError(f"{exc}, or give its shape: --preset NAME, with --emb-dim, "
                               "--n-heads and --n-layers where they differ") from None
+    moments = source_optimizer_state(args.init_from, model) if args.init_optimizer else None
+    return model, moments
+
+
+def start_note(source: str, cfg: GPTConfig, moments: dict[str, Any] | None) -> str:
+    steps = [int(per["step"]) for per in (moments or {}).get("state", {}).values()
+             if "step" in per]
+    adamw = f"AdamW's state from it (step {max(steps)})" if steps else "AdamW starts afresh"
+    return (f"diygpt: starting from the weights of {source} (context {cfg.context_length}, "
+            f"dropout {cfg.drop_rate:g}); {adamw}")

@@ -67,7 +67,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "or a book model.pth (shaped by its tensors, or by a typed --preset). The "
                    "model keeps their shape (--context-length or a typed --preset's context "
                    "may shorten it); dropout and attention are this run's (--drop-rate, --attn, "
-                   "default the preset's); AdamW starts afresh, its state in the source unused")
+                   "default the preset's)")
+    m.add_argument("--init-optimizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --init-from, AdamW's moments and step counts from the source "
+                   "where it holds them (a run folder, a book model_and_optimizer.pth), with "
+                   "this run's --lr and --weight-decay (default on; --no-init-optimizer: "
+                   "AdamW afresh)")
     m.add_argument("--emb-dim", type=positive_int, default=None, help="override the embedding size")
     m.add_argument("--n-layers", type=positive_int, default=None, help="override the layer count")
     m.add_argument("--n-heads", type=positive_int, default=None, help="override the head count")
@@ -250,11 +255,11 @@ def _train(args: argparse.Namespace, env, device) -> int:
             # that ended runs without a checkpoint. Nothing to resume; not to overwrite.
             raise CheckpointError(f"{args.out} already holds a run with no checkpoint to "
                                   "resume; choose another --out")
-    start = None
+    start, moments = None, None
     if args.init_from and ckpt is None:
-        from diygpt.cli.init_from import start_model_from_args
+        from diygpt.cli.init_from import start_from_args
 
-        start = start_model_from_args(args)
+        start, moments = start_from_args(args)
         cfg = start.cfg
     elif args.init_from:  # resuming a warm-started run: its shape is the checkpoint's
         cfg = GPTConfig.from_dict(ckpt.state["config"])
@@ -306,8 +311,9 @@ def _train(args: argparse.Namespace, env, device) -> int:
     model = (GPTModel(cfg) if start is None else start).to(device)
     n_params = model.num_parameters()
     if start is not None:
-        warn(f"diygpt: starting from the weights of {args.init_from} (context "
-             f"{cfg.context_length}, dropout {cfg.drop_rate:g}); AdamW starts afresh")
+        from diygpt.cli.init_from import start_note
+
+        warn(start_note(args.init_from, cfg, moments))
     if device.type == "cpu" and not args.compile:
         lean_activations(model, recompute=args.recompute)  # less kept for backward; same numbers
     if args.low_memory:
@@ -339,6 +345,8 @@ def _train(args: argparse.Namespace, env, device) -> int:
         run_state=run_state, parallel=parallel, precision=fast.precision, meter=fast.meter,
         loss_fn=fast.loss_fn,
     )
+    if moments is not None:
+        trainer.start_optimizer_from(moments)
     if ckpt is not None:
         trainer.load_checkpoint(ckpt)
         warn(f"diygpt: resuming from {ckpt.folder} (after step {ckpt.state['global_step']})")
