@@ -279,7 +279,7 @@ def test_files_that_are_not_state_dicts_say_what_they_are(run, tmp_path, capsys)
     (tmp_path / "notes.pth").write_text("my training notes\n")
     line = one_line_error(capsys, "generate", "--checkpoint", tmp_path / "notes.pth",
                           "--preset", "tiny")
-    assert line.endswith("notes.pth: not a PyTorch weights file (neither torch.save's zip nor a pickle)")
+    assert line.endswith("notes.pth: not a file torch.save wrote (neither its zip format nor a pickle)")
     torch.save(load_model(run), tmp_path / "whole.pth")  # the whole module, not its state dict
     line = one_line_error(capsys, "generate", "--checkpoint", tmp_path / "whole.pth",
                           "--preset", "tiny")

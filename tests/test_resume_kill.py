@@ -105,8 +105,9 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, data, b
 
 @pytest.mark.slow
 def test_sigkill_inside_a_save_leaves_a_loadable_checkpoint(tmp_path, data, baseline):
-    # A save makes 7 atomic writes (4 files, the pointer, the run folder's weights and
-    # state); write 5 onward falls inside the first save's pointer move or in a later save.
+    # A save makes 8 atomic writes (4 files, the pointer, the run folder's weights, AdamW
+    # state and state.json); write 5 onward falls inside the first save's pointer move or
+    # in a later save.
     seed = _kill_seed()
     nth = random.Random(seed).randrange(5, 22)
     run = tmp_path / "run"

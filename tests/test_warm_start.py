@@ -184,3 +184,38 @@ def test_a_books_model_and_optimizer_file_brings_its_adamw_state(data, tmp_path,
     assert {int(per["step"]) for per in after["state"].values()} == {3}
     # Its positions' moments were cut with the weight: 32 rows to the 16 asked for.
     assert after["state"][1]["exp_avg"].shape == (16, 16)
+
+
+def _book_file(path, tie=False, groups=False):
+    torch.manual_seed(0)
+    cfg = {"vocab_size": 50257, "context_length": 16, "emb_dim": 16, "n_heads": 2,
+           "n_layers": 2, "drop_rate": 0.0, "qkv_bias": False}
+    book = BookGPTModel(cfg)
+    if tie:
+        book.out_head.weight = book.tok_emb.weight
+    params = list(book.parameters())
+    opt = torch.optim.AdamW([{"params": params[:3]}, {"params": params[3:]}] if groups else params)
+    ids = torch.randint(0, 50257, (2, 17))
+    torch.nn.functional.cross_entropy(book(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+    opt.step()
+    torch.save({"model_state_dict": book.state_dict(), "optimizer_state_dict": opt.state_dict()}, path)
+    return path
+
+
+def test_adamw_states_that_do_not_map_are_one_line(data, tmp_path, capsys):
+    tied = _book_file(tmp_path / "tied.pth", tie=True)
+    shape = ("--emb-dim", "16", "--n-heads", "2", "--n-layers", "2")
+    line = one_line_error(capsys, "train", "--data", data, "--init-from", tied, *shape,
+                          "--out", tmp_path / "a")
+    assert "holds 30 parameters, the model 31: a tied head's" in line
+    assert line.endswith("; --no-init-optimizer starts AdamW afresh from these weights")
+    grouped = _book_file(tmp_path / "grouped.pth", groups=True)
+    line = one_line_error(capsys, "train", "--data", data, "--init-from", grouped, *shape,
+                          "--out", tmp_path / "b")
+    assert "the optimizer state has 2 parameter groups; only one" in line
+    rc, _, err = train_tiny(capsys, data, tmp_path / "c", "--init-from", tied, "--max-steps", "1",
+                            "--no-init-optimizer")
+    assert rc == 0 and "AdamW starts afresh" in err, err
+    line = one_line_error(capsys, "train", "--data", data, "--no-init-optimizer",
+                          "--out", tmp_path / "d")
+    assert line.endswith("--no-init-optimizer goes with --init-from")

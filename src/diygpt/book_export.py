@@ -62,11 +62,18 @@ def book_optimizer_state(state: dict[str, Any], model: nn.Module) -> dict[str, A
             or not all(_is_adamw_group(g) for g in groups)):
         raise CheckpointError("not a torch AdamW state dict (param_groups with params, lr "
                               "and weight_decay, and a per-parameter state)")
-    order = [i for group in groups for i in group["params"]]
-    if order != list(range(len(params))):
+    if len(groups) != 1:
+        # torch numbers the parameters group by group and records no names: which moment
+        # belongs to which weight is lost (diygpt's and the book's AdamW have one group).
+        raise CheckpointError(f"the optimizer state has {len(groups)} parameter groups; only "
+                              "one, over model.parameters() in order, maps onto the weights")
+    if groups[0]["params"] != list(range(len(params))):
+        tied = len(groups[0]["params"]) == len(params) - 1
         raise CheckpointError(
-            f"the optimizer state holds {len(order)} parameters in its groups, the model "
-            f"{len(params)}: it belongs to another model"
+            f"the optimizer state holds {len(groups[0]['params'])} parameters, the model "
+            f"{len(params)}: " + ("a tied head's (out_head sharing tok_emb's weight), which "
+                                  "the untied model does not have" if tied
+                                  else "it belongs to another model")
         )
     moments = {}
     for index, per_param in state["state"].items():

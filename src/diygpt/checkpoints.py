@@ -114,8 +114,8 @@ def safe_torch_load(path: Path, mmap: bool = False) -> Any:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if not _looks_like_torch_save(path):
-            raise CheckpointError(f"{path}: not a PyTorch weights file (neither torch.save's "
-                                  "zip nor a pickle)") from None
+            raise CheckpointError(f"{path}: not a file torch.save wrote (neither its zip "
+                                  "format nor a pickle)") from None
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
         if found and (found[1].endswith("Model") or found[1].startswith("torch.nn.modules")):
             raise CheckpointError(

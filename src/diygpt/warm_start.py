@@ -37,6 +37,15 @@ SHAPE_FIELDS = ("vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias")
 _WEIGHT_FILES = (".pth", ".pt", ".safetensors")
 
 
+def resolve_source(source: str | os.PathLike) -> str | os.PathLike:
+    """A run folder's newest checkpoint (read once, so weights and AdamW state come from one
+    step even while the run goes on); any other source as it is."""
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / STATE_FILE).is_file():
+        return latest_checkpoint(path) or source
+    return source
+
+
 def load_source(source: str | os.PathLike, file_cfg: GPTConfig | None = None) -> GPTModel:
     """The source's model on the CPU. ``file_cfg`` gives a bare book-layout weights file its
     shape (its context length is read from ``pos_emb``); without it the shape is detected,
@@ -129,7 +138,8 @@ def source_optimizer_state(source: str | os.PathLike, model: GPTModel) -> dict[s
     try:
         return book_optimizer_state(_crop_rows(state, positions, model.cfg.context_length), model)
     except CheckpointError as exc:
-        raise CheckpointError(f"{named}: {exc}") from None
+        raise CheckpointError(f"{named}: {exc}; --no-init-optimizer starts AdamW afresh "
+                              "from these weights") from None
 
 
 def _crop_rows(state: Any, index: int, rows: int) -> Any:
@@ -137,6 +147,7 @@ def _crop_rows(state: Any, index: int, rows: int) -> Any:
     per = state.get("state", {}).get(index) if isinstance(state, dict) else None
     if not isinstance(per, dict) or not isinstance(state.get("state"), dict):
         return state
-    cut = {k: v[:rows] if isinstance(v, torch.Tensor) and v.dim() == 2 else v
+    # Copies: a view would keep (and every later optimizer.pt would save) all the rows.
+    cut = {k: v[:rows].clone() if isinstance(v, torch.Tensor) and v.dim() == 2 else v
            for k, v in per.items()}
     return {**state, "state": {**state["state"], index: cut}}

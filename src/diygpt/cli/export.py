@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         optimizer_path = Path(args.checkpoint) / OPTIMIZER_FILE
         optimizer_state = load_optimizer_state(args.checkpoint)
         if optimizer_state is None:
-            raise CheckpointError(f"{optimizer_path}: missing (a run that took no step has none)")
+            raise CheckpointError(f"{optimizer_path}: missing (the run was saved without its "
+                                  "AdamW state)")
     model = load_model_from_args(args, "cpu")
     if optimizer_state is not None:
         try:

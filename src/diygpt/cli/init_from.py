@@ -19,16 +19,22 @@ def start_from_args(args: argparse.Namespace) -> tuple[GPTModel, dict[str, Any] 
     attention are this run's settings, defaulting to the preset's as in any run."""
     from diygpt.cli.resume_args import typed_dests
     from diygpt.errors import CheckpointError
-    from diygpt.warm_start import SHAPE_FIELDS, source_optimizer_state, start_model
+    from diygpt.warm_start import (
+        SHAPE_FIELDS,
+        resolve_source,
+        source_optimizer_state,
+        start_model,
+    )
 
     preset = get_preset(args.preset)
     sizes = {f: getattr(args, f) for f in ("emb_dim", "n_layers", "n_heads")
              if getattr(args, f) is not None}
     typed = "preset" in typed_dests(args.parser, args.argv)
     shape = {**({f: getattr(preset, f) for f in SHAPE_FIELDS} if typed else {}), **sizes}
+    source = resolve_source(args.init_from)
     try:
         model = start_model(
-            args.init_from, file_cfg=preset.with_updates(**sizes) if typed or sizes else None,
+            source, file_cfg=preset.with_updates(**sizes) if typed or sizes else None,
             shape=shape, context_length=args.context_length or (
                 preset.context_length if typed else None),
             drop_rate=preset.drop_rate if args.drop_rate is None else args.drop_rate,
@@ -39,7 +45,7 @@ def start_from_args(args: argparse.Namespace) -> tuple[GPTModel, dict[str, Any] 
             raise
         raise CheckpointError(f"{exc}, or give its shape: --preset NAME, with --emb-dim, "
                               "--n-heads and --n-layers where they differ") from None
-    moments = source_optimizer_state(args.init_from, model) if args.init_optimizer else None
+    moments = source_optimizer_state(source, model) if args.init_optimizer is not False else None
     return model, moments
 
 

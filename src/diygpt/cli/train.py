@@ -68,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "model keeps their shape (--context-length or a typed --preset's context "
                    "may shorten it); dropout and attention are this run's (--drop-rate, --attn, "
                    "default the preset's)")
-    m.add_argument("--init-optimizer", action=argparse.BooleanOptionalAction, default=True,
+    m.add_argument("--init-optimizer", action=argparse.BooleanOptionalAction, default=None,
                    help="with --init-from, AdamW's moments and step counts from the source "
                    "where it holds them (a run folder, a book model_and_optimizer.pth), with "
                    "this run's --lr and --weight-decay (default on; --no-init-optimizer: "
@@ -255,6 +255,9 @@ def _train(args: argparse.Namespace, env, device) -> int:
             # that ended runs without a checkpoint. Nothing to resume; not to overwrite.
             raise CheckpointError(f"{args.out} already holds a run with no checkpoint to "
                                   "resume; choose another --out")
+    if args.init_optimizer is not None and not args.init_from:
+        flag = "--init-optimizer" if args.init_optimizer else "--no-init-optimizer"
+        raise ConfigError(f"{flag} goes with --init-from")
     start, moments = None, None
     if args.init_from and ckpt is None:
         from diygpt.cli.init_from import start_from_args
@@ -347,6 +350,7 @@ def _train(args: argparse.Namespace, env, device) -> int:
     )
     if moments is not None:
         trainer.start_optimizer_from(moments)
+        moments = None  # AdamW holds them now (a padded head's as copies)
     if ckpt is not None:
         trainer.load_checkpoint(ckpt)
         warn(f"diygpt: resuming from {ckpt.folder} (after step {ckpt.state['global_step']})")
