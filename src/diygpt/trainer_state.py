@@ -11,6 +11,7 @@ own; it uses the attributes the Trainer's ``__init__`` sets (``cfg``, ``history`
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -171,7 +172,7 @@ class TrainerState:
         return self.parallel.full_model_and_optimizer(self.model, self.optimizer)
 
 
-def _pad_rows(value, param: torch.Tensor):
+def _pad_rows(value: Any, param: torch.Tensor) -> Any:
     if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape == param.shape:
         return value
     padded = value.new_zeros(param.shape)

@@ -56,10 +56,9 @@ def load_source(source: str | os.PathLike, file_cfg: GPTConfig | None = None) ->
 
     if str(source) in GPT2_MODELS:
         return load_pretrained(named_dir(str(source)))
-    path = Path(source).expanduser()
+    path = Path(resolve_source(source)).expanduser()
     if path.is_dir() and (path / STATE_FILE).is_file():
-        # Its newest checkpoint: weights of one step, whatever ended the run.
-        return load_model(latest_checkpoint(path) or path)
+        return load_model(path)
     if file_cfg is not None and path.is_file() and path.suffix in _WEIGHT_FILES:
         state = load_state_dict_file(path)
         if "tok_emb.weight" in state:  # the book's layout (Hugging Face's is detected below)
@@ -120,12 +119,11 @@ def source_optimizer_state(source: str | os.PathLike, model: GPTModel) -> dict[s
     from diygpt.book_export import book_optimizer_state
     from diygpt.pretrained.catalog import GPT2_MODELS
 
-    path = Path(source).expanduser()
     if str(source) in GPT2_MODELS:
         return None
+    path = Path(resolve_source(source)).expanduser()
     if path.is_dir() and (path / STATE_FILE).is_file():
-        where = latest_checkpoint(path) or path
-        state, named = load_optimizer_state(where), where / OPTIMIZER_FILE
+        state, named = load_optimizer_state(path), path / OPTIMIZER_FILE
     elif path.is_file() and path.suffix in (".pth", ".pt"):
         loaded = safe_torch_load(path, mmap=True)
         state = loaded.get("optimizer_state_dict") if isinstance(loaded, dict) else None
@@ -144,10 +142,11 @@ def source_optimizer_state(source: str | os.PathLike, model: GPTModel) -> dict[s
 
 def _crop_rows(state: Any, index: int, rows: int) -> Any:
     """The moments of parameter ``index`` (``pos_emb``) cut to ``rows``, as its weight was."""
-    per = state.get("state", {}).get(index) if isinstance(state, dict) else None
-    if not isinstance(per, dict) or not isinstance(state.get("state"), dict):
-        return state
+    moments = state.get("state") if isinstance(state, dict) else None
+    per = moments.get(index) if isinstance(moments, dict) else None
+    if not isinstance(per, dict):
+        return state  # book_optimizer_state says what is wrong with it
     # Copies: a view would keep (and every later optimizer.pt would save) all the rows.
     cut = {k: v[:rows].clone() if isinstance(v, torch.Tensor) and v.dim() == 2 else v
            for k, v in per.items()}
-    return {**state, "state": {**state["state"], index: cut}}
+    return {**state, "state": {**moments, index: cut}}
