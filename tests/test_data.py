@@ -169,3 +169,35 @@ def test_a_folder_named_like_a_token_file_is_refused(tmp_path, tokenizer):
     (tmp_path / "x.bin" / "a.txt").write_text("text, not token ids")
     with pytest.raises(DataError, match="is a folder, not a token file"):
         load_training_data([tmp_path / "x.bin"], tokenizer)
+
+
+def test_windows_and_old_mac_line_ends_read_as_the_books_text_mode(tmp_path, verdict_text,
+                                                                    tokenizer):
+    # The book's open(path, encoding="utf-8").read() turns "\r\n" and "\r" into "\n": a
+    # Windows copy of the-verdict is its 20479 characters and 5145 tokens there, and here.
+    from diygpt.data import load_training_data, read_text
+
+    crlf = tmp_path / "the-verdict-crlf.txt"
+    crlf.write_bytes(verdict_text.replace("\n", "\r\n").encode("utf-8"))
+    with open(crlf, encoding="utf-8") as f:
+        book_text = f.read()
+    assert read_text(crlf) == book_text == verdict_text and len(book_text) == 20479
+    (tmp_path / "mac.txt").write_bytes(b"one\rtwo\r\nthree\n")
+    assert read_text(tmp_path / "mac.txt") == "one\ntwo\nthree\n"
+    plain = tmp_path / "plain.txt"
+    plain.write_text(verdict_text, encoding="utf-8")
+    a, b = (load_training_data(p, tokenizer) for p in (crlf, plain))
+    assert a.train_ids == b.train_ids and a.val_ids == b.val_ids and a.digest == b.digest
+    assert len(tokenizer.encode(read_text(crlf))) == 5145
+
+
+def test_a_split_inside_an_endoftext_moves_to_its_end():
+    # Two files joined by <|endoftext|>: a split at any of its 13 characters would have cut
+    # the token into plain-text pieces on both sides.
+    text = "a" * 90 + "<|endoftext|>" + "b" * 7
+    for ratio in [i / len(text) for i in range(90, 104)]:
+        train, val = split_text(text, ratio)
+        assert train + val == text
+        assert "<|endoftext|>" in train or "<|endoftext|>" in val
+    assert split_text(text, 95 / len(text)) == ("a" * 90 + "<|endoftext|>", "b" * 7)
+    assert split_text("x" * 100, 0.9) == ("x" * 90, "x" * 10)  # the book's split otherwise

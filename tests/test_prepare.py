@@ -218,3 +218,59 @@ def test_eval_reads_token_files_as_train_does(tmp_path, tokenizer, data, capsys)
     text = run_cli(capsys, "eval", "--checkpoint", tmp_path / "run", "--data", data)
     tokens = run_cli(capsys, "eval", "--checkpoint", tmp_path / "run", "--data", tmp_path / "t.bin")
     assert text[0] == tokens[0] == 0 and text[1] == tokens[1] and "perplexity" in text[1]
+
+
+def test_crlf_text_gives_the_ids_train_gives(tmp_path, tokenizer, verdict_text):
+    (tmp_path / "crlf.txt").write_bytes(verdict_text.replace("\n", "\r\n").encode())
+    out = tmp_path / "t.bin"
+    prepare_tokens(tmp_path / "crlf.txt", out, tokenizer, block_bytes=64, progress=False)
+    assert load_tokens(out).tolist() == tokenizer.encode(verdict_text)
+
+
+def test_llm_c_token_files_are_read_past_their_header(tmp_path, tokenizer, capsys):
+    # llm.c's dev/data scripts write 256 int32s (magic 20240520, version 1, count), then
+    # GPT-2's ids as uint16: the same tokens as a headerless file from `diygpt prepare`.
+    ids = np.array(tokenizer.encode("Every effort moves you forward."), dtype=np.uint16)
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (20240520, 1, len(ids))
+    path = tmp_path / "fineweb_val_000000.bin"
+    path.write_bytes(header.tobytes() + ids.tobytes())
+    assert load_tokens(path).tolist() == ids.tolist()
+    header[1] = 2
+    path.write_bytes(header.tobytes() + ids.tobytes())
+    with pytest.raises(DataError, match="llm.c token file of version 2; only version 1"):
+        load_tokens(path)
+    header[1] = 1
+    path.write_bytes(header.tobytes() + ids[:-1].tobytes())
+    with pytest.raises(DataError, match="its llm.c header says 6 tokens, but the file holds 5"):
+        load_tokens(path)
+
+
+def test_token_files_are_recognised_in_any_letter_case(tmp_path, tokenizer, verdict_path):
+    out = tmp_path / "V.BIN"
+    prepare_tokens(verdict_path, out, tokenizer, progress=False)
+    data = load_training_data([out], tokenizer, 0.9)
+    assert len(data.train_ids) + len(data.val_ids) == 5145
+
+
+def test_prepares_utf8_error_says_how_to_convert(tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ok\n" * 1000 + b"\xff\n")
+    line = one_line_error(capsys, "prepare", "--data", bad, "--out", tmp_path / "t.bin")
+    assert line.endswith("bad.txt is not valid UTF-8 (byte 3000); convert it, e.g. "
+                         "`iconv -f latin1 -t utf-8 bad.txt`")
+
+
+def test_token_file_mistakes_are_one_line(tmp_path, verdict_path, capsys):
+    (tmp_path / "odd.bin").write_bytes(b"\x01\x02\x03")
+    (tmp_path / "dir.bin").mkdir()
+    cases = [
+        ([tmp_path / "odd.bin"], "odd.bin has an odd size, so it is not a uint16 token file"),
+        ([tmp_path / "none.bin"], "token file " + str(tmp_path / "none.bin") + " does not exist"),
+        ([verdict_path, tmp_path / "odd.bin"], "give either text files or .bin token files "
+         "(from `diygpt prepare`), not both"),
+        ([tmp_path / "dir.bin"], "dir.bin is a folder, not a token file from `diygpt prepare`"),
+    ]
+    for data, message in cases:
+        line = one_line_error(capsys, "train", "--data", *data, *TINY, "--out", tmp_path / "r")
+        assert line.endswith(message), line

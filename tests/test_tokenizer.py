@@ -54,3 +54,21 @@ def test_offline_without_files_says_how_to_supply_them(tmp_path):
                          timeout=120)
     assert "ERR" in out.stdout, out.stderr
     assert "--tokenizer-dir" in out.stdout and "DIYGPT_TOKENIZER_DIR" in out.stdout
+
+
+@pytest.mark.parametrize("damage", ["garbage encoder", "cut encoder", "cut vocab"])
+def test_a_damaged_tokenizer_folder_is_one_error(tmp_path, damage):
+    from tests_helpers import TOKENIZER_DIR
+
+    encoder = (TOKENIZER_DIR / "encoder.json").read_bytes()
+    vocab = (TOKENIZER_DIR / "vocab.bpe").read_bytes()
+    if damage == "garbage encoder":
+        encoder = b"garbage\n"
+    elif damage == "cut encoder":
+        encoder = encoder[:100_000]
+    else:
+        vocab = vocab[:200_000]
+    (tmp_path / "encoder.json").write_bytes(encoder)
+    (tmp_path / "vocab.bpe").write_bytes(vocab)
+    with pytest.raises(TokenizerError, match="are unreadable or not GPT-2's .*; copy them again"):
+        get_tokenizer(tmp_path)

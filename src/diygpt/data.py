@@ -58,17 +58,23 @@ def _refuse_twice(files: Sequence[Path], origins: Sequence[Path] | None = None) 
                             "each file once")
 
 
-def _read_one(path: Path) -> str:
-    raw = path.read_bytes()
+def decode_text(raw: bytes, path: Path, offset: int = 0) -> str:
+    """UTF-8 bytes (of ``path``, from byte ``offset``) as the book's ``open(path,
+    encoding="utf-8").read()`` gives them: Windows' and old Macs' line ends read as "\n"."""
     if b"\x00" in raw:
         raise DataError(f"{path} looks like a binary file (it contains NUL bytes), not text")
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(
-            f"{path} is not valid UTF-8 (byte {exc.start}); convert it, e.g. "
+            f"{path} is not valid UTF-8 (byte {offset + exc.start}); convert it, e.g. "
             f"`iconv -f latin1 -t utf-8 {path.name}`"
         ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
+def _read_one(path: Path) -> str:
+    return decode_text(path.read_bytes(), path)
 
 
 def read_text(paths: PathLike | Sequence[PathLike]) -> str:
@@ -87,10 +93,15 @@ def read_text(paths: PathLike | Sequence[PathLike]) -> str:
 
 
 def split_text(text: str, train_ratio: float = 0.9) -> tuple[str, str]:
-    """Split characters at ``int(train_ratio * len(text))``, as the book does."""
+    """Split characters at ``int(train_ratio * len(text))``, as the book does; a split that
+    would fall inside an ``<|endoftext|>`` (such as the one joining two files) moves to its
+    end, so that the token is not cut into plain-text pieces."""
     if not 0.0 < train_ratio <= 1.0:
         raise DataError(f"train ratio must be in (0, 1], got {train_ratio}")
     split_idx = int(train_ratio * len(text))
+    begin = text.find(ENDOFTEXT, max(split_idx - len(ENDOFTEXT) + 1, 0))
+    if 0 <= begin < split_idx:
+        split_idx = begin + len(ENDOFTEXT)
     return text[:split_idx], text[split_idx:]
 
 
@@ -306,7 +317,7 @@ class TrainingData:
 
 def _token_files(paths: Sequence[PathLike]) -> list[PathLike] | None:
     """The ``.bin`` token files among ``paths``; None for text files; an error for a mix."""
-    token_files = [p for p in paths if str(p).endswith(".bin")]
+    token_files = [p for p in paths if str(p).lower().endswith(".bin")]
     if token_files and len(token_files) != len(paths):
         raise DataError("give either text files or .bin token files (from `diygpt prepare`), not both")
     return token_files or None

@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from diygpt.checkpointing import atomic_write, describe_os_error
-from diygpt.data import _expand
+from diygpt.data import _expand, decode_text
 from diygpt.errors import DataError
 from diygpt.tokenizer import ENDOFTEXT, EOT_ID
 
@@ -80,7 +80,10 @@ def _char_ending_at(data: bytes | bytearray, end: int) -> str:
 
 
 def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[str, int]]:
-    """Yield (text, raw byte count) blocks of a UTF-8 file, each ending at a :func:`safe_cut`."""
+    """Yield (text, raw byte count) blocks of a UTF-8 file, each ending at a :func:`safe_cut`.
+
+    A block ends before a whitespace byte that follows a visible one, never between "\r"
+    and "\n": each block's line ends read as the whole file's do."""
     carry = bytearray()
     offset = 0
     try:
@@ -91,22 +94,13 @@ def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[st
                 carry += raw
                 cut = safe_cut(carry, searched)
                 if cut:
-                    yield _decode(bytes(carry[:cut]), path, offset), cut
+                    yield decode_text(bytes(carry[:cut]), path, offset), cut
                     del carry[:cut]
                     offset += cut
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
     if carry:
-        yield _decode(bytes(carry), path, offset), len(carry)
-
-
-def _decode(data: bytes, path: Path, offset: int) -> str:
-    if b"\x00" in data:
-        raise DataError(f"{path} looks like a binary file (it contains NUL bytes), not text")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not valid UTF-8 (byte {offset + exc.start})") from None
+        yield decode_text(bytes(carry), path, offset), len(carry)
 
 
 def _batches(
@@ -203,7 +197,8 @@ def prepare_tokens(
 
 
 def load_tokens(path: str | os.PathLike) -> np.ndarray:
-    """Memory-map a token file written by :func:`prepare_tokens` (nothing is read up front)."""
+    """Memory-map a token file written by :func:`prepare_tokens` (nothing is read up front),
+    or llm.c's GPT-2 token file (its header skipped)."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path} is a folder, not a token file from `diygpt prepare`")
@@ -212,6 +207,31 @@ def load_tokens(path: str | os.PathLike) -> np.ndarray:
     size = path.stat().st_size
     if size == 0:
         raise DataError(f"token file {path} is empty (0 tokens)")
+    if size >= LLMC_HEADER_BYTES and _llmc_header(path) is not None:
+        return _llmc_tokens(path, size)
     if size % 2:
         raise DataError(f"{path} has an odd size, so it is not a uint16 token file")
     return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+# llm.c's token files (its dev/data scripts): 256 int32s (magic, version, token count), then
+# the ids; version 1 is GPT-2's uint16 ids, the same tokens as diygpt's headerless files.
+LLMC_HEADER_BYTES = 256 * 4
+_LLMC_MAGIC = 20240520
+
+
+def _llmc_header(path: Path) -> np.ndarray | None:
+    header = np.fromfile(path, dtype="<i4", count=256)
+    return header if header[0] == _LLMC_MAGIC else None
+
+
+def _llmc_tokens(path: Path, size: int) -> np.ndarray:
+    header = _llmc_header(path)
+    version, count = int(header[1]), int(header[2])
+    if version != 1:
+        raise DataError(f"{path} is an llm.c token file of version {version}; only version 1 "
+                        "(GPT-2's uint16 ids) is read")
+    if size != LLMC_HEADER_BYTES + 2 * count:
+        raise DataError(f"{path}: its llm.c header says {count} tokens, but the file holds "
+                        f"{(size - LLMC_HEADER_BYTES) / 2:g} (truncated?)")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=LLMC_HEADER_BYTES)

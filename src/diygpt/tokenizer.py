@@ -46,7 +46,13 @@ def _load(tokenizer_dir: str | None):
             raise TokenizerError(
                 f"tokenizer folder {folder} must contain encoder.json and vocab.bpe"
             )
-        return _encoding_from_dir(folder)
+        try:
+            return _encoding_from_dir(folder)
+        except (ValueError, AssertionError, KeyError, OSError) as exc:  # JSON errors included
+            raise TokenizerError(
+                f"tokenizer folder {folder}: encoder.json and vocab.bpe are unreadable or not "
+                f"GPT-2's ({type(exc).__name__}); copy them again"
+            ) from None
     # tiktoken reads its own cache first and downloads only if the files are not there.
     import tiktoken
 

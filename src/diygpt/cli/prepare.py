@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prepare", help="tokenize text files into a uint16 token file",
         description="Tokenize text file(s) or folder(s) of .txt files with GPT-2's BPE on "
-        "several threads, streaming in blocks so memory does not grow with the corpus. "
+        "several threads, streaming in blocks so memory does not grow with the corpus (text "
+        "with line breaks or spaces: a long run without any is read whole). "
         "Writes a flat array of uint16 token ids, the ones `diygpt train --data` gets from "
         "the same files (files joined by <|endoftext|>, and a literal <|endoftext|> in the "
         "text is that token), readable with numpy.memmap(PATH, dtype=numpy.uint16). The "
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from diygpt.prepare import prepare_tokens
     from diygpt.tokenizer import get_tokenizer
 
-    if not str(args.out).endswith(".bin") and not Path(args.out).is_dir():  # a folder: refused
+    if not str(args.out).lower().endswith(".bin") and not Path(args.out).is_dir():  # a folder: refused
         print(f"diygpt: note: `diygpt train --data` reads token files named *.bin; {args.out} "
               "would be read as text", file=sys.stderr)
     tokenizer = get_tokenizer(args.tokenizer_dir)
