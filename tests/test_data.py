@@ -201,3 +201,16 @@ def test_a_split_inside_an_endoftext_moves_to_its_end():
         assert "<|endoftext|>" in train or "<|endoftext|>" in val
     assert split_text(text, 95 / len(text)) == ("a" * 90 + "<|endoftext|>", "b" * 7)
     assert split_text("x" * 100, 0.9) == ("x" * 90, "x" * 10)  # the book's split otherwise
+
+
+def test_token_ids_of_shape_1_by_t_are_one_sequence(tokenizer):
+    # text_to_token_ids gives (1, T); other shapes say what is wanted.
+    from diygpt.errors import DataError
+    from diygpt.tokenizer import text_to_token_ids
+
+    ids = text_to_token_ids("Every effort moves you forward, step by step.", tokenizer)
+    flat = GPTDatasetV1(None, None, 4, 4, token_ids=ids[0])
+    batched = GPTDatasetV1(None, None, 4, 4, token_ids=ids)
+    assert len(batched) == len(flat) > 0 and torch.equal(batched[0][0], flat[0][0])
+    with pytest.raises(DataError, match=r"one sequence of ids, \(T,\) or \(1, T\); got shape \(2, 5\)"):
+        GPTDatasetV1(None, None, 4, 4, token_ids=torch.zeros(2, 5, dtype=torch.long))

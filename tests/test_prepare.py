@@ -274,3 +274,33 @@ def test_token_file_mistakes_are_one_line(tmp_path, verdict_path, capsys):
     for data, message in cases:
         line = one_line_error(capsys, "train", "--data", *data, *TINY, "--out", tmp_path / "r")
         assert line.endswith(message), line
+
+
+def test_a_tiny_input_is_reported_in_bytes(tmp_path, capsys):
+    (tmp_path / "hi.txt").write_text("Hello there\n")
+    assert main(["prepare", "--data", str(tmp_path / "hi.txt"), "--out", str(tmp_path / "t.bin"),
+                 "--no-progress"]) == 0
+    assert "tokens from 12 B in 1 file(s)" in capsys.readouterr().out
+
+
+def test_default_threads_follow_the_cpus_this_process_may_use(tmp_path, tokenizer, monkeypatch):
+    import os
+
+    import diygpt.prepare as prepare
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert prepare._usable_cpus() == 3
+
+
+def test_many_small_files_are_joined_into_few_tasks_with_the_same_ids(tmp_path, tokenizer):
+    from diygpt.prepare import _blocks, _merged
+
+    for i in range(60):
+        (tmp_path / f"doc{i:02d}.txt").write_text(f"Document {i} says hello.\n" * (i % 3 + 1))
+    files = sorted(tmp_path.glob("*.txt"))
+    assert len(list(_merged(_blocks(files, 1 << 20), 1 << 20))) == 1
+    assert len(list(_merged(_blocks(files, 64), 64))) > 20  # up to 64 characters each
+    out = tmp_path / "t.bin"
+    prepare_tokens(tmp_path, out, tokenizer, threads=2, progress=False)
+    assert load_tokens(out).tolist() == load_training_data([tmp_path], tokenizer, 1.0).train_ids

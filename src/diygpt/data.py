@@ -131,6 +131,12 @@ class GPTDatasetV1(Dataset):
                             f"and {stride!r}")
         if token_ids is None:
             token_ids = tokenizer.encode(txt, allowed_special={ENDOFTEXT})
+        shape = getattr(token_ids, "shape", None)
+        if shape is not None and len(shape) == 2 and shape[0] == 1:
+            token_ids = token_ids[0]  # text_to_token_ids' (1, T)
+        elif shape is not None and len(shape) != 1:
+            raise DataError(f"token_ids must be one sequence of ids, (T,) or (1, T); got shape "
+                            f"{tuple(shape)}")
         if isinstance(token_ids, np.ndarray):
             # e.g. a uint16 memmap from `diygpt prepare`: kept as it is, so a corpus larger
             # than memory is read from disk window by window

@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output token file; `diygpt train --data` reads it when its name ends "
                    "in .bin (e.g. train.bin)")
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="encoding threads (default: one less than the CPU cores, at least 1)")
+                   help="encoding threads (default: one less than the CPU cores this process may "
+                   "use, at least 1)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar on stderr")
     p.add_argument("--tokenizer-dir", default=None, metavar="DIR",
@@ -70,7 +71,12 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, old)
     seconds = time.perf_counter() - t0
     mb = stats.bytes_read / 1e6
-    size = f"{mb:.1f} MB" if mb >= 0.99995 else f"{stats.bytes_read / 1e3:.1f} kB"
+    if mb >= 0.99995:
+        size = f"{mb:.1f} MB"
+    elif stats.bytes_read >= 1000:
+        size = f"{stats.bytes_read / 1e3:.1f} kB"
+    else:
+        size = f"{stats.bytes_read} B"
     print(
         f"{stats.tokens} tokens from {size} in {stats.files} file(s) -> {args.out} "
         f"({mb / max(seconds, 1e-9):.1f} MB/s, peak RSS {peak_rss_mb():.0f} MB)"
