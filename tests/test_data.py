@@ -187,7 +187,8 @@ def test_windows_and_old_mac_line_ends_read_as_the_books_text_mode(tmp_path, ver
     plain = tmp_path / "plain.txt"
     plain.write_text(verdict_text, encoding="utf-8")
     a, b = (load_training_data(p, tokenizer) for p in (crlf, plain))
-    assert a.train_ids == b.train_ids and a.val_ids == b.val_ids and a.digest == b.digest
+    assert a.train_ids.tolist() == b.train_ids.tolist() and a.val_ids.tolist() == b.val_ids.tolist()
+    assert a.digest == b.digest
     assert len(tokenizer.encode(read_text(crlf))) == 5145
 
 
@@ -214,3 +215,23 @@ def test_token_ids_of_shape_1_by_t_are_one_sequence(tokenizer):
     assert len(batched) == len(flat) > 0 and torch.equal(batched[0][0], flat[0][0])
     with pytest.raises(DataError, match=r"one sequence of ids, \(T,\) or \(1, T\); got shape \(2, 5\)"):
         GPTDatasetV1(None, None, 4, 4, token_ids=torch.zeros(2, 5, dtype=torch.long))
+
+
+def test_text_data_is_held_as_uint16_with_the_books_ids(tmp_path, verdict_text, tokenizer):
+    # 2 bytes a token, not a list of Python ints (~36): a large --data text fits in memory
+    from diygpt.data import load_token_ids, load_training_data, split_text
+    from diygpt.tokenizer import encode_array
+
+    text = verdict_text + "<|endoftext|>naïve 東京 \U0001F600"
+    ids = encode_array(text, tokenizer)
+    assert ids.dtype == np.uint16
+    assert ids.tolist() == tokenizer.encode(text, allowed_special={"<|endoftext|>"})
+    (tmp_path / "v.txt").write_text(verdict_text, encoding="utf-8")
+    data = load_training_data(tmp_path / "v.txt", tokenizer)
+    train_text, val_text = split_text(verdict_text)
+    assert data.train_ids.dtype == data.val_ids.dtype == np.uint16
+    assert data.train_ids.tolist() == tokenizer.encode(train_text)
+    assert data.val_ids.tolist() == tokenizer.encode(val_text)
+    assert load_token_ids(tmp_path / "v.txt", tokenizer).tolist() == tokenizer.encode(verdict_text)
+    whole = load_training_data(tmp_path / "v.txt", tokenizer, 1.0)
+    assert whole.val_ids.dtype == np.uint16 and len(whole.val_ids) == 0

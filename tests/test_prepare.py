@@ -85,7 +85,7 @@ def test_prepared_ids_equal_train_data_ids_with_tiny_blocks(tmp_path, tokenizer)
         (tmp_path / name).write_text(text, encoding="utf-8")
     out = tmp_path / "t.bin"
     prepare_tokens(tmp_path, out, tokenizer, threads=2, block_bytes=7, progress=False)
-    expected = load_training_data([tmp_path], tokenizer, 1.0).train_ids
+    expected = load_training_data([tmp_path], tokenizer, 1.0).train_ids.tolist()
     assert load_tokens(out).tolist() == expected
 
 
@@ -134,7 +134,7 @@ def test_a_literal_endoftext_is_its_token_as_in_train(tmp_path, tokenizer):
     src.write_text("Once upon a time.<|endoftext|>Another story.\n", encoding="utf-8")
     out = tmp_path / "eot.bin"
     prepare_tokens(src, out, tokenizer, progress=False)
-    assert load_tokens(out).tolist() == load_training_data([src], tokenizer, 1.0).train_ids
+    assert load_tokens(out).tolist() == load_training_data([src], tokenizer, 1.0).train_ids.tolist()
     assert EOT_ID in load_tokens(out).tolist()
 
 
@@ -145,7 +145,7 @@ def test_several_token_files_are_joined_with_endoftext(tmp_path, tokenizer):
                        progress=False)
     joined = load_training_data([tmp_path / "a.bin", tmp_path / "b.bin"], tokenizer, 1.0)
     as_text = load_training_data([tmp_path / "a.txt", tmp_path / "b.txt"], tokenizer, 1.0)
-    assert joined.train_ids.tolist() == as_text.train_ids
+    assert joined.train_ids.tolist() == as_text.train_ids.tolist()
 
 
 def test_a_failed_run_keeps_the_old_output_and_leaves_no_temp_file(tmp_path, tokenizer,
@@ -303,4 +303,4 @@ def test_many_small_files_are_joined_into_few_tasks_with_the_same_ids(tmp_path, 
     assert len(list(_merged(_blocks(files, 64), 64))) > 20  # up to 64 characters each
     out = tmp_path / "t.bin"
     prepare_tokens(tmp_path, out, tokenizer, threads=2, progress=False)
-    assert load_tokens(out).tolist() == load_training_data([tmp_path], tokenizer, 1.0).train_ids
+    assert load_tokens(out).tolist() == load_training_data([tmp_path], tokenizer, 1.0).train_ids.tolist()

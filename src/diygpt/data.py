@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from diygpt.errors import DataError
-from diygpt.tokenizer import ENDOFTEXT, EOT_ID, get_tokenizer
+from diygpt.tokenizer import ENDOFTEXT, EOT_ID, encode_array, get_tokenizer
 
 PathLike = str | os.PathLike
 
@@ -261,8 +261,7 @@ def prepare_loaders(
     See :func:`loaders_from_tokens` for the checks.
     """
     train_text, val_text = split_text(text, train_ratio)
-    train_ids = tokenizer.encode(train_text, allowed_special={ENDOFTEXT})
-    val_ids = tokenizer.encode(val_text, allowed_special={ENDOFTEXT}) if val_text else []
+    train_ids, val_ids = encode_array(train_text, tokenizer), encode_array(val_text, tokenizer)
     return loaders_from_tokens(
         train_ids, val_ids, batch_size, max_length, stride, shuffle, drop_last, num_workers, warn
     )
@@ -316,8 +315,8 @@ def loaders_from_tokens(
 class TrainingData:
     """Token ids of the train and validation splits, and a fingerprint of the source."""
 
-    train_ids: Sequence[int] | np.ndarray
-    val_ids: Sequence[int] | np.ndarray
+    train_ids: np.ndarray
+    val_ids: np.ndarray
     digest: str
 
 
@@ -342,13 +341,13 @@ def _read_token_files(token_files: Sequence[PathLike]) -> np.ndarray:
     return np.concatenate([part for a in arrays for part in (eot, a)][1:])
 
 
-def load_token_ids(paths: PathLike | Sequence[PathLike], tokenizer) -> Sequence[int] | np.ndarray:
+def load_token_ids(paths: PathLike | Sequence[PathLike], tokenizer) -> np.ndarray:
     """All the ids of text files (encoded whole) or of ``.bin`` token files, unsplit."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     token_files = _token_files(paths)
     if token_files is not None:
         return _read_token_files(token_files)
-    return tokenizer.encode(read_text(paths), allowed_special={ENDOFTEXT})
+    return encode_array(read_text(paths), tokenizer)
 
 
 def load_training_data(
@@ -364,11 +363,10 @@ def load_training_data(
     if token_files is None:
         text = read_text(paths)
         train_text, val_text = split_text(text, train_ratio)
-        return TrainingData(
-            tokenizer.encode(train_text, allowed_special={ENDOFTEXT}),
-            tokenizer.encode(val_text, allowed_special={ENDOFTEXT}) if val_text else [],
-            hashlib.sha256(text.encode("utf-8")).hexdigest(),
-        )
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        del text  # its two halves are all that is needed now
+        return TrainingData(encode_array(train_text, tokenizer), encode_array(val_text, tokenizer),
+                            digest)
     ids = _read_token_files(token_files)
     train_ids, val_ids = split_tokens(ids, train_ratio)
     return TrainingData(train_ids, val_ids, hashlib.sha256(memoryview(ids)).hexdigest())

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from diygpt.checkpointing import atomic_write, describe_os_error
 from diygpt.data import _expand, decode_text
 from diygpt.errors import DataError
-from diygpt.tokenizer import ENDOFTEXT
+from diygpt.tokenizer import ENDOFTEXT, encode_array
 
 BLOCK_BYTES = 1 << 20  # 1 MiB of text per block: ~250k tokens
 
@@ -142,21 +142,13 @@ def _batches(files: list[Path], batch: int, block_bytes: int) -> Iterator[list[t
         yield pending
 
 
-def block_encoder(tokenizer) -> Callable[[str], np.ndarray]:
-    """Text -> ids, with a literal <|endoftext|> as its token (the book's ``allowed_special``)."""
-    allowed = {ENDOFTEXT}
-    if hasattr(tokenizer, "encode_to_numpy"):  # tiktoken >= 0.9: no list of Python ints
-        return lambda text: tokenizer.encode_to_numpy(text, allowed_special=allowed)
-    return lambda text: np.asarray(tokenizer.encode(text, allowed_special=allowed))
-
-
 def encode_blocks(
     encode: Callable[[str], np.ndarray],
     texts: Sequence[str],
     map_: Callable = map,
 ) -> np.ndarray:
     """Token ids of the blocks, concatenated as uint16."""
-    parts = list(map_(lambda t: encode(t).astype(np.uint16), texts))
+    parts = list(map_(lambda t: encode(t).astype(np.uint16, copy=False), texts))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
 
@@ -194,7 +186,9 @@ def prepare_tokens(
     # benchmark machine one encoding thread ran 28 MB/s and two 20 MB/s (BENCHMARKS.md).
     threads = threads or max(1, _usable_cpus() - 1)
     stats = PrepareStats(files=len(files), bytes_read=0, tokens=0)
-    encode = block_encoder(tokenizer)
+    def encode(text: str) -> np.ndarray:
+        return encode_array(text, tokenizer)
+
 
     def write(tmp: Path) -> None:
         bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,

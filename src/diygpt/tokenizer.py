@@ -6,6 +6,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from diygpt.errors import TokenizerError
@@ -76,6 +77,22 @@ def get_tokenizer(tokenizer_dir: str | os.PathLike | None = None):
     if tokenizer_dir is None:
         tokenizer_dir = os.environ.get(TOKENIZER_ENV) or None
     return _load(None if tokenizer_dir is None else str(tokenizer_dir))
+
+
+def encode_array(text: str, tokenizer) -> np.ndarray:
+    """The book's ``tokenizer.encode(text, allowed_special={"<|endoftext|>"})`` as a compact
+    array: uint16 when the vocabulary fits (GPT-2's does), else int32.
+
+    A corpus of N tokens is then 2N bytes; a list of Python ints holds about 36N.
+    """
+    allowed = {ENDOFTEXT}
+    if hasattr(tokenizer, "encode_to_numpy"):  # tiktoken >= 0.9: no list of Python ints
+        ids = tokenizer.encode_to_numpy(text, allowed_special=allowed)
+    else:
+        ids = np.asarray(tokenizer.encode(text, allowed_special=allowed), dtype=np.int64)
+    n_vocab = getattr(tokenizer, "n_vocab", None)
+    small = n_vocab is not None and n_vocab <= np.iinfo(np.uint16).max + 1
+    return ids.astype(np.uint16 if small else np.int32, copy=False)
 
 
 def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
