@@ -276,6 +276,18 @@ def test_token_file_mistakes_are_one_line(tmp_path, verdict_path, capsys):
         assert line.endswith(message), line
 
 
+def test_ids_saved_wider_than_uint16_are_refused(tmp_path, verdict_text, tokenizer, capsys):
+    # as uint16, int32 ids read as each id then a 0 ("!"): every value is a valid id
+    ids = np.array(tokenizer.encode(verdict_text))
+    for dtype in ("int32", "int64"):
+        ids.astype(dtype).tofile(tmp_path / f"{dtype}.bin")
+        line = one_line_error(capsys, "train", "--data", tmp_path / f"{dtype}.bin", *TINY,
+                              "--out", tmp_path / "r")
+        assert f"looks like {dtype} token ids" in line and f"np.{dtype}" in line, line
+    ids.astype(np.uint16).tofile(tmp_path / "ok.bin")
+    assert load_tokens(tmp_path / "ok.bin").tolist() == ids.tolist()
+
+
 def test_a_tiny_input_is_reported_in_bytes(tmp_path, capsys):
     (tmp_path / "hi.txt").write_text("Hello there\n")
     assert main(["prepare", "--data", str(tmp_path / "hi.txt"), "--out", str(tmp_path / "t.bin"),

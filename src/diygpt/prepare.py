@@ -230,7 +230,24 @@ def load_tokens(path: str | os.PathLike) -> np.ndarray:
         return _llmc_tokens(path, size)
     if size % 2:
         raise DataError(f"{path} has an odd size, so it is not a uint16 token file")
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    _refuse_wide_ids(path, tokens)
+    return tokens
+
+
+def _refuse_wide_ids(path: Path, tokens: np.ndarray) -> None:
+    """GPT-2 ids saved as int32 or int64 read as uint16 are every id followed by zeros: a
+    model would train on garbage without an error, since every value is a valid id."""
+    head = np.asarray(tokens[:8192])
+    if len(head) < 64 or not head[0::2].any():
+        return
+    for width, name in ((4, "int64"), (2, "int32")):
+        if len(tokens) % width == 0 and not head.reshape(-1, width)[:, 1:].any():
+            raise DataError(
+                f"{path} looks like {name} token ids (every id is followed by zero bytes), not "
+                "the uint16 ids diygpt reads; convert it with numpy: "
+                f"np.fromfile(path, np.{name}).astype(np.uint16).tofile(new_path)"
+            )
 
 
 # llm.c's token files (its dev/data scripts): 256 int32s (magic, version, token count), then
