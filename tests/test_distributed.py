@@ -199,3 +199,65 @@ def test_ddp_two_ranks_match_one_process_and_only_rank0_writes(
     assert_same_losses(run0, reference)
     assert "2 ranks (DDP)" in result.stderr
     assert result.stdout.count("Every effort") == 1  # one epoch-end sample
+
+
+def test_each_rank_draws_dropout_of_its_own_and_the_shared_stream_stays_in_step():
+    def draws(rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(5)  # every rank's shared stream: the same --seed
+        parallel = Parallel(DistEnv(rank, world, rank, launched=True), torch.device("cpu"))
+        with parallel._own_draws():
+            mask = torch.empty(1000).bernoulli_(0.5)
+            torch.empty(rank * 100).bernoulli_(0.5)  # uneven shares draw unequal amounts
+        return mask, torch.get_rng_state()
+
+    (mask0, after0), (mask1, after1) = draws(0, 2), draws(1, 2)
+    assert not torch.equal(mask0, mask1)  # not the same masks on every rank
+    assert torch.equal(after0, after1)  # one draw of the shared stream on each, whatever else
+    torch.manual_seed(5)
+    alone = torch.empty(1000).bernoulli_(0.5)
+    assert torch.equal(draws(0, 1)[0], alone)  # a group of one draws as one process
+
+
+def test_rank_variables_without_torchrun_s_address_are_one_line(verdict_path, tmp_path,
+                                                               capsys, monkeypatch):
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    for key in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert main(tiny_args(verdict_path, str(tmp_path / "run"))) == 2
+    err = capsys.readouterr().err
+    assert ("diygpt: error: RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT are "
+            "not: start the run with torchrun") in err and "Traceback" not in err
+
+
+def test_the_resume_hint_under_torchrun_is_a_torchrun_command(monkeypatch):
+    from diygpt.cli.train import _resume_command
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert _resume_command(DistEnv(), "runs/a b") == "diygpt train --resume 'runs/a b'"
+    assert (_resume_command(DistEnv(1, 4, 1, launched=True), "runs/x")
+            == "torchrun --nproc_per_node 4 -m diygpt train --resume runs/x")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 2 nodes of 2
+    assert _resume_command(DistEnv(1, 4, 1, launched=True), "runs/x").startswith(
+        "the same torchrun command on each node")
+
+
+def test_mfu_under_torchrun_divides_by_every_gpus_peak(tmp_path, monkeypatch):
+    import argparse
+
+    from diygpt.cli import speed_flags
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store",
+                                         rank=0, world_size=1,
+                                         timeout=datetime.timedelta(seconds=60))
+    try:
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 4)
+        monkeypatch.setattr("diygpt.speed.peak_flops", lambda device: 1e12)
+        monkeypatch.setattr(speed_flags, "speed_flags_used", lambda args: True)
+        args = argparse.Namespace(lr=4e-4, weight_decay=0.1, fused_adamw=False, compile=False,
+                                  dtype="fp32", compile_mode="default")
+        model = GPTModel(get_preset("tiny").with_updates(vocab_size=300, context_length=8))
+        meter = speed_flags.setup_training(args, model, torch.device("cpu")).meter
+    finally:
+        torch.distributed.destroy_process_group()
+    assert meter.peak == 4e12  # tok/s counts all 4 ranks' tokens

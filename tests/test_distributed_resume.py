@@ -48,3 +48,33 @@ def test_an_fsdp_run_resumes_in_one_process(verdict_path, tmp_path, tmp_path_fac
     straight = single_run(verdict_path, tmp_path_factory)
     assert max_weight_diff(tmp_path / "run", straight) < 1e-5
     assert_same_losses(tmp_path / "run", straight)
+
+
+@pytest.mark.slow
+def test_dropout_differs_across_ranks_and_a_torchrun_resume_is_still_exact(verdict_path,
+                                                                           tmp_path):
+    # Batch 5 on 2 ranks (3 + 2 rows) draws unequal amounts of dropout on each rank; the
+    # shared stream still moves alike, so a checkpoint of rank 0's RNG resumes both exactly.
+    drop = ("--drop-rate", "0.1")
+    straight = torchrun(2, tiny_args(verdict_path, "straight", *drop), tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = torchrun(2, tiny_args(verdict_path, "run", *drop, "--save-every", "3",
+                                  "--max-steps", "3"), tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = torchrun(2, ["train", "--resume", "run", "--max-steps", "6", "--no-progress"],
+                      tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert max_weight_diff(tmp_path / "run", tmp_path / "straight") == 0.0
+    assert_same_losses(tmp_path / "run", tmp_path / "straight")
+
+
+@pytest.mark.slow
+def test_an_error_only_rank0_meets_stops_every_rank_with_one_line(verdict_path, tmp_path):
+    (tmp_path / "taken").write_text("a file where the run folder would go")
+    result = torchrun(2, tiny_args(verdict_path, "taken"), tmp_path)
+    assert result.returncode != 0
+    lines = [ln for ln in result.stderr.splitlines() if "diygpt: error" in ln]
+    assert any(ln.startswith("diygpt: error: cannot write taken") for ln in lines), lines
+    assert ("diygpt: error (rank 1): the run stopped on another rank; that rank's error is "
+            "above") in lines, lines
+    assert "[rank1]: Traceback" not in result.stderr and "[rank0]: Traceback" not in result.stderr

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -31,11 +32,12 @@ from torch import nn
 
 from diygpt.checkpoints import unwrap_model
 from diygpt.device import select_device
-from diygpt.errors import ConfigError
+from diygpt.errors import ConfigError, DiygptError
 from diygpt.losses import LossFn, calc_loss_batch, token_cross_entropy
 from diygpt.precision import Precision
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,24 @@ class DistEnv:
         if world < 1 or not 0 <= rank < world or local < 0:
             raise ConfigError(f"torchrun environment is inconsistent: RANK={rank}, WORLD_SIZE={world}")
         return cls(rank, world, local, launched=True)
+
+
+class RankStopped(DiygptError):
+    """Another rank met an error, printed there, and this one stops with it."""
+
+    def __init__(self) -> None:
+        super().__init__("the run stopped on another rank; that rank's error is above")
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """A collective that failed because another process left the group (it stopped on an
+    error of its own), as gloo and NCCL report it."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        mark in text for mark in ("Connection closed by peer", "Connection reset by peer",
+                                  "gloo/transport", "NCCL"))
 
 
 def backend_for(device: torch.device) -> str:
@@ -96,6 +116,13 @@ def init_distributed(device_name: str | None = None) -> tuple[DistEnv, torch.dev
     env = DistEnv.from_env()
     device = rank_device(device_name, env)
     if env.launched and not dist.is_initialized():
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+        if missing:
+            raise ConfigError(
+                f"RANK and WORLD_SIZE are set but {' and '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not: start the run with torchrun, or "
+                "unset RANK and WORLD_SIZE for one process"
+            )
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend_for(device))
@@ -120,6 +147,12 @@ def shutdown(wait: bool = True) -> None:
         if wait:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def draws_dropout(model: nn.Module) -> bool:
+    """Whether a training step draws dropout masks (the model's attention dropout is its
+    ``nn.Dropout``'s p as well)."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
 
 
 def rank_slice(rows: int, rank: int, world_size: int) -> slice:
@@ -209,18 +242,42 @@ class Parallel:
         # a rank running one fewer would leave the others waiting for good.
         n_micro = min(grad_accum, -(-inputs.shape[0] // self.env.world_size))
         loss = torch.zeros((), device=device)
-        for i, (mx, my) in enumerate(zip(xs.tensor_split(n_micro), ys.tensor_split(n_micro),
-                                         strict=True)):
-            scale = weight * mx.shape[0] / rows
-            if mx.shape[0] == 0:  # fewer rows here than micro-batches: one row, weighted 0
-                mx, my, scale = inputs[:1], targets[:1], 0.0
-            # Only the last micro-batch all-reduces; the earlier ones accumulate locally.
-            with skip_grad_sync(model, skip=i < n_micro - 1):
-                with precision.autocast():
-                    part = calc_loss_batch(mx, my, model, device, loss_fn) * scale
-                precision.backward(part)
-            loss = loss + part.detach()
+        with self._own_draws(draws_dropout(model)):
+            for i, (mx, my) in enumerate(zip(xs.tensor_split(n_micro), ys.tensor_split(n_micro),
+                                             strict=True)):
+                scale = weight * mx.shape[0] / rows
+                if mx.shape[0] == 0:  # fewer rows here than micro-batches: one row, weighted 0
+                    mx, my, scale = inputs[:1], targets[:1], 0.0
+                # Only the last micro-batch all-reduces; the earlier ones accumulate locally.
+                with skip_grad_sync(model, skip=i < n_micro - 1):
+                    with precision.autocast():
+                        part = calc_loss_batch(mx, my, model, device, loss_fn) * scale
+                    precision.backward(part)
+                loss = loss + part.detach()
         return self.all_mean(loss)
+
+    @contextmanager
+    def _own_draws(self, drawing: bool = True) -> Iterator[None]:
+        """Dropout for this rank's rows from a stream of its own, seeded from one draw of the
+        shared stream.
+
+        Every rank holds the same RNG state (the same --seed, and :meth:`sync_rng`). Drawing
+        masks from it, rank k's row i would get rank 0's row i's mask: the same masks N
+        times over on N ranks. The shared stream moves by one draw per step on every rank,
+        whatever each rank's share, so it stays in step (the shuffle, evaluation's batches)
+        and a checkpoint's copy of rank 0's state resumes every rank exactly. Without dropout
+        nothing is drawn, as in one process.
+        """
+        if self.env.world_size == 1 or not drawing:  # as one process draws
+            yield
+            return
+        seed = int(torch.randint(2**62, (), dtype=torch.int64))  # the same on every rank
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.default_generator.manual_seed(seed + self.env.rank)
+            if devices:
+                torch.cuda.manual_seed(seed + self.env.rank)
+            yield
 
     def loader_loss(self, loader, model: nn.Module, num_batches: int) -> float:
         """``calc_loss_loader`` with each batch split across ranks and averaged back."""
@@ -243,6 +300,25 @@ class Parallel:
             val_loss = self.loader_loss(val_loader, inner, eval_iter)
         inner.train()
         return train_loss, val_loss
+
+    def on_main(self, write: Callable[[], _T]) -> _T | None:
+        """``write()`` on rank 0 alone (a collective: every rank calls it). When it fails,
+        rank 0 raises its error and every other rank :class:`RankStopped`, together,
+        rather than the others dying later in a collective rank 0 never joins."""
+        error: Exception | None = None
+        result = None
+        if self.is_main:
+            try:
+                result = write()
+            except Exception as exc:
+                error = exc
+        failed = torch.tensor([error is not None], dtype=torch.int64, device=self.device)
+        dist.broadcast(failed, src=0)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise RankStopped()
+        return result
 
     def runs_sample(self) -> bool:
         """Rank 0 samples alone, unless the weights are sharded and every rank must join."""

@@ -10,8 +10,9 @@ own; it uses the attributes the Trainer's ``__init__`` sets (``cfg``, ``history`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -29,6 +30,8 @@ from diygpt.resume import (
     skip_batches,
     write_training_checkpoint,
 )
+
+_T = TypeVar("_T")
 
 
 class TrainerState:
@@ -68,11 +71,14 @@ class TrainerState:
         if self._saved_step == step:
             return self.last_checkpoint
         model, optimizer = self._full_model_and_optimizer()
-        if not self.is_main:
-            # Rank 0 writes it; the others know its name, for their messages.
-            self._saved_step = step
-            self.last_checkpoint = Path(self.cfg.out_dir) / ckpt_name(step)
-            return None
+        written = self.on_main(lambda: self._write_checkpoint(step, model, optimizer))
+        # The other ranks know its name, for their messages.
+        self.last_checkpoint = written or Path(self.cfg.out_dir) / ckpt_name(step)
+        self._saved_step = step
+        return written
+
+    def _write_checkpoint(self, step: int, model: nn.Module,
+                          optimizer: torch.optim.Optimizer) -> Path:
         point = ResumePoint(
             self.epoch, self.batch_in_epoch, self._epoch_rng,
             capture_rng(self._loader_generator),
@@ -81,11 +87,16 @@ class TrainerState:
                  "epoch_end_done": self._epoch_end_done, "epoch_finished": self._epoch_finished}
         if self.precision.scaler is not None:  # fp16: its loss scale, so resume is exact
             state["grad_scaler"] = self.precision.scaler.state_dict()
-        self.last_checkpoint = write_training_checkpoint(
+        return write_training_checkpoint(
             self.cfg.out_dir, step, model, optimizer, state, point, self.cfg.keep_last
         )
-        self._saved_step = step
-        return self.last_checkpoint
+
+    def on_main(self, write: Callable[[], _T]) -> _T | None:
+        """``write()`` on rank 0 only; under torchrun every rank calls this, and all stop
+        together if it fails (see :meth:`diygpt.distributed.Parallel.on_main`)."""
+        if self.parallel is None:
+            return write()
+        return self.parallel.on_main(write)
 
     def load_checkpoint(self, ckpt: LoadedCheckpoint) -> None:
         """Restore weights, optimizer, schedule, counters and history; fit() then continues."""
@@ -143,8 +154,11 @@ class TrainerState:
         # state already: no second gather under FSDP, and links rather than new files.
         linked = self._saved_step == h.global_step
         model, optimizer = (None, None) if linked else self._full_model_and_optimizer()
-        if not self.is_main:
-            return
+        self.on_main(lambda: self._write_run(linked, model, optimizer))
+
+    def _write_run(self, linked: bool, model: nn.Module | None,
+                   optimizer: torch.optim.Optimizer | None) -> None:
+        c, h = self.cfg, self.history
         if h.train_losses:
             # Imported here: matplotlib adds ~30 MB that the training steps should not carry.
             from diygpt.plotting import plot_losses

@@ -204,11 +204,8 @@ class Trainer(TrainerState):
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> History:
         c, h = self.cfg, self.history
-        if c.out_dir is not None and self.is_main:
-            check_writable(c.out_dir)
-            if self._resume_point is None:
-                # A fresh run: not after the lines of one that died before its first save.
-                (Path(c.out_dir) / "metrics.jsonl").unlink(missing_ok=True)
+        if c.out_dir is not None:
+            self.on_main(self._start_run_folder)
         self._bar = tqdm(
             total=self.total_steps(), initial=h.global_step + 1, desc="train", unit="step",
             file=sys.stderr, disable=None if c.progress and self.is_main else True,
@@ -267,6 +264,12 @@ class Trainer(TrainerState):
             self._bar = None
         self._finish()
         return h
+
+    def _start_run_folder(self) -> None:
+        check_writable(self.cfg.out_dir)
+        if self._resume_point is None:
+            # A fresh run: not after the lines of one that died before its first save.
+            (Path(self.cfg.out_dir) / "metrics.jsonl").unlink(missing_ok=True)
 
     def _after_step(self) -> None:
         step = self.history.global_step

@@ -106,7 +106,12 @@ def setup_training(
                            fused=args.fused_adamw, fast=fast_adamw)
     meter = None
     if speed_flags_used(args):
-        meter = SpeedMeter(flops_per_token(unwrap_model(model).cfg), peak_flops(device))
+        import torch.distributed as dist
+
+        peak = peak_flops(device)
+        if peak is not None and dist.is_initialized():
+            peak *= dist.get_world_size()  # tok/s counts every rank's tokens
+        meter = SpeedMeter(flops_per_token(unwrap_model(model).cfg), peak)
     wrapped = compile_model(model, args.compile_mode) if args.compile else model
     loss_fn = token_cross_entropy
     if args.compile:  # on a GPU with triton, diygpt.fused_ce's kernels: BENCHMARKS.md

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import traceback
@@ -198,9 +199,24 @@ def run(args: argparse.Namespace) -> int:
     except BaseException as exc:
         _free_frames(exc)
         distributed.shutdown(wait=False)
+        if env.launched and distributed.lost_peer(exc):
+            # Another rank stopped on an error of its own and said so; not a traceback here.
+            raise distributed.RankStopped() from None
         raise
     distributed.shutdown()
     return rc
+
+
+def _resume_command(env, out) -> str:
+    """The command that resumes the run as it was started: one process would resume an
+    FSDP run unsharded."""
+    resume = f"diygpt train --resume {shlex.quote(str(out))}"
+    if not env.launched:
+        return resume
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+    if per_node >= env.world_size:
+        return f"torchrun --nproc_per_node {per_node} -m {resume}"
+    return f"the same torchrun command on each node, running: python -m {resume}"
 
 
 def _free_frames(exc: BaseException) -> None:
@@ -373,8 +389,7 @@ def _train(args: argparse.Namespace, env, device) -> int:
             history = trainer.fit()
     except Interrupted as stop:
         where = f"checkpoint saved to {stop.checkpoint}; " if stop.checkpoint else ""
-        warn(f"diygpt: {stop}; {where}resume with: diygpt train --resume "
-             f"{shlex.quote(str(args.out))}")
+        warn(f"diygpt: {stop}; {where}resume with: {_resume_command(env, args.out)}")
         return stop.exit_code
     steps = history.global_step + 1
     written = [n for n in ("model.safetensors", "loss.png", "metrics.jsonl")  # none at --epochs 0
