@@ -41,6 +41,28 @@ def test_quantize_rows_round_trip_error_is_within_half_a_step():
     assert ((q.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-6).all()
 
 
+@pytest.mark.parametrize("kernels", ["", "AVX2"])
+def test_int8_layer_is_right_on_cpus_without_vnni(kernels):
+    # fbgemm's AVX2 kernels sum pairs of u8 x s8 products in int16: with 8-bit activations
+    # near 255 and weights near 127 that overflows (14% off before reduce_range)
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch; from torch import nn; from diygpt.quantize import Int8Linear\n"
+        "lin = nn.Linear(64, 4)\n"
+        "with torch.no_grad(): lin.weight.fill_(1.0); lin.bias.zero_()\n"
+        "x = torch.rand(3, 64, generator=torch.Generator().manual_seed(0))\n"
+        "ref = lin(x); out = Int8Linear(lin)(x)\n"
+        "print(((out - ref).abs() / ref.abs()).max().item())\n"
+    )
+    env = dict(os.environ, FBGEMM_ENABLE_INSTRUCTIONS=kernels)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120, check=True)
+    assert float(done.stdout.split()[-1]) < 0.005
+
+
 def test_int8_model_is_smaller_and_its_loss_is_close():
     model = _model()
     idx = torch.randint(0, CFG.vocab_size, (2, 17))
@@ -322,3 +344,33 @@ def test_int8_layers_keep_a_half_precision_models_dtype_and_survive_a_copy():
     torch.testing.assert_close(twin(idx), expected, rtol=0, atol=0)
     assert seen == [(1, 5, CFG.vocab_size)]  # hooks copied with the layer, as nn.Module's are
     assert isinstance(twin.out_head, Int8Linear) and twin.out_head.weight.dtype == torch.int8
+
+
+def test_a_half_precision_checkpoint_is_quantized_from_fp32_and_gpus_are_refused(
+        tmp_path, capsys, monkeypatch):
+    torch.manual_seed(0)
+    half = GPTModel(get_preset("tiny")).to(torch.bfloat16)
+    save_run(tmp_path / "half", half, None, {})
+    save_run(tmp_path / "full", half.float(), None, {})  # the same values, stored in fp32
+    outputs = []
+    for name in ("half", "full"):
+        argv = ["generate", "--checkpoint", str(tmp_path / name), "--prompt", "Every",
+                "--max-new-tokens", "8", "--device", "cpu", "--quantize", "int8"]
+        assert main(argv) == 0, capsys.readouterr().err
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]  # bf16 activations would skip fbgemm and part from fp32
+    monkeypatch.setattr("diygpt.device.select_device", lambda name: torch.device("cuda"))
+    assert main(["generate", "--checkpoint", str(tmp_path / "full"), "--quantize", "int8",
+                 "--prompt", "x"]) == 2
+    assert "--quantize int8 is for the CPU, not cuda: add --device cpu" in capsys.readouterr().err
+
+
+def test_a_quantized_model_is_not_saved(tmp_path):
+    from diygpt.checkpoints import save_weights
+    from diygpt.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="an int8-quantized model cannot be saved"):
+        save_weights(quantize_int8(_model()), tmp_path / "q.safetensors")
+    with pytest.raises(CheckpointError, match="cannot be saved"):
+        save_run(tmp_path / "run", quantize_int8(_model()), None, {})
+    assert not (tmp_path / "q.safetensors").exists()

@@ -223,3 +223,62 @@ def test_a_sharded_hugging_face_checkpoint_loads_as_one_file(tmp_path, kind):
                    zip(loaded.state_dict().values(), whole.state_dict().values(), strict=True))
     (tmp_path / f"{stem}-00002-of-00002.{kind}").unlink()
     assert f"shard {stem}-00002-of-00002.{kind} is missing (1 of 2)" in _error(tmp_path)
+
+
+def test_a_named_tf_index_is_the_checkpoint_loaded(tmp_path):
+    # A fine-tuning run keeps several checkpoints; `checkpoint` names its newest
+    from diygpt.pretrained.tf_checkpoint import open_tf_checkpoint, write_tf_bundle
+
+    folder = tmp_path / "ft"
+    shutil.copytree(OPENAI_DIR, folder)
+    source = open_tf_checkpoint(folder / "model.ckpt")
+    later = {n: source.get(n).numpy().copy() for n in source.names()}
+    later["model/wte"] = later["model/wte"] * 0 + 1.0
+    write_tf_bundle(folder / "model-1000", later)
+    (folder / "checkpoint").write_text('model_checkpoint_path: "model-1000"\n')
+    first = source.get("model/wte")
+    assert torch.equal(load_pretrained(folder / "model.ckpt.index").tok_emb.weight, first)
+    assert load_pretrained(folder).tok_emb.weight.eq(1.0).all()  # the folder: `checkpoint`'s
+    for name in ("checkpoint", "model.ckpt.index"):
+        (folder / name).unlink()
+    assert load_pretrained(folder / "model-1000.index").tok_emb.weight.eq(1.0).all()
+    (folder / "hparams.json").unlink()
+    with pytest.raises(CheckpointError, match="needs the hparams.json"):
+        load_pretrained(folder / "model-1000.index")
+
+
+@pytest.mark.parametrize("offsets", [lambda b, e, n: [str(b), str(e)],
+                                     lambda b, e, n: [-8 - n, e - b - 8 - n]])
+def test_safetensors_offsets_outside_the_data_are_refused(tmp_path, offsets):
+    # strings, or offsets that would read the header's own bytes as weights
+    import json
+    import struct
+
+    raw = (HF_DIR / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    key = next(k for k in header if k.endswith("wte.weight"))
+    header[key]["data_offsets"] = offsets(*header[key]["data_offsets"], n)
+    text = json.dumps(header).encode()
+    shutil.copy(HF_DIR / "config.json", tmp_path)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    assert "has an unreadable or unsupported header entry" in _error(path)
+
+
+@pytest.mark.parametrize("flips", [  # found by a reviewer's fuzzing: fields of the wrong kind
+    [(285, 217), (352, 17), (391, 75), (418, 94)], [(491, 81), (795, 26)]])
+def test_a_damaged_tf_index_is_one_line(tmp_path, flips):
+    folder = shutil.copytree(OPENAI_DIR, tmp_path / "m")
+    damaged = bytearray((OPENAI_DIR / "model.ckpt.index").read_bytes())
+    for at, value in flips:
+        damaged[at] = value
+    (folder / "model.ckpt.index").write_bytes(bytes(damaged))
+    assert "not a readable TensorFlow checkpoint index" in _error(folder)
+
+
+def test_a_hugging_face_file_without_positions_is_one_line(tmp_path):
+    sd = load_file(HF_DIR / "model.safetensors")
+    sd = {k: v for k, v in sd.items() if not k.endswith("wpe.weight")}
+    save_file(sd, tmp_path / "model.safetensors")
+    assert "wpe.weight is missing" in _error(tmp_path / "model.safetensors")

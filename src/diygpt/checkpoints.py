@@ -61,6 +61,10 @@ def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 def model_state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
     """Unwrapped, contiguous CPU tensors; a tied out_head is stored as its own copy."""
     state = clean_state_dict(unwrap_model(model).state_dict())
+    if any(t.dtype == torch.int8 for t in state.values()):
+        # diygpt.quantize's layers: int8 buffers no loader reads as weights
+        raise CheckpointError("an int8-quantized model cannot be saved: save the model before "
+                              "quantize_int8, and quantize it again after loading")
     seen: set[int] = set()
     out = {}
     for key, tensor in state.items():

@@ -39,10 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="recompute the whole window each step instead of using the KV cache "
                    "(the same tokens in fp32; in bf16 they can part at near ties)")
     p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8 weights in every matmul (dynamic int8 on x86): 4x fewer bytes read per token "
-                   "(CPU; see BENCHMARKS.md for speed and perplexity cost). On x86 each "
-                   "call's activations share one scale, so the tokens can differ with "
-                   "--no-cache or with the other prompts of a batch")
+                   help="int8 weights in every linear layer (dynamic int8 on x86): 4x fewer "
+                   "bytes read per token (CPU only; see BENCHMARKS.md for speed and perplexity "
+                   "cost). On x86 each call's activations share one scale, so the tokens can "
+                   "differ with --no-cache")
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token decode step with torch.compile (static KV cache): "
                    "slow first call (tens of seconds on CPU, needs a C++ compiler), faster steps after")
@@ -96,11 +96,15 @@ def run(args: argparse.Namespace) -> int:
     if args.quantize and args.dtype not in (None, "fp32"):  # its products run in fp32
         raise GenerationError(f"--quantize {args.quantize} computes in fp32: drop --dtype {args.dtype}")
     device = select_device(args.device)
+    if args.quantize and device.type != "cpu":
+        raise GenerationError(f"--quantize {args.quantize} is for the CPU, not {device.type}: add "
+                              "--device cpu (on a GPU, --dtype bf16 --compile is the fast path)")
     model = load_model_from_args(args, device)
     if args.quantize == "int8":
         from diygpt.quantize import quantize_int8
 
-        quantize_int8(model)
+        # fp32 activations for fbgemm's kernel, even from a checkpoint stored in bf16/fp16
+        quantize_int8(model.float())
     tokenizer = get_tokenizer(args.tokenizer_dir)
     idx = text_to_token_ids(args.prompt, tokenizer)
     check_prompt(model, idx)

@@ -78,6 +78,9 @@ def hf_config(source: TensorSource, config_path: Path) -> GPTConfig:
         keys = ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer")
         return config_from_json(config_path, keys, _GPT2_ARITHMETIC)
     prefix = hf_prefix(source) or ""
+    if f"{prefix}wpe.weight" not in source:  # e.g. a model with rotary positions, not GPT-2
+        raise source.error(f"tensor {prefix}wpe.weight is missing, and no config.json is "
+                           "beside it: not GPT-2's layout")
     vocab, d = source.shape(f"{prefix}wte.weight")
     context = source.shape(f"{prefix}wpe.weight")[0]
     n_layers = count_layers(source.names(), f"{prefix}h.", ".")

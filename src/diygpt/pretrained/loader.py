@@ -87,12 +87,14 @@ def load_pretrained(
     error naming the file and tensor. ``strict=False`` only tolerates extra tensors.
     """
     path = resolve(path_or_name, download_dir)
+    if path.suffix == ".index" and path.is_file():  # this checkpoint, whatever `checkpoint` names
+        if not (path.parent / "hparams.json").is_file():
+            raise CheckpointError(f"{path}: OpenAI's TF checkpoint needs the hparams.json "
+                                  "that came with it, in the same folder")
+        return _load_openai(path.parent, path.with_suffix(""), device, dtype)
     if path.is_dir():
         if is_openai_dir(path):
-            source, cfg = open_openai(path)
-            # Only extra layers are refused: fine-tuned TF checkpoints carry optimizer slots.
-            _refuse_extra_layers(source, cfg, "model/h", "/")
-            return assemble(cfg, openai_tensors(source, cfg), source.path, device, dtype, tie=True)
+            return _load_openai(path, None, device, dtype)
         file = _folder_file(path) or next(iter(sorted(path.glob("*" + SHARD_INDEX))), None)
         if file is None:
             raise CheckpointError(
@@ -100,13 +102,19 @@ def load_pretrained(
                 f"hparams.json, or one of {', '.join(_FOLDER_FILES)})"
             )
         path = file
-    if path.suffix == ".index":
-        return load_pretrained(path.parent, device, dtype, strict=strict)
     if path.suffix not in _SUFFIXES and not path.name.endswith(SHARD_INDEX):
         raise CheckpointError(
             f"{path}: unknown weights format (expected a folder or a {', '.join(_SUFFIXES)} file)"
         )
     return _load_file(path, device, dtype, strict)
+
+
+def _load_openai(folder: Path, prefix: Path | None, device: torch.device | str,
+                 dtype: torch.dtype | str | None) -> GPTModel:
+    source, cfg = open_openai(folder, prefix)
+    # Only extra layers are refused: fine-tuned TF checkpoints carry optimizer slots.
+    _refuse_extra_layers(source, cfg, "model/h", "/")
+    return assemble(cfg, openai_tensors(source, cfg), source.path, device, dtype, tie=True)
 
 
 def _refuse_extra_layers(source: TensorSource, cfg: GPTConfig, prefix: str, sep: str) -> None:

@@ -51,8 +51,10 @@ def _block_name(i: int, part: str) -> str:
     return f"model/h{i}/{part}"
 
 
-def open_openai(folder: Path) -> tuple[TensorSource, GPTConfig]:
-    return open_tf_checkpoint(checkpoint_prefix(folder)), config_from_hparams(
+def open_openai(folder: Path, prefix: Path | None = None) -> tuple[TensorSource, GPTConfig]:
+    """The folder's checkpoint at ``prefix`` (a ``.index`` file named without its suffix,
+    e.g. a fine-tuning run's ``model-1000``), else at :func:`checkpoint_prefix`."""
+    return open_tf_checkpoint(prefix or checkpoint_prefix(folder)), config_from_hparams(
         folder / "hparams.json"
     )
 

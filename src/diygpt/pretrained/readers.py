@@ -65,6 +65,11 @@ def open_safetensors(path: Path) -> MemmapSource:
             dtype = _SAFETENSORS_DTYPES[info["dtype"]]
             begin, end = info["data_offsets"]
             shape = tuple(int(d) for d in info["shape"])
+            # Offsets count from the end of the header: a negative one would read the
+            # header's own bytes as weights (safetensors refuses it; a file cut short is
+            # named when its tensor is read).
+            if not (type(begin) is type(end) is int and 0 <= begin <= end):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(
                 f"{path}: tensor {name} has an unreadable or unsupported header entry"

@@ -171,7 +171,8 @@ def open_tf_checkpoint(prefix: Path | str) -> MemmapSource:
         }
     except FileNotFoundError:
         raise CheckpointError(f"{index}: file not found") from None
-    except (_Malformed, struct.error, UnicodeDecodeError) as exc:
+    except (_Malformed, struct.error, UnicodeDecodeError, TypeError, ValueError) as exc:
+        # TypeError, ValueError: damaged bytes that parse as fields of the wrong kind
         raise CheckpointError(
             f"{index}: not a readable TensorFlow checkpoint index ({exc})"
         ) from None
