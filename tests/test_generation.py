@@ -216,3 +216,74 @@ def test_whole_floats_numpy_reals_and_narrow_int_prompts_work(model):
     torch.manual_seed(0)
     b = generate(model, idx, 3, 16, temperature=1.0, top_p=np.float32(0.5))  # was refused
     assert torch.equal(a, b)
+
+
+def test_the_stream_printer_prints_what_one_decode_gives(tokenizer):
+    import io
+
+    from diygpt.cli.generate import _StreamPrinter
+
+    text = "naïve 東京 \U0001F600 ok <|endoftext|> \ufffd done"
+    ids = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
+    out = io.StringIO()
+    printer = _StreamPrinter(tokenizer, out)
+    for token in ids:
+        printer.feed(token)
+    assert len(printer.pending) <= 1  # only what ends mid-character waits
+    printer.close()
+    assert out.getvalue() == tokenizer.decode(ids) + "\n"
+    raw = io.StringIO()
+    printer = _StreamPrinter(tokenizer, raw)
+    for token in tokenizer.encode("\U0001F600" * 3):
+        printer.feed(token)
+    printer.close()
+    assert raw.getvalue() == "\U0001F600" * 3 + "\n"
+
+
+def test_an_empty_prompt_batch_is_a_generation_error(model):
+    with pytest.raises(GenerationError, match="the prompt batch is empty"):
+        generate(model, torch.zeros(0, 5, dtype=torch.long), 3, 16)
+
+
+def test_a_head_wider_than_the_tokenizer_samples_only_ids_it_decodes(tmp_path, capsys):
+    # nanoGPT's vocabulary padded to 50304, saved so: ids 50257+ cannot be decoded
+    from diygpt.checkpoints import save_run
+    from diygpt.cli.main import main
+    from diygpt.config import get_preset
+
+    torch.manual_seed(0)
+    padded = GPTModel(get_preset("tiny").with_updates(vocab_size=50304))
+    with torch.no_grad():
+        padded.out_head.weight[:50257] = 0  # every padded row beats every real one
+    save_run(tmp_path, padded, None, {})
+    argv = ["generate", "--checkpoint", str(tmp_path), "--prompt", "Hi", "--max-new-tokens",
+            "4", "--device", "cpu"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "Hi!!!!\n"  # all 50257 real logits tie at 0: id 0 is "!"
+    assert "the model has 50304 output rows; the tokenizer decodes 50257 ids" in captured.err
+
+
+def test_characters_the_output_encoding_lacks_print_as_question_marks(monkeypatch):
+    import io
+    import sys
+
+    from diygpt.cli.generate import _tolerant_stdout
+
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO(), encoding="cp1252"))
+    _tolerant_stdout()
+    sys.stdout.write("π = 3.14")
+    sys.stdout.flush()
+    assert sys.stdout.buffer.getvalue() == b"? = 3.14"
+
+
+def test_eos_on_a_vocabulary_without_it_says_it_changes_nothing(capsys):
+    from pathlib import Path
+
+    from diygpt.cli.main import main
+
+    small = Path(__file__).parent / "fixtures" / "gpt2-tiny-hf"  # a vocabulary of 500
+    assert main(["generate", "--weights", str(small), "--prompt", "a", "--eos",
+                 "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    assert ("--eos stops at token 50256, which this model's vocabulary of 500 does not have"
+            in capsys.readouterr().err)

@@ -53,6 +53,8 @@ def check_prompt(model: nn.Module, idx: torch.Tensor) -> None:
         )
     if idx.shape[1] == 0:
         raise GenerationError("the prompt is empty: give at least one token")
+    if idx.shape[0] == 0:
+        raise GenerationError("the prompt batch is empty: give at least one row")
     if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
         raise GenerationError(f"the prompt must hold integer token ids, got {idx.dtype}")
     embedding = getattr(model, "tok_emb", None)  # a reader's own model may name it otherwise

@@ -56,22 +56,49 @@ class _StreamPrinter:
     def __init__(self, tokenizer, out=None) -> None:
         self.tokenizer = tokenizer
         self.out = out if out is not None else sys.stdout  # looked up now, not at import
-        self.ids: list[int] = []
-        self.printed = 0
+        # Only the ids not printed yet: everything before them ended on a whole character,
+        # so they decode alone as they would in the whole text (and a long output does
+        # not decode its growing text again at every token).
+        self.pending: list[int] = []
 
     def feed(self, token_id: int) -> None:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.pending)
         if text.endswith("\ufffd"):
             return
-        self.out.write(text[self.printed:])
+        self.out.write(text)
         self.out.flush()
-        self.printed = len(text)
+        self.pending.clear()
 
     def close(self) -> None:
-        text = self.tokenizer.decode(self.ids)
-        self.out.write(text[self.printed:] + "\n")
+        self.out.write(self.tokenizer.decode(self.pending) + "\n")
         self.out.flush()
+        self.pending.clear()
+
+
+def _sample_only_decodable_ids(model, n_vocab: int) -> int | None:
+    """A head with more rows than the tokenizer has ids (a vocabulary padded to 50304 and
+    saved so) is cut to the ids the tokenizer decodes; returns the rows it had, else None."""
+    from torch import nn
+
+    head = getattr(model, "out_head", None)
+    if type(head) is not nn.Linear or head.out_features <= n_vocab:
+        return None
+    rows = head.out_features
+    cut = nn.Linear(head.in_features, n_vocab, bias=head.bias is not None, device="meta")
+    cut.weight = nn.Parameter(head.weight.detach()[:n_vocab], requires_grad=False)
+    if head.bias is not None:
+        cut.bias = nn.Parameter(head.bias.detach()[:n_vocab], requires_grad=False)
+    model.out_head = cut
+    return rows
+
+
+def _tolerant_stdout() -> None:
+    """Characters the terminal's or file's encoding lacks print as '?' rather than stopping
+    the run with a UnicodeEncodeError (Windows' cp1252 when output is redirected)."""
+    encoding = (getattr(sys.stdout, "encoding", None) or "utf-8").lower().replace("-", "")
+    if not encoding.startswith("utf") and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,12 +127,19 @@ def run(args: argparse.Namespace) -> int:
         raise GenerationError(f"--quantize {args.quantize} is for the CPU, not {device.type}: add "
                               "--device cpu (on a GPU, --dtype bf16 --compile is the fast path)")
     model = load_model_from_args(args, device)
+    tokenizer = get_tokenizer(args.tokenizer_dir)
+    if rows := _sample_only_decodable_ids(model, tokenizer.n_vocab):
+        print(f"diygpt: note: the model has {rows} output rows; the tokenizer decodes "
+              f"{tokenizer.n_vocab} ids, so only those are sampled", file=sys.stderr)
+    if args.eos and EOT_ID >= model.tok_emb.num_embeddings:
+        print(f"diygpt: note: --eos stops at token {EOT_ID}, which this model's vocabulary of "
+              f"{model.tok_emb.num_embeddings} does not have: it changes nothing",
+              file=sys.stderr)
     if args.quantize == "int8":
         from diygpt.quantize import quantize_int8
 
         # fp32 activations for fbgemm's kernel, even from a checkpoint stored in bf16/fp16
         quantize_int8(model.float())
-    tokenizer = get_tokenizer(args.tokenizer_dir)
     idx = text_to_token_ids(args.prompt, tokenizer)
     check_prompt(model, idx)
     if idx.shape[1] > model.context_length:
@@ -115,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    _tolerant_stdout()
     printer = _StreamPrinter(tokenizer)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
