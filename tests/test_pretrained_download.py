@@ -35,6 +35,8 @@ class _Server:
         self.etag: str | None = None
         self.total_in_416 = True
         self.star_total = False
+        self.content_type: str | None = None
+        self.ignores_range_start = False  # a 206 of the whole file, whatever was asked
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -49,6 +51,8 @@ class _Server:
                     self.send_error(404)
                     return
                 start = int(rng.split("=")[1].rstrip("-")) if rng else 0
+                if server.ignores_range_start:
+                    start = 0
                 if start >= len(body) and rng:
                     self.send_response(416)
                     if server.total_in_416:
@@ -59,6 +63,8 @@ class _Server:
                 if rng:
                     total = "*" if server.star_total else len(body)
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{total}")
+                if server.content_type:
+                    self.send_header("Content-Type", server.content_type)
                 etag = server.etag or hashlib.sha256(body).hexdigest()
                 self.send_header("ETag", f'"{etag}"')
                 self.send_header("Content-Length", str(len(body) - start))
@@ -257,3 +263,48 @@ def test_cli_command(server, tmp_path, monkeypatch, capsys):
     assert args.func(args) == 0
     assert str(tmp_path) in capsys.readouterr().out
     assert (tmp_path / "model.safetensors").is_file()
+
+
+PORTAL = b"<!DOCTYPE html><html><body>Sign in to continue</body></html>"
+
+
+@pytest.mark.parametrize("content_type", ["text/html; charset=utf-8", None])
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_a_web_page_served_as_the_file_is_refused_and_not_kept(server, tmp_path, name,
+                                                               content_type):
+    # a proxy's or captive portal's page with status 200: never renamed into place
+    server.files[REPO + name] = PORTAL
+    server.content_type = content_type
+    with pytest.raises(DownloadError, match="web page"):
+        download_file(server.base + REPO + name, tmp_path / name, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_body_that_is_not_the_kind_of_file_named_is_refused(server, tmp_path):
+    server.files[REPO + "config.json"] = b"{ cut short"
+    with pytest.raises(DownloadError, match="it is not valid JSON, not config.json"):
+        download_file(server.base + REPO + "config.json", tmp_path / "config.json",
+                      progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resume_answered_from_another_byte_starts_over(server, tmp_path):
+    server.ignores_range_start = True  # 206 "bytes 0-N/N" to "Range: bytes=1000-"
+    body = server.files[REPO + "model.safetensors"]
+    part = tmp_path / "model.safetensors.part"
+    part.write_bytes(body[:1000])
+    url, dest = server.base + REPO + "model.safetensors", tmp_path / "model.safetensors"
+    with pytest.raises(DownloadError, match="asked to resume from byte 1000, the server sent "
+                       "bytes from 0"):
+        download_file(url, dest, progress=False)
+    assert not part.exists()  # not appended to: the next run fetches it whole
+    assert download_file(url, dest, progress=False) and dest.read_bytes() == body
+
+
+def test_dir_naming_a_file_is_one_line(server, tmp_path, monkeypatch, capsys):
+    (tmp_path / "afile").write_text("not a folder")
+    monkeypatch.setenv("DIYGPT_DOWNLOAD_BASE", server.base)
+    assert main(["download", "gpt2-small", "--format", "hf", "--dir",
+                 str(tmp_path / "afile" / "gpt2")]) == 2
+    err = capsys.readouterr().err
+    assert "afile is a file, not a folder" in err and "Traceback" not in err

@@ -282,3 +282,48 @@ def test_a_hugging_face_file_without_positions_is_one_line(tmp_path):
     sd = {k: v for k, v in sd.items() if not k.endswith("wpe.weight")}
     save_file(sd, tmp_path / "model.safetensors")
     assert "wpe.weight is missing" in _error(tmp_path / "model.safetensors")
+
+
+def test_weights_with_a_preset_read_a_bare_book_file_in_that_shape(tmp_path, capsys):
+    # the head count cannot be read from the tensors: the typed preset gives it
+    from diygpt.cli.main import main
+    from diygpt.config import get_preset
+    from diygpt.model import GPTModel
+
+    torch.manual_seed(0)
+    model = GPTModel(get_preset("tiny")).eval()
+    torch.save(model.state_dict(), tmp_path / "tiny.pth")
+    argv = ["generate", "--weights", str(tmp_path / "tiny.pth"), "--prompt", "Every effort",
+            "--max-new-tokens", "5", "--device", "cpu"]
+    assert main(argv) == 2
+    assert "cannot tell n_heads for emb_dim" in capsys.readouterr().err
+    assert main([*argv, "--preset", "tiny"]) == 0
+    by_preset = capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(tmp_path / "tiny.pth"), "--preset", "tiny",
+                 *argv[3:]]) == 0
+    assert capsys.readouterr().out == by_preset
+
+
+def test_a_book_file_beside_hugging_faces_config_takes_that_shape(tmp_path):
+    # a download folder holding both formats (diygpt download --format hf, the book's .pth)
+    reference = load_pretrained(HF_DIR)
+    torch.save(reference.state_dict(), tmp_path / "gpt2-small-124M.pth")
+    shutil.copy(HF_DIR / "config.json", tmp_path)
+    loaded = load_pretrained(tmp_path / "gpt2-small-124M.pth")
+    assert loaded.cfg == reference.cfg
+    ids = torch.randint(0, reference.cfg.vocab_size, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), reference(ids))
+
+
+def test_an_unfinished_openai_download_does_not_hide_other_weights(tmp_path):
+    folder = shutil.copytree(OPENAI_DIR, tmp_path / "both")
+    shard = folder / "model.ckpt.data-00000-of-00001"
+    shard.rename(shard.with_name(shard.name + ".part"))  # the download was cut here
+    assert "an unfinished download (model.ckpt.data-00000-of-00001.part)" in _error(folder)
+    shutil.copy(HF_DIR / "model.safetensors", folder)
+    shutil.copy(HF_DIR / "config.json", folder)
+    assert load_pretrained(folder).cfg == load_pretrained(HF_DIR).cfg
+    alone = shutil.copytree(OPENAI_DIR, tmp_path / "alone")
+    (alone / "model.ckpt.data-00000-of-00001").unlink()
+    assert "its data file (model.ckpt.data-00000-of-...) is missing" in _error(alone)

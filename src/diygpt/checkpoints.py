@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -109,12 +110,16 @@ def safe_torch_load(path: Path, mmap: bool = False) -> Any:
     """
     require_safe_torch(path)
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError as exc:
-            if not (mmap and "mmap" in str(exc)):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns of a TorchScript archive before refusing it, which the error below
+            # says in one line
+            warnings.filterwarnings("ignore", message=".*TorchScript.*")
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as exc:
+                if not (mmap and "mmap" in str(exc)):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if not _looks_like_torch_save(path):

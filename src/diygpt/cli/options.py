@@ -99,7 +99,8 @@ def add_model_source_flags(p: argparse.ArgumentParser, attn: bool = True) -> Non
     src.add_argument(
         "--weights", metavar="PATH",
         help="OpenAI GPT-2 weights: an OpenAI TF checkpoint folder, a Hugging Face "
-        "folder or file, or a book-layout state dict (format detected)",
+        "folder or file, or a book-layout state dict (format detected; a book-layout file "
+        "without a config.json takes --preset's shape, else GPT-2's head count for its width)",
     )
     src.add_argument(
         "--pretrained", metavar="NAME", choices=["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"],
@@ -147,6 +148,14 @@ def _load_chosen(args: argparse.Namespace, device):
 
     # --pretrained is a name: a folder of that name in the working directory is not it.
     source = args.weights or named_dir(args.pretrained)
+    if args.weights and args.preset:
+        # A bare book-layout file takes the typed preset's shape: its head count cannot be
+        # read from the tensors (GPT-2's is assumed for GPT-2's widths otherwise).
+        from diygpt.precision import parse_precision
+        from diygpt.warm_start import load_source
+
+        model = load_source(source, get_preset(args.preset)).eval()
+        return model.to(device, dtype=parse_precision(args.dtype) if args.dtype else None)
     model = load_pretrained(source, device=device, dtype=args.dtype)
     if getattr(args, "attn", None):
         model.set_attn_impl(args.attn)

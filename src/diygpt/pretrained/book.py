@@ -3,7 +3,8 @@
 This covers the book's published ``gpt2-small-124M.pth`` and anything saved with
 ``torch.save(model.state_dict())`` or safetensors. The book's ``att.mask`` buffers are
 dropped. The config comes from a ``config.json`` beside the file (GPTConfig keys, as
-``GPTConfig.to_dict`` writes them) or, for the GPT-2 widths, from the tensor shapes.
+``GPTConfig.to_dict`` writes them, or Hugging Face's GPT-2 keys) or, for the GPT-2 widths,
+from the tensor shapes.
 """
 
 from __future__ import annotations
@@ -35,6 +36,13 @@ def book_config(source: TensorSource, config_path: Path) -> GPTConfig:
             data = json.loads(config_path.read_text())
             if config_path is run_state:
                 data = data["config"]
+            elif isinstance(data, dict) and "n_embd" in data:
+                # Hugging Face's config.json (a download folder holding both formats): its
+                # shape, and the file's own qkv biases
+                from diygpt.pretrained.hf import hf_json_config
+
+                qkv_bias = "trf_blocks.0.att.W_query.bias" in source
+                return hf_json_config(config_path).with_updates(qkv_bias=qkv_bias)
             return GPTConfig.from_dict(data).with_updates(drop_rate=0.0)
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None

@@ -2,8 +2,9 @@
 
 Each file is streamed to ``FILE.part``, resumed from there with an HTTP Range request if
 a previous attempt was cut off, checked against the size the server announced and its
-sha256 when the final reply names it (an ETag or X-Linked-Etag of 64 hex digits), then renamed into
-place. A file already in place is complete by construction, so it is skipped without any
+sha256 when the final reply names it (an ETag or X-Linked-Etag of 64 hex digits) and
+for the kind of file it must be (an HTML page served with status 200 is refused), then
+renamed into place. A file already in place is complete by construction, so it is skipped without any
 network call, once the folder's size descriptor (OpenAI's hparams.json, Hugging Face's
 config.json), if there is one, agrees with the size asked for. With no network the first
 connection fails within seconds and the error says which files to fetch and where to put
@@ -14,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import re
+import struct
 import sys
 import urllib.error
 import urllib.request
@@ -23,6 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from diygpt.checkpointing import describe_os_error
 from diygpt.errors import DownloadError
 from diygpt.pretrained.catalog import GPT2_MODELS, model_dir, other_size, size_clash
 from diygpt.pretrained.hf import HF_FILES
@@ -36,6 +40,8 @@ _CHUNK = 1 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # "bytes 100-199/200", "bytes 100-199/*" (total unknown), "bytes */200" (in a 416)
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:\d+-\d+|\*)\s*/\s*(\d+|\*)\s*$", re.IGNORECASE)
+_RANGE_START = re.compile(r"^\s*bytes\s+(\d+)-", re.IGNORECASE)
+_TF_TABLE_MAGIC = 0xDB4775248B80FB57  # the last 8 bytes of a TF checkpoint's .index
 
 
 class UnreachableError(DownloadError):
@@ -79,6 +85,37 @@ def _range_total(content_range: str | None) -> int | None:
     """The complete length in a Content-Range header; None if absent, unparsable or ``*``."""
     match = _CONTENT_RANGE.match(content_range or "")
     return int(match[1]) if match and match[1] != "*" else None
+
+
+def _wrong_content(part: Path, name: str) -> str | None:
+    """Why the downloaded bytes are not the file ``name`` (a proxy's or sign-in page's HTML
+    served with status 200, a body cut short without a length), or None. Only what can be
+    checked cheaply: JSON parses, a safetensors header parses, an SSTable ends in its magic."""
+    size = part.stat().st_size
+    with open(part, "rb") as f:
+        head = f.read(64)
+        if head.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
+            return "it is a web page (HTML)"
+        if name.endswith(".json"):
+            f.seek(0)
+            try:
+                json.loads(f.read())
+            except ValueError:
+                return "it is not valid JSON"
+        elif name.endswith(".safetensors"):
+            n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else size
+            f.seek(8)
+            try:
+                if 8 + n > size or not isinstance(json.loads(f.read(n)), dict):
+                    raise ValueError
+            except ValueError:
+                return "its safetensors header does not parse"
+        elif name.endswith(".index"):
+            f.seek(max(size - 8, 0))
+            tail = f.read(8)
+            if len(tail) < 8 or struct.unpack("<Q", tail)[0] != _TF_TABLE_MAGIC:
+                return "it does not end as a TensorFlow checkpoint index does"
+    return None
 
 
 def _open(url: str, start: int, timeout: float):
@@ -129,8 +166,20 @@ def download_file(
     hasher = hashlib.sha256()
     if resp is not None:
         with resp:
+            if (resp.headers.get("Content-Type") or "").lower().startswith("text/html"):
+                raise DownloadError(
+                    f"{url}: the server sent a web page (text/html), not {dest.name}: a proxy "
+                    "or sign-in page? check the network, or $DIYGPT_DOWNLOAD_BASE if set"
+                )
             sha256 = sha256 or _announced_sha256(resp.headers)
             resumed = resp.status == 206
+            first = _RANGE_START.match(resp.headers.get("Content-Range") or "")
+            if resumed and first and int(first[1]) != start:
+                part.unlink()  # appending them would make a file that never matches
+                raise DownloadError(
+                    f"{url}: asked to resume from byte {start}, the server sent bytes from "
+                    f"{first[1]}; deleted {part.name}: run the command again to fetch it whole"
+                )
             if resumed:
                 total = _range_total(resp.headers.get("Content-Range"))
                 length = resp.headers.get("Content-Length")
@@ -145,10 +194,18 @@ def download_file(
     else:
         _hash_file(part, hasher)
     size = part.stat().st_size
+    if total is not None and size > total:
+        part.unlink()
+        raise DownloadError(f"{dest}: received {size} bytes, more than the file's {total}; "
+                            "deleted the download, run the command again")
     if total is not None and size != total:
         raise DownloadError(
             f"{dest}: received {size} of {total} bytes; run the command again to resume"
         )
+    if wrong := _wrong_content(part, dest.name):
+        part.unlink()
+        raise DownloadError(f"{url}: {wrong}, not {dest.name}; deleted the download (a proxy "
+                            "or a wrong $DIYGPT_DOWNLOAD_BASE?); run the command again")
     if sha256 and hasher.hexdigest() != sha256.lower():
         part.unlink()
         raise DownloadError(
@@ -209,7 +266,10 @@ def download(
     _check_folder_holds(name, folder)
     # The folders this call makes, deepest first, removed again if it fails leaving them empty
     made = [p for p in (folder, *folder.parents) if not p.exists()]
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DownloadError(describe_os_error(exc, folder)) from None
     try:
         for file, url in urls.items():
             try:

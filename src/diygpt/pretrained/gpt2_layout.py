@@ -138,7 +138,9 @@ def config_from_json(
         return cfg
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except KeyError as exc:
         raise CheckpointError(f"{path}: not a GPT-2 config file (missing {exc})") from None
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a GPT-2 config file ({exc})") from None
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from None

@@ -72,11 +72,16 @@ _GPT2_ARITHMETIC = {
 }
 
 
+def hf_json_config(config_path: Path) -> GPTConfig:
+    """GPT-2's shape from a Hugging Face ``config.json``."""
+    keys = ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer")
+    return config_from_json(config_path, keys, _GPT2_ARITHMETIC)
+
+
 def hf_config(source: TensorSource, config_path: Path) -> GPTConfig:
     """From ``config.json`` when present, else inferred from the tensor shapes."""
     if config_path.is_file():
-        keys = ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer")
-        return config_from_json(config_path, keys, _GPT2_ARITHMETIC)
+        return hf_json_config(config_path)
     prefix = hf_prefix(source) or ""
     if f"{prefix}wpe.weight" not in source:  # e.g. a model with rotary positions, not GPT-2
         raise source.error(f"tensor {prefix}wpe.weight is missing, and no config.json is "

@@ -97,6 +97,15 @@ def load_pretrained(
             return _load_openai(path, None, device, dtype)
         file = _folder_file(path) or next(iter(sorted(path.glob("*" + SHARD_INDEX))), None)
         if file is None:
+            unfinished = sorted(path.glob("*.part"))
+            if unfinished:
+                raise CheckpointError(
+                    f"{path}: an unfinished download ({unfinished[0].name}); run `diygpt "
+                    "download NAME` again (with --dir for this folder) to finish it"
+                )
+            if (path / "hparams.json").is_file() and (index := next(path.glob("*.index"), None)):
+                raise CheckpointError(f"{index}: its data file ({index.stem}.data-00000-of-"
+                                      "...) is missing from the folder")
             raise CheckpointError(
                 f"{path}: no weights found (expected OpenAI's model.ckpt.index and "
                 f"hparams.json, or one of {', '.join(_FOLDER_FILES)})"

@@ -7,6 +7,7 @@ without TensorFlow; ``model.ckpt.meta`` (the TF graph) is not needed.
 
 from __future__ import annotations
 
+import glob
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,15 @@ _TOP = {"wte": "model/wte", "wpe": "model/wpe", "ln_f/g": "model/ln_f/g", "ln_f/
 
 
 def is_openai_dir(folder: Path) -> bool:
-    return (folder / "hparams.json").is_file() and any(folder.glob("*.index"))
+    """``hparams.json`` and a checkpoint whose data is there: an OpenAI download cut short
+    (its data shard still a ``.part``) does not hide other weights in the folder."""
+    if not (folder / "hparams.json").is_file():
+        return False
+    return any(
+        not shard.name.endswith(".part")
+        for index in folder.glob("*.index")
+        for shard in folder.glob(glob.escape(index.stem) + ".data-*-of-*")
+    )
 
 
 def checkpoint_prefix(folder: Path) -> Path:
