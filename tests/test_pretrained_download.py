@@ -308,3 +308,16 @@ def test_dir_naming_a_file_is_one_line(server, tmp_path, monkeypatch, capsys):
                  str(tmp_path / "afile" / "gpt2")]) == 2
     err = capsys.readouterr().err
     assert "afile is a file, not a folder" in err and "Traceback" not in err
+
+
+def test_a_safetensors_body_cut_short_without_a_length_is_refused(tmp_path):
+    # a server that closes the connection early and never said Content-Length
+    from diygpt.pretrained.download import _wrong_content
+
+    part = tmp_path / "model.safetensors.part"
+    body = (HF_DIR / "model.safetensors").read_bytes()
+    part.write_bytes(body)
+    assert _wrong_content(part, "model.safetensors") is None
+    part.write_bytes(body[:-100])
+    assert _wrong_content(part, "model.safetensors") == (
+        f"it is {len(body) - 100} bytes, where its header says {len(body)}")

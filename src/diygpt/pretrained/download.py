@@ -106,10 +106,15 @@ def _wrong_content(part: Path, name: str) -> str | None:
             n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else size
             f.seek(8)
             try:
-                if 8 + n > size or not isinstance(json.loads(f.read(n)), dict):
+                header = json.loads(f.read(n)) if 8 + n <= size else None
+                if not isinstance(header, dict):
                     raise ValueError
-            except ValueError:
+                ends = [entry["data_offsets"][1] for key, entry in header.items()
+                        if key != "__metadata__"]
+            except (ValueError, TypeError, KeyError, IndexError):
                 return "its safetensors header does not parse"
+            if ends and 8 + n + max(ends) != size:  # a body cut short without a length
+                return f"it is {size} bytes, where its header says {8 + n + max(ends)}"
         elif name.endswith(".index"):
             f.seek(max(size - 8, 0))
             tail = f.read(8)
