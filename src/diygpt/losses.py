@@ -120,10 +120,10 @@ def calc_loss_loader(
 
     Returns NaN for an empty loader, as the book does.
     """
-    if num_batches is not None and num_batches <= 0:  # the book divides by zero
-        raise DataError(f"num_batches must be positive (or None for all), got {num_batches}")
     if len(data_loader) == 0:
         return float("nan")
+    if num_batches is not None and num_batches <= 0:  # the book divides by zero
+        raise DataError(f"num_batches must be positive (or None for all), got {num_batches}")
     if num_batches is None:
         num_batches = len(data_loader)
     else:
@@ -143,13 +143,13 @@ def token_mean_loss(
     num_batches: int | None = None,
 ) -> tuple[float, int]:
     """(Mean cross entropy over every target token scored, how many) in the first
-    ``num_batches`` batches. :func:`calc_loss_loader`, the book's, averages batch means
-    instead, so a short last batch weighs as much as a full one."""
+    ``num_batches`` batches; targets of -100 are not scored. :func:`calc_loss_loader`, the
+    book's, averages batch means instead, so a short last batch weighs as much as a full one."""
     total, count = 0.0, 0
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if num_batches is not None and i >= num_batches:
             break
-        n = target_batch.numel()
+        n = int((target_batch != -100).sum())
         total += calc_loss_batch(input_batch, target_batch, model, device).item() * n
         count += n
     return (total / count if count else float("nan")), count

@@ -17,9 +17,11 @@ from diygpt.cli.options import (
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="loss and perplexity of a model on a text",
-        description="Slide context-length windows over the text (stride = context length "
-        "unless given) and report the mean next-token cross entropy over every prediction scored "
-        "(the book's calc_loss_loader averages batch means instead) and its perplexity.",
+        description="Score every next-token prediction of the text once, in context-length "
+        "windows (stride = context length unless given; with a smaller stride each window "
+        "scores only the tokens no earlier window scored, so they get a longer context; a last "
+        "window ends with the text), and report the mean cross entropy over them (the book's "
+        "calc_loss_loader averages batch means instead) and its perplexity.",
     )
     add_model_source_flags(p)
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
@@ -41,16 +43,11 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from diygpt.data import (
-        GPTDatasetV1,
-        check_enough_tokens,
-        check_token_ids,
-        load_token_ids,
-        make_loader,
-    )
+    from diygpt.data import check_enough_tokens, check_token_ids, load_token_ids, make_loader
     from diygpt.device import select_device
     from diygpt.errors import CheckpointError, ConfigError
     from diygpt.losses import perplexity, token_mean_loss
+    from diygpt.scoring import ScoredWindows
     from diygpt.tokenizer import get_tokenizer
 
     device = select_device(args.device)
@@ -68,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     check_token_ids(ids, model.tok_emb.num_embeddings, "the text")
     if warning := stride_warning(args.stride, length, "scored"):
         print(warning, file=sys.stderr)
-    dataset = GPTDatasetV1(None, tokenizer, length, args.stride or length, token_ids=ids)
+    dataset = ScoredWindows(ids, length, args.stride or length)
     loader = make_loader(dataset, args.batch_size, shuffle=False, drop_last=False)
     with torch.no_grad():
         loss, scored = token_mean_loss(loader, model, device, num_batches=args.max_batches)
@@ -76,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
         raise CheckpointError("the model's loss is NaN: its weights are broken (e.g. saved "
                               "from a run that diverged)")
     n = len(loader) if args.max_batches is None else min(args.max_batches, len(loader))
-    # Windows that overlap (--stride below the window) predict some tokens more than once;
-    # the text after the last whole window is not predicted.
+    # A text of N tokens has N - 1 predictions: all scored, unless --stride skips some or
+    # --max-batches stops early.
     print(f"loss {loss:.4f}  perplexity {perplexity(loss):.2f}  ({n} batch{'' if n == 1 else 'es'}, {scored} "
           f"predictions scored, over a text of {len(ids)} tokens)")
     return 0
