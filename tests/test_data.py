@@ -235,3 +235,10 @@ def test_text_data_is_held_as_uint16_with_the_books_ids(tmp_path, verdict_text, 
     assert load_token_ids(tmp_path / "v.txt", tokenizer).tolist() == tokenizer.encode(verdict_text)
     whole = load_training_data(tmp_path / "v.txt", tokenizer, 1.0)
     assert whole.val_ids.dtype == np.uint16 and len(whole.val_ids) == 0
+
+
+def test_text_with_lone_surrogates_encodes_as_tiktoken_repairs_it(tokenizer):
+    from diygpt.tokenizer import encode_array
+
+    text = "Hello \udce9 world"
+    assert encode_array(text, tokenizer).tolist() == tokenizer.encode(text)

@@ -261,3 +261,15 @@ def test_mfu_under_torchrun_divides_by_every_gpus_peak(tmp_path, monkeypatch):
     finally:
         torch.distributed.destroy_process_group()
     assert meter.peak == 4e12  # tok/s counts all 4 ranks' tokens
+
+
+def test_only_a_peer_that_left_is_reported_as_another_ranks_error():
+    from diygpt.distributed import lost_peer
+
+    closed = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection "
+                          "closed by peer [127.0.0.1]:5678")
+    assert lost_peer(closed)
+    timeout = RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:129] "
+                           "Timed out waiting 3000ms for recv operation to complete")
+    nccl = torch.distributed.DistBackendError("NCCL error in: ..., unhandled system error")
+    assert not lost_peer(timeout) and not lost_peer(nccl)  # this rank's own to show

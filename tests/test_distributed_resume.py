@@ -51,8 +51,7 @@ def test_an_fsdp_run_resumes_in_one_process(verdict_path, tmp_path, tmp_path_fac
 
 
 @pytest.mark.slow
-def test_dropout_differs_across_ranks_and_a_torchrun_resume_is_still_exact(verdict_path,
-                                                                           tmp_path):
+def test_a_torchrun_resume_with_dropout_and_uneven_shares_is_exact(verdict_path, tmp_path):
     # Batch 5 on 2 ranks (3 + 2 rows) draws unequal amounts of dropout on each rank; the
     # shared stream still moves alike, so a checkpoint of rank 0's RNG resumes both exactly.
     drop = ("--drop-rate", "0.1")

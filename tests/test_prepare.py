@@ -316,3 +316,10 @@ def test_many_small_files_are_joined_into_few_tasks_with_the_same_ids(tmp_path, 
     out = tmp_path / "t.bin"
     prepare_tokens(tmp_path, out, tokenizer, threads=2, progress=False)
     assert load_tokens(out).tolist() == load_training_data([tmp_path], tokenizer, 1.0).train_ids.tolist()
+
+
+def test_text_of_one_id_and_then_exclamation_marks_is_not_taken_for_int32(tmp_path, tokenizer):
+    # "Go!" repeated is [5247, 0, 5247, 0, ...]: zeros at every odd place, as int32 ids have
+    (tmp_path / "yell.txt").write_text("Go!" * 3000)
+    prepare_tokens(tmp_path / "yell.txt", tmp_path / "yell.bin", tokenizer, progress=False)
+    assert load_tokens(tmp_path / "yell.bin").tolist() == tokenizer.encode("Go!" * 3000)

@@ -327,3 +327,25 @@ def test_an_unfinished_openai_download_does_not_hide_other_weights(tmp_path):
     alone = shutil.copytree(OPENAI_DIR, tmp_path / "alone")
     (alone / "model.ckpt.data-00000-of-00001").unlink()
     assert "its data file (model.ckpt.data-00000-of-...) is missing" in _error(alone)
+
+
+def test_a_config_beside_the_file_wins_over_preset_and_attn_is_kept(tmp_path, capsys):
+    import json
+
+    from diygpt.cli.main import build_parser
+    from diygpt.cli.options import load_model_from_args
+    from diygpt.config import get_preset
+    from diygpt.model import GPTModel
+
+    torch.manual_seed(0)
+    cfg = get_preset("tiny").with_updates(n_heads=2, drop_rate=0.0)  # the preset has 4
+    model = GPTModel(cfg).eval()
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    args = build_parser().parse_args(["generate", "--weights", str(tmp_path / "model.pth"),
+                                      "--preset", "tiny", "--attn", "eager", "--prompt", "x"])
+    loaded = load_model_from_args(args, torch.device("cpu"))
+    assert loaded.cfg.n_heads == 2 and loaded.cfg.attn_impl == "eager"
+    (tmp_path / "config.json").unlink()  # bare: the preset's shape, and still --attn's kernel
+    loaded = load_model_from_args(args, torch.device("cpu"))
+    assert loaded.cfg.n_heads == 4 and loaded.cfg.attn_impl == "eager"

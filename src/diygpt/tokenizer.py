@@ -86,9 +86,11 @@ def encode_array(text: str, tokenizer) -> np.ndarray:
     A corpus of N tokens is then 2N bytes; a list of Python ints holds about 36N.
     """
     allowed = {ENDOFTEXT}
-    if hasattr(tokenizer, "encode_to_numpy"):  # tiktoken >= 0.9: no list of Python ints
+    try:  # tiktoken >= 0.9: no list of Python ints
         ids = tokenizer.encode_to_numpy(text, allowed_special=allowed)
-    else:
+    except (AttributeError, UnicodeEncodeError):  # lone surrogates: encode repairs them
+        ids = None
+    if ids is None:
         ids = np.asarray(tokenizer.encode(text, allowed_special=allowed), dtype=np.int64)
     n_vocab = getattr(tokenizer, "n_vocab", None)
     small = n_vocab is not None and n_vocab <= np.iinfo(np.uint16).max + 1

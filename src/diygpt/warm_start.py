@@ -47,9 +47,9 @@ def resolve_source(source: str | os.PathLike) -> str | os.PathLike:
 
 
 def load_source(source: str | os.PathLike, file_cfg: GPTConfig | None = None) -> GPTModel:
-    """The source's model on the CPU. ``file_cfg`` gives a bare book-layout weights file its
-    shape (its context length is read from ``pos_emb``); without it the shape is detected,
-    as ``load_pretrained`` does. A GPT-2 name is its download folder, as ``--pretrained``'s."""
+    """The source's model on the CPU. ``file_cfg`` gives a bare book-layout weights file with
+    no config beside it its shape (its context length is read from ``pos_emb``); otherwise
+    the shape is read or detected, as ``load_pretrained`` does. A GPT-2 name is its download folder, as ``--pretrained``'s."""
     from diygpt.pretrained import load_pretrained
     from diygpt.pretrained.catalog import GPT2_MODELS
     from diygpt.pretrained.loader import named_dir
@@ -59,7 +59,10 @@ def load_source(source: str | os.PathLike, file_cfg: GPTConfig | None = None) ->
     path = Path(resolve_source(source)).expanduser()
     if path.is_dir() and (path / STATE_FILE).is_file():
         return load_model(path)
-    if file_cfg is not None and path.is_file() and path.suffix in _WEIGHT_FILES:
+    # A config.json (or a run's state.json) beside the file is its own: read as
+    # load_pretrained reads it, not overridden by the preset.
+    own_config = any((path.parent / f).is_file() for f in ("config.json", STATE_FILE))
+    if file_cfg is not None and path.is_file() and path.suffix in _WEIGHT_FILES and not own_config:
         state = load_state_dict_file(path)
         if "tok_emb.weight" in state:  # the book's layout (Hugging Face's is detected below)
             positions = state.get("pos_emb.weight")

@@ -155,8 +155,9 @@ def _load_chosen(args: argparse.Namespace, device):
         from diygpt.warm_start import load_source
 
         model = load_source(source, get_preset(args.preset)).eval()
-        return model.to(device, dtype=parse_precision(args.dtype) if args.dtype else None)
-    model = load_pretrained(source, device=device, dtype=args.dtype)
+        model = model.to(device, dtype=parse_precision(args.dtype) if args.dtype else None)
+    else:
+        model = load_pretrained(source, device=device, dtype=args.dtype)
     if getattr(args, "attn", None):
         model.set_attn_impl(args.attn)
     return model

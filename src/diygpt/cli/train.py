@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     except BaseException as exc:
         _free_frames(exc)
         distributed.shutdown(wait=False)
-        if env.launched and distributed.lost_peer(exc):
+        if env.world_size > 1 and distributed.lost_peer(exc):
             # Another rank stopped on an error of its own and said so; not a traceback here.
             raise distributed.RankStopped() from None
         raise
@@ -216,7 +216,7 @@ def _resume_command(env, out) -> str:
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
     if per_node >= env.world_size:
         return f"torchrun --nproc_per_node {per_node} -m {resume}"
-    return f"the same torchrun command on each node, running: python -m {resume}"
+    return f"the same torchrun command on each node, with -m {resume} as its program"
 
 
 def _free_frames(exc: BaseException) -> None:
