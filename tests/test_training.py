@@ -176,3 +176,62 @@ def test_plot_losses_returns_the_figure_and_leaves_matplotlibs_backend_alone(tmp
     fig = plot_losses([0, 1], [10, 20], [3.0, 2.0], [3.5, 2.5], tmp_path / "loss.png")
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [line.get_label() for line in fig.axes[0].lines] == ["Training loss", "Validation loss"]
+
+
+def test_metrics_and_state_are_strict_json_and_a_nan_loss_resumes(tmp_path, capsys,
+                                                                   verdict_path):
+    from cli_helpers import train_tiny
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+    run = tmp_path / "run"
+    # --train-ratio 1: no validation split, so every val loss is nan
+    rc, _, err = train_tiny(capsys, verdict_path, run, "--train-ratio", "1", "--max-steps", "3",
+                            "--save-every", "2")
+    assert rc == 0, err
+    records = [strict(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["val_loss"] is None and isinstance(records[0]["train_loss"], float)
+    states = [run / "state.json", *run.glob("ckpt-*/state.json")]
+    assert len(states) >= 2
+    for state in states:
+        strict(state.read_text())
+    rc, _, err = train_tiny(capsys, verdict_path, run, "--train-ratio", "1", "--max-steps", "5",
+                            "--resume", str(run))
+    assert rc == 0, err
+
+
+def test_the_loss_figure_ends_where_the_run_stopped(tmp_path, capsys, verdict_path,
+                                                    monkeypatch):
+    from cli_helpers import train_tiny
+
+    import diygpt.plotting
+
+    seen = []
+    monkeypatch.setattr(diygpt.plotting, "plot_losses",
+                        lambda epochs, *rest: seen.append(epochs))
+    rc, out, err = train_tiny(capsys, verdict_path, tmp_path / "run", "--max-steps", "6",
+                              "--epochs", "5")
+    assert rc == 0, err
+    per_epoch = int(err.split(" train / ")[0].rsplit(" ", 1)[-1])
+    assert seen and seen[0][-1] == pytest.approx(6 / per_epoch)  # not a whole epoch
+
+
+def test_one_evaluation_is_drawn_and_a_nan_loss_keeps_the_tokens_axis(tmp_path):
+    from diygpt import plot_losses
+
+    one = plot_losses([0.0], [256], [10.9], [10.95], path=None)
+    assert [line.get_marker() for line in one.axes[0].lines] == ["o", "o"]
+    fig = plot_losses([0.0, 1.0], [1, 2], [float("inf"), 9.0], [10.0, 9.0], path=None)
+    ax1, ax2 = fig.axes
+    low, high = ax2.get_xlim()
+    assert low <= 1 and high >= 2  # the tokens axis spans what the epochs axis spans
+
+
+def test_a_folder_where_the_run_writes_a_file_is_one_line(tmp_path, capsys, verdict_path):
+    from cli_helpers import one_line_error
+
+    (tmp_path / "run" / "loss.png").mkdir(parents=True)
+    line = one_line_error(capsys, "train", "--data", verdict_path, "--preset", "tiny",
+                          "--max-steps", "1", "--out", tmp_path / "run")
+    assert "loss.png is a folder, where the run writes a file" in line

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import signal
@@ -133,8 +134,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def json_ready(value: Any) -> Any:
+    """``value`` with NaN and infinities as None (JSON's null): Python writes them as
+    ``NaN``, which strict JSON readers (JavaScript's, Go's, serde) refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(json_ready(payload), indent=2) + "\n")
 
 
 def check_writable(folder: str | os.PathLike) -> None:

@@ -25,16 +25,33 @@ def plot_losses(
     """
     fig = Figure(figsize=(5, 3))
     ax1 = fig.subplots()
-    ax1.plot(epochs_seen, train_losses, label="Training loss")
-    ax1.plot(epochs_seen, val_losses, linestyle="-.", label="Validation loss")
+    marker = "o" if len(epochs_seen) == 1 else None  # a line of one point draws nothing
+    ax1.plot(epochs_seen, train_losses, marker=marker, label="Training loss")
+    ax1.plot(epochs_seen, val_losses, linestyle="-.", marker=marker, label="Validation loss")
     ax1.set_xlabel("Epochs")
     ax1.set_ylabel("Loss")
     ax1.legend(loc="upper right")
     ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2 = ax1.twiny()  # same curves against tokens seen, drawn invisibly to align the axis
     ax2.plot(tokens_seen, train_losses, alpha=0)
+    _align_tokens_axis(ax1, ax2, epochs_seen, tokens_seen)
     ax2.set_xlabel("Tokens seen")
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def _align_tokens_axis(ax1, ax2, epochs_seen: Sequence[float],
+                       tokens_seen: Sequence[int]) -> None:
+    """The tokens axis spans what the epochs axis spans, even where the invisible curve
+    lost points (a nan or infinite loss is not drawn, and would shrink it)."""
+    if len(epochs_seen) < 2 or len(tokens_seen) != len(epochs_seen):
+        return
+    e0, e1 = float(epochs_seen[0]), float(epochs_seen[-1])
+    t0, t1 = float(tokens_seen[0]), float(tokens_seen[-1])
+    if e1 == e0:
+        return
+    per_epoch = (t1 - t0) / (e1 - e0)
+    low, high = ax1.get_xlim()
+    ax2.set_xlim(t0 + (low - e0) * per_epoch, t0 + (high - e0) * per_epoch)

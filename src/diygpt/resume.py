@@ -227,7 +227,8 @@ def restore_history(history, state: dict[str, Any]) -> tuple[list[float], int]:
     """
     info = state["resume"]
     for key, values in info["history"].items():
-        setattr(history, key, list(values))
+        # a nan loss (an empty validation split) is written as null
+        setattr(history, key, [float("nan") if v is None else v for v in values])
     history.global_step = int(state["global_step"])
     history.tokens_seen = int(state["tokens_seen"])
     history.epochs_done = int(state["epochs_done"])

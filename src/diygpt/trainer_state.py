@@ -163,7 +163,11 @@ class TrainerState:
             # Imported here: matplotlib adds ~30 MB that the training steps should not carry.
             from diygpt.plotting import plot_losses
 
-            epochs_seen = torch.linspace(0, max(h.epochs_done, 1), len(h.train_losses)).tolist()
+            # The book's axis, linspace(0, num_epochs, n), ending where the run stopped: a
+            # --max-steps or signal stop part-way through an epoch is not a whole epoch.
+            batches = len(self.train_loader) if hasattr(self.train_loader, "__len__") else 0
+            epochs = (h.global_step + 1) / batches if batches else max(h.epochs_done, 1)
+            epochs_seen = torch.linspace(0, epochs, len(h.train_losses)).tolist()
             plot_losses(
                 epochs_seen, h.track_tokens_seen, h.train_losses, h.val_losses,
                 Path(c.out_dir) / "loss.png",

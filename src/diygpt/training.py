@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from diygpt.checkpointing import check_writable
+from diygpt.checkpointing import check_writable, describe_os_error, json_ready
 from diygpt.checkpoints import unwrap_model
-from diygpt.errors import TrainingError
+from diygpt.errors import CheckpointError, TrainingError
 from diygpt.evaluation import evaluate_model, format_eval_line, sample_text
 from diygpt.losses import LossFn, calc_loss_batch, token_cross_entropy
 from diygpt.optim_in_backward import OptimInBackward, attached
@@ -116,10 +116,19 @@ class Trainer(TrainerState):
             os.close(devnull)
 
     def _write_metrics(self, record: dict) -> None:
-        if self.cfg.out_dir is None or not self.is_main:
+        """Append ``record`` to metrics.jsonl (rank 0; under torchrun every rank calls this,
+        so that a failed write stops them all)."""
+        if self.cfg.out_dir is None:
             return
-        with open(Path(self.cfg.out_dir) / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.on_main(lambda: self._append_metrics(record))
+
+    def _append_metrics(self, record: dict) -> None:
+        path = Path(self.cfg.out_dir) / "metrics.jsonl"
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(json_ready(record)) + "\n")
+        except OSError as exc:
+            raise CheckpointError(describe_os_error(exc, path)) from None
 
     def total_steps(self) -> int:
         total = len(self.train_loader) * self.cfg.num_epochs
@@ -267,6 +276,10 @@ class Trainer(TrainerState):
 
     def _start_run_folder(self) -> None:
         check_writable(self.cfg.out_dir)
+        for name in ("metrics.jsonl", "loss.png"):  # found at the end, after all the training
+            if (Path(self.cfg.out_dir) / name).is_dir():
+                raise CheckpointError(f"{Path(self.cfg.out_dir) / name} is a folder, where the run "
+                                      "writes a file: move it, or choose another --out")
         if self._resume_point is None:
             # A fresh run: not after the lines of one that died before its first save.
             (Path(self.cfg.out_dir) / "metrics.jsonl").unlink(missing_ok=True)
@@ -309,13 +322,14 @@ class Trainer(TrainerState):
     def _end_of_epoch(self, epoch: int) -> None:
         if self.tokenizer is None or not self.cfg.start_context:
             return
+        text = None  # under DDP, rank 0's alone; every rank joins the write below
         if self.parallel is None or self.parallel.runs_sample():
             text = sample_text(
                 unwrap_model(self.model), self.tokenizer, self.device, self.cfg.start_context,
                 self.cfg.sample_tokens,
             )
             self.log(text)
-            self._write_metrics({"epoch": epoch + 1, "step": self.history.global_step, "sample": text})
+        self._write_metrics({"epoch": epoch + 1, "step": self.history.global_step, "sample": text})
 
 
 
