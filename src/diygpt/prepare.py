@@ -19,6 +19,7 @@ no such place for a long stretch is read on until one comes, or the file ends.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -186,9 +187,7 @@ def prepare_tokens(
     # benchmark machine one encoding thread ran 28 MB/s and two 20 MB/s (BENCHMARKS.md).
     threads = threads or max(1, _usable_cpus() - 1)
     stats = PrepareStats(files=len(files), bytes_read=0, tokens=0)
-    def encode(text: str) -> np.ndarray:
-        return encode_array(text, tokenizer)
-
+    encode = functools.partial(encode_array, tokenizer=tokenizer)
 
     def write(tmp: Path) -> None:
         bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,

@@ -52,7 +52,3 @@ class ScoredWindows(Dataset):
         x, y = chunk[:-1], chunk[1:].clone()  # (T,), (T,): y[j] is position start + 1 + j
         y[: first - start - 1] = IGNORE
         return x, y
-
-    def targets(self) -> int:
-        """How many targets the windows score."""
-        return sum(start + self.length - first + 1 for start, first in self.windows)
