@@ -349,3 +349,23 @@ def test_a_config_beside_the_file_wins_over_preset_and_attn_is_kept(tmp_path, ca
     (tmp_path / "config.json").unlink()  # bare: the preset's shape, and still --attn's kernel
     loaded = load_model_from_args(args, torch.device("cpu"))
     assert loaded.cfg.n_heads == 4 and loaded.cfg.attn_impl == "eager"
+
+
+def test_a_damaged_download_says_to_delete_it_and_download_again(tmp_path, monkeypatch, capsys):
+    # the next `diygpt download` skips a file in place, so the error says what to do
+    from diygpt.cli.main import main
+
+    monkeypatch.setenv("DIYGPT_HOME", str(tmp_path))
+    folder = tmp_path / "models" / "gpt2-small"
+    folder.mkdir(parents=True)
+    import json
+
+    config = json.loads((HF_DIR / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "n_embd": 768, "n_layer": 12}))
+    (folder / "model.safetensors").write_bytes(b"<html>a proxy's page</html>")
+    hint = f"if the download went wrong, delete {folder} and run `diygpt download gpt2-small` again"
+    assert hint in _error("gpt2-small")
+    assert main(["generate", "--pretrained", "gpt2-small", "--prompt", "a"]) == 2
+    assert hint in capsys.readouterr().err
+    copy = shutil.copytree(folder, tmp_path / "mine")  # not a download folder: no such hint
+    assert "diygpt download" not in _error(copy)

@@ -87,6 +87,27 @@ def load_pretrained(
     error naming the file and tensor. ``strict=False`` only tolerates extra tensors.
     """
     path = resolve(path_or_name, download_dir)
+    try:
+        return _load_path(path, device, dtype, strict)
+    except CheckpointError as exc:
+        name = _downloaded_as(path)
+        if name is None:
+            raise
+        # A file `diygpt download` placed is skipped by the next download, damaged or not.
+        folder = model_dir(name)
+        raise CheckpointError(f"{exc}; if the download went wrong, delete {folder} and run "
+                              f"`diygpt download {name}` again") from None
+
+
+def _downloaded_as(path: Path) -> str | None:
+    """The GPT-2 name whose default download folder holds ``path``, or None."""
+    folder = path if path.is_dir() else path.parent
+    return next((n for n in GPT2_MODELS if model_dir(n).resolve() == folder.resolve()), None)
+
+
+def _load_path(
+    path: Path, device: torch.device | str, dtype: torch.dtype | str | None, strict: bool
+) -> GPTModel:
     if path.suffix == ".index" and path.is_file():  # this checkpoint, whatever `checkpoint` names
         if not (path.parent / "hparams.json").is_file():
             raise CheckpointError(f"{path}: OpenAI's TF checkpoint needs the hparams.json "
