@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diygpt.errors import GenerationError
-from diygpt.speed import PaddedHead
+from diygpt.speed import PaddedHead, first_rows
 
 _ACT_DTYPE = torch.bfloat16  # the kernel's vectorised CPU path wants bf16 activations
 
@@ -173,10 +173,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
             module.fused_qkv = False
         for child_name, child in list(module.named_children()):
             if isinstance(child, PaddedHead):
-                plain = nn.Linear(child.in_features, child.vocab_size, bias=False,
-                                  device="meta")
-                plain.weight = nn.Parameter(child.weight[: child.vocab_size])
-                child = plain
+                child = first_rows(child, child.vocab_size)
             if isinstance(child, nn.Linear):
                 setattr(module, child_name, Int8Linear(child))
     return model.eval().requires_grad_(False)

@@ -64,6 +64,16 @@ class PaddedHead(nn.Linear):
         return logits[..., : self.vocab_size]  # (B, T, V)
 
 
+def first_rows(linear: nn.Linear, rows: int) -> nn.Linear:
+    """A frozen ``nn.Linear`` of ``linear``'s first ``rows`` outputs, sharing its weights:
+    a padded head cut to the vocabulary, for inference."""
+    cut = nn.Linear(linear.in_features, rows, bias=linear.bias is not None, device="meta")
+    cut.weight = nn.Parameter(linear.weight.detach()[:rows], requires_grad=False)
+    if linear.bias is not None:
+        cut.bias = nn.Parameter(linear.bias.detach()[:rows], requires_grad=False)
+    return cut
+
+
 def _trim_padding(module: PaddedHead, state_dict: dict, prefix: str, *args) -> None:
     key = prefix + "weight"
     if key in state_dict:

@@ -81,16 +81,13 @@ def _sample_only_decodable_ids(model, n_vocab: int) -> int | None:
     saved so) is cut to the ids the tokenizer decodes; returns the rows it had, else None."""
     from torch import nn
 
+    from diygpt.speed import first_rows
+
     head = getattr(model, "out_head", None)
     if type(head) is not nn.Linear or head.out_features <= n_vocab:
         return None
-    rows = head.out_features
-    cut = nn.Linear(head.in_features, n_vocab, bias=head.bias is not None, device="meta")
-    cut.weight = nn.Parameter(head.weight.detach()[:n_vocab], requires_grad=False)
-    if head.bias is not None:
-        cut.bias = nn.Parameter(head.bias.detach()[:n_vocab], requires_grad=False)
-    model.out_head = cut
-    return rows
+    model.out_head = first_rows(head, n_vocab)
+    return head.out_features
 
 
 def _tolerant_stdout() -> None:

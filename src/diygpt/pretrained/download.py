@@ -27,10 +27,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from diygpt.checkpointing import describe_os_error
-from diygpt.errors import DownloadError
+from diygpt.errors import CheckpointError, DownloadError
 from diygpt.pretrained.catalog import GPT2_MODELS, model_dir, other_size, size_clash
 from diygpt.pretrained.hf import HF_FILES
 from diygpt.pretrained.openai import OPENAI_FILES
+from diygpt.pretrained.readers import open_safetensors
+from diygpt.pretrained.tf_checkpoint import TABLE_MAGIC
 
 OPENAI_BASE = "https://openaipublic.blob.core.windows.net"
 HF_BASE = "https://huggingface.co"
@@ -41,7 +43,6 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # "bytes 100-199/200", "bytes 100-199/*" (total unknown), "bytes */200" (in a 416)
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:\d+-\d+|\*)\s*/\s*(\d+|\*)\s*$", re.IGNORECASE)
 _RANGE_START = re.compile(r"^\s*bytes\s+(\d+)-", re.IGNORECASE)
-_TF_TABLE_MAGIC = 0xDB4775248B80FB57  # the last 8 bytes of a TF checkpoint's .index
 
 
 class UnreachableError(DownloadError):
@@ -103,22 +104,17 @@ def _wrong_content(part: Path, name: str) -> str | None:
             except ValueError:
                 return "it is not valid JSON"
         elif name.endswith(".safetensors"):
-            n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else size
-            f.seek(8)
-            try:
-                header = json.loads(f.read(n)) if 8 + n <= size else None
-                if not isinstance(header, dict):
-                    raise ValueError
-                ends = [entry["data_offsets"][1] for key, entry in header.items()
-                        if key != "__metadata__"]
-            except (ValueError, TypeError, KeyError, IndexError):
+            try:  # the loader's own header reader
+                spans = open_safetensors(part).spans.values()
+            except CheckpointError:
                 return "its safetensors header does not parse"
-            if ends and 8 + n + max(ends) != size:  # a body cut short without a length
-                return f"it is {size} bytes, where its header says {8 + n + max(ends)}"
+            end = max((span.offset + span.nbytes for span in spans), default=size)
+            if end != size:  # a body cut short without a length
+                return f"it is {size} bytes, where its header says {end}"
         elif name.endswith(".index"):
             f.seek(max(size - 8, 0))
             tail = f.read(8)
-            if len(tail) < 8 or struct.unpack("<Q", tail)[0] != _TF_TABLE_MAGIC:
+            if len(tail) < 8 or struct.unpack("<Q", tail)[0] != TABLE_MAGIC:
                 return "it does not end as a TensorFlow checkpoint index does"
     return None
 

@@ -20,7 +20,7 @@ import numpy as np
 from diygpt.errors import CheckpointError
 from diygpt.pretrained.source import ByteSpan, MemmapSource
 
-_TABLE_MAGIC = 0xDB4775248B80FB57
+TABLE_MAGIC = 0xDB4775248B80FB57  # the last 8 bytes of an SSTable (a .index)
 _FOOTER_SIZE = 48
 _BLOCK_TRAILER = 5  # compression type byte + crc32
 # TensorFlow DataType enum values -> numpy dtypes (DT_BFLOAT16 = 14 is read as uint16).
@@ -117,7 +117,7 @@ def read_index(index_path: Path) -> dict[bytes, bytes]:
     if len(data) < _FOOTER_SIZE:
         raise _Malformed("file too short for an SSTable footer")
     footer = data[-_FOOTER_SIZE:]
-    if struct.unpack("<Q", footer[-8:])[0] != _TABLE_MAGIC:
+    if struct.unpack("<Q", footer[-8:])[0] != TABLE_MAGIC:
         raise _Malformed("not an SSTable (bad magic number)")
     _, pos = _varint(footer, 0)
     _, pos = _varint(footer, pos)  # skip the metaindex handle
@@ -243,5 +243,5 @@ def write_tf_bundle(prefix: Path | str, tensors: dict[str, np.ndarray],
     for block in (_put_block([]), _put_block(index)):  # the metaindex, then the index
         handles += _put_varint(len(out)) + _put_varint(len(block))
         out += block + trailer
-    footer = handles.ljust(_FOOTER_SIZE - 8, b"\0") + struct.pack("<Q", _TABLE_MAGIC)
+    footer = handles.ljust(_FOOTER_SIZE - 8, b"\0") + struct.pack("<Q", TABLE_MAGIC)
     Path(f"{prefix}.index").write_bytes(bytes(out) + footer)
