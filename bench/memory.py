@@ -98,7 +98,10 @@ try:
         sys.argv = ["-c", *rest[1:]]
         exec(rest[0])
 finally:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM is this process image's own; ru_maxrss would keep the launching script's peak
+    status = open("/proc/self/status").read() if os.path.exists("/proc/self/status") else ""
+    peak = (int(status.split("VmHWM:")[1].split()[0]) if "VmHWM:" in status
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
     json.dump({"peak_mb": peak, "steps": STEPS}, open(out, "w"))
 """
 

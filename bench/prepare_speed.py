@@ -6,7 +6,9 @@ The corpus is the-verdict repeated to the size asked, copy after copy with nothi
 between (written to a temp folder). The peer encodes it whole as ``train --data`` does
 (``encode(text, allowed_special={"<|endoftext|>"})``). Each contender runs in its own
 process so its peak RSS is its own; diygpt's must stay flat as the corpus grows, the
-one-call peer's grows with it.
+one-call peer's grows with it. Peak RSS is the child's own (``diygpt prepare``'s report,
+VmHWM on Linux): ``ru_maxrss`` would carry over this script's peak, torch included, through
+fork and exec.
 """
 
 from __future__ import annotations
@@ -22,24 +24,26 @@ from pathlib import Path
 import _common
 
 PEER = """
-import resource, sys, time, numpy as np
+import sys, time, numpy as np
+from diygpt.cli.prepare import peak_rss_mb
 from diygpt.tokenizer import get_tokenizer
 tok = get_tokenizer()
 t0 = time.perf_counter()
 text = open(sys.argv[1], encoding="utf-8").read()
 ids = np.array(tok.encode(text, allowed_special={"<|endoftext|>"}), dtype=np.uint16)
 ids.tofile(sys.argv[2])
-print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(time.perf_counter() - t0, peak_rss_mb())
 """
 
 OURS = """
-import resource, sys, time
+import sys, time
+from diygpt.cli.prepare import peak_rss_mb
 from diygpt.prepare import prepare_tokens
 from diygpt.tokenizer import get_tokenizer
 tok = get_tokenizer()
 t0 = time.perf_counter()
 prepare_tokens(sys.argv[1], sys.argv[2], tok, threads=int(sys.argv[3]), progress=False)
-print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(time.perf_counter() - t0, peak_rss_mb())
 """
 
 

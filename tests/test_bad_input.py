@@ -22,7 +22,10 @@ def run(tmp_path_factory, data) -> Path:
 # -- data --------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("content", "expect"),
-    [(b"", "is empty"), (b"caf\xe9 au lait", "not valid UTF-8"), (b"\x7fELF\x00\x01", "binary")],
+    [(b"", "is empty"), (b"caf\xe9 au lait", "not valid UTF-8"), (b"\x7fELF\x00\x01", "binary"),
+     # Windows Notepad's "Unicode" (with a byte-order mark), and UTF-16 without one
+     ("Every effort moves you\n".encode("utf-16"), "is UTF-16 text, not UTF-8; convert it"),
+     ("Every effort moves you\n".encode("utf-16-be"), "is UTF-16 text, not UTF-8; convert it")],
 )
 def test_bad_data_files(tmp_path, capsys, content, expect):
     path = tmp_path / "data.txt"
@@ -32,6 +35,15 @@ def test_bad_data_files(tmp_path, capsys, content, expect):
 
 def test_missing_data_file(tmp_path, capsys):
     assert "does not exist" in one_line_error(capsys, "train", "--data", tmp_path / "nope.txt")
+
+
+def test_a_pipe_as_data_is_one_line(tmp_path, capsys):
+    # `--data <(zcat corpus.gz)` was said not to exist
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for command in ("train", "prepare"):
+        line = one_line_error(capsys, command, "--data", fifo, "--out", tmp_path / "x.bin")
+        assert f"data file {fifo} is a pipe; write the text to a file first" in line
 
 
 def test_text_shorter_than_one_window(tmp_path, capsys):

@@ -208,3 +208,19 @@ def test_a_failed_compile_is_one_line_on_its_own_line(tmp_path, capsys, monkeypa
     assert rc == 2 and out.endswith("\n")
     assert err.startswith("diygpt: error: --compile failed: ") and "C++ compiler" in err
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "prepare"])
+def test_data_flag_given_twice_keeps_both(command):
+    # nargs="+" alone replaced the first --data's files with the second's, silently
+    from diygpt.cli.main import build_parser
+    from diygpt.cli.resume_args import explicit_dests
+
+    argv = [command, "--data", "a.txt", "b.txt", "--data", "c.txt", "--out", "x.bin"]
+    if command == "eval":
+        argv = [*argv[:-2], "--checkpoint", "run"]
+    args = build_parser().parse_args(argv)
+    assert args.data == ["a.txt", "b.txt", "c.txt"]
+    if command == "train":  # what a resume checks against the run's own flags
+        assert "data" in explicit_dests(args.parser, argv[1:])
+        assert "data" not in explicit_dests(args.parser, ["--resume", "run"])

@@ -14,95 +14,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from diygpt.errors import DataError
+from diygpt.textfiles import read_text, refuse_twice, split_text
 from diygpt.tokenizer import ENDOFTEXT, EOT_ID, encode_array, get_tokenizer
 
 PathLike = str | os.PathLike
-
-
-def _expand(paths: PathLike | Sequence[PathLike]) -> list[Path]:
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    files: list[Path] = []
-    origins: list[Path] = []  # the argument each file came from: itself or its folder
-    for p in map(Path, paths):
-        if p.is_dir():
-            # .txt in any case; not inside hidden folders or hidden files (.git,
-            # .ipynb_checkpoints): those are tools' copies, not the user's corpus
-            found = sorted(f for f in p.rglob("*") if f.suffix.lower() == ".txt" and f.is_file()
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            if not found:
-                raise DataError(f"folder {p} contains no .txt files")
-            files.extend(found)
-            origins.extend([p] * len(found))
-        elif p.is_file():
-            files.append(p)
-            origins.append(p)
-        else:
-            raise DataError(f"data file {p} does not exist")
-    if not files:
-        raise DataError("no data files given")
-    _refuse_twice(files, origins)
-    return files
-
-
-def _refuse_twice(files: Sequence[Path], origins: Sequence[Path] | None = None) -> None:
-    # Read twice, a file would put copies of its text in both the train and val splits.
-    def how(f: Path, origin: Path) -> str:
-        return f"as {f}" if origin is f else f"in the folder {origin}"
-
-    seen: dict[Path, tuple[Path, Path]] = {}
-    for f, origin in zip(files, origins or files, strict=True):
-        first = seen.setdefault(f.resolve(), (f, origin))
-        if first[0] is not f:
-            raise DataError(f"{f} is given twice ({how(*first)} and {how(f, origin)}); give "
-                            "each file once")
-
-
-def decode_text(raw: bytes, path: Path, offset: int = 0) -> str:
-    """UTF-8 bytes (of ``path``, from byte ``offset``) as the book's ``open(path,
-    encoding="utf-8").read()`` gives them: Windows' and old Macs' line ends read as "\n"."""
-    if b"\x00" in raw:
-        raise DataError(f"{path} looks like a binary file (it contains NUL bytes), not text")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(
-            f"{path} is not valid UTF-8 (byte {offset + exc.start}); convert it, e.g. "
-            f"`iconv -f latin1 -t utf-8 {path.name}`"
-        ) from None
-    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
-
-
-def _read_one(path: Path) -> str:
-    return decode_text(path.read_bytes(), path)
-
-
-def read_text(paths: PathLike | Sequence[PathLike]) -> str:
-    """Read a file, several files, or a folder of .txt files (sorted) as one string.
-
-    A folder is searched in its sub-folders too, for ``.txt`` in any letter case, skipping
-    hidden files and folders (``.git``, ``.ipynb_checkpoints``). Several documents are joined with ``<|endoftext|>`` so the model sees where each ends.
-    """
-    texts = []
-    for path in _expand(paths):
-        text = _read_one(path)
-        if not text.strip():
-            raise DataError(f"data file {path} is empty")
-        texts.append(text)
-    return ENDOFTEXT.join(texts)
-
-
-def split_text(text: str, train_ratio: float = 0.9) -> tuple[str, str]:
-    """Split characters at ``int(train_ratio * len(text))``, as the book does; a split that
-    would fall inside an ``<|endoftext|>`` (such as the one joining two files) moves to its
-    end, so that the token is not cut into plain-text pieces."""
-    if not 0.0 < train_ratio <= 1.0:
-        raise DataError(f"train ratio must be in (0, 1], got {train_ratio}")
-    split_idx = int(train_ratio * len(text))
-    begin = text.find(ENDOFTEXT, max(split_idx - len(ENDOFTEXT) + 1, 0))
-    if 0 <= begin < split_idx:
-        split_idx = begin + len(ENDOFTEXT)
-    return text[:split_idx], text[split_idx:]
 
 
 def num_windows(num_tokens: int, max_length: int, stride: int) -> int:
@@ -333,7 +248,7 @@ def _read_token_files(token_files: Sequence[PathLike]) -> np.ndarray:
     (this copies them into memory)."""
     from diygpt.prepare import load_tokens
 
-    _refuse_twice([Path(p) for p in token_files])
+    refuse_twice([Path(p) for p in token_files])
     arrays = [load_tokens(p) for p in token_files]
     if len(arrays) == 1:
         return arrays[0]

@@ -3,7 +3,7 @@
 Streams: each file is read in blocks of about 1 MiB, a batch of blocks is encoded on several
 threads (tiktoken's Rust core releases the GIL), and the ids are appended to a temp file that
 replaces the output only once the whole corpus is done. Memory is bounded by one batch of
-blocks, whatever the corpus size.
+blocks (at most 64 MiB of text, or a block a thread), whatever the corpus size.
 
 The ids are those ``diygpt train --data`` gets from the same text files: files are joined by
 ``<|endoftext|>`` (id 50256), and a literal ``<|endoftext|>`` in the text is that token too,
@@ -20,6 +20,7 @@ no such place for a long stretch is read on until one comes, or the file ends.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 import sys
@@ -32,11 +33,12 @@ import numpy as np
 from tqdm import tqdm
 
 from diygpt.checkpointing import atomic_write, describe_os_error
-from diygpt.data import _expand, decode_text
 from diygpt.errors import DataError
+from diygpt.textfiles import decode_text, expand_paths
 from diygpt.tokenizer import ENDOFTEXT, encode_array
 
 BLOCK_BYTES = 1 << 20  # 1 MiB of text per block: ~250k tokens
+MAX_BATCH_BYTES = 64 << 20  # text read ahead of the encoding threads, at most
 
 # A whitespace byte (every ASCII whitespace byte is \s to GPT-2's regex) after a visible
 # ASCII byte or the last byte of a longer UTF-8 character, which :func:`safe_cut` decodes to
@@ -180,7 +182,7 @@ def prepare_tokens(
     """
     if tokenizer.n_vocab > np.iinfo(np.uint16).max + 1:
         raise DataError(f"a vocabulary of {tokenizer.n_vocab} does not fit uint16 ids")
-    files = _expand(paths)
+    files = expand_paths(paths)
     out = Path(out)
     _check_out(out, files)
     # One core is left to the reading, cutting and writing in this thread: on the 2-core
@@ -193,8 +195,7 @@ def prepare_tokens(
         bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
                    desc="tokenize", file=sys.stderr, disable=None if progress else True)
         with bar, open(tmp, "wb") as f, ThreadPoolExecutor(threads) as pool:
-            # 4 blocks per thread keeps every thread busy while bounding memory.
-            for batch in _batches(files, 4 * threads, block_bytes):
+            for batch in _batches(files, batch_blocks(threads, block_bytes), block_bytes):
                 ids = encode_blocks(encode, [text for text, _ in batch], pool.map)
                 ids.tofile(f)
                 done = sum(n for _, n in batch)
@@ -206,12 +207,31 @@ def prepare_tokens(
     return stats
 
 
+def batch_blocks(threads: int, block_bytes: int = BLOCK_BYTES) -> int:
+    """Blocks read before each round of encoding: 4 a thread keeps every thread busy, but
+    text in flight is capped (at one block a thread at least), or on a 64-core machine a
+    100 MB corpus would be read whole and memory would grow with it."""
+    return max(threads, min(4 * threads, MAX_BATCH_BYTES // block_bytes))
+
+
 def _usable_cpus() -> int:
-    """The CPUs this process may run on (taskset, cpusets), not all the machine's."""
+    """The CPUs this process may use: those it may run on (taskset, cpusets), fewer under a
+    container's CPU quota, not all the machine's."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not on every OS
-        return os.cpu_count() or 2
+        cpus = os.cpu_count() or 2
+    quota = _cgroup_cpu_quota()
+    return min(cpus, quota) if quota else cpus
+
+
+def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The CPU quota of a container (cgroup v2's cpu.max), rounded up; None when unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError, ZeroDivisionError):  # "max", no cgroup v2, not Linux
+        return None
 
 
 def load_tokens(path: str | os.PathLike) -> np.ndarray:

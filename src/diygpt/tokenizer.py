@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from diygpt.errors import TokenizerError
+
+if TYPE_CHECKING:  # torch only where tensors are made: `diygpt prepare` starts without it
+    import torch
 
 ENDOFTEXT = "<|endoftext|>"
 EOT_ID = 50256
@@ -99,6 +102,8 @@ def encode_array(text: str, tokenizer) -> np.ndarray:
 
 def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
     """Encode text to a (1, T) tensor of token ids; ``<|endoftext|>`` is allowed."""
+    import torch
+
     encoded = tokenizer.encode(text, allowed_special={ENDOFTEXT})
     return torch.tensor(encoded, dtype=torch.long).unsqueeze(0)  # add the batch dimension
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from diygpt.pretrained.catalog import GPT2_MODELS
-from diygpt.pretrained.download import FORMATS, download
+from diygpt.pretrained.catalog import FORMATS, GPT2_MODELS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from diygpt.pretrained.download import download
+
     folder = download(args.name, args.format, args.dir)
     print(f"{args.name} ({args.format}) is in {folder}")
     return 0

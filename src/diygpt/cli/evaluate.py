@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "calc_loss_loader averages batch means instead) and its perplexity.",
     )
     add_model_source_flags(p)
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+    p.add_argument("--data", nargs="+", action="extend", required=True, metavar="PATH",
                    help="text file(s) or folder(s) of .txt files, or .bin token files from "
                    "`diygpt prepare`")
     p.add_argument("--context-length", type=positive_int, default=None,

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "text is that token), readable with numpy.memmap(PATH, dtype=numpy.uint16). The "
         "output is replaced only when every file has been read.",
     )
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+    p.add_argument("--data", nargs="+", action="extend", required=True, metavar="PATH",
                    help="text file(s), or folder(s) of .txt files (UTF-8)")
     p.add_argument("--out", required=True, metavar="FILE",
                    help="output token file; `diygpt train --data` reads it when its name ends "
@@ -40,7 +40,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    """This process's peak resident memory. On Linux from VmHWM: ``ru_maxrss`` carries over
+    a parent's peak through fork and exec, so run from a Python script that holds torch (a
+    notebook, a benchmark) it reported that script's peak, not this tokenizing's."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # KiB
+    except OSError:  # not Linux
+        pass
     import resource  # Unix only: imported here so the CLI starts on Windows
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

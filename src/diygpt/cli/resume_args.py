@@ -33,7 +33,9 @@ def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]
     argparse only fills a default where the namespace lacks the attribute, so anything that
     is no longer the sentinel was given on the command line.
     """
-    unset = object()
+    # A list, for `--data`'s extend action, which copies what it finds (a new object) and
+    # extends the copy; any other action replaces it.
+    unset = type("Unset", (list,), {})()
     names = {a.dest for a in parser._actions if a.dest != argparse.SUPPRESS}
     ns = argparse.Namespace(**dict.fromkeys(names, unset))
     parser.parse_args(argv, ns)

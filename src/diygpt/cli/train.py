@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d = p.add_argument_group("data")
-    d.add_argument("--data", nargs="+", default=None, metavar="PATH",
+    d.add_argument("--data", nargs="+", action="extend", default=None, metavar="PATH",
                    help="text file(s) or folder(s) of .txt files (UTF-8), or .bin token file(s) "
                    "from `diygpt prepare`; required unless --resume")
     d.add_argument("--train-ratio", type=ranged(float, 0, 1, low_open=True), default=0.9,

@@ -6,6 +6,9 @@ import json
 import os
 from pathlib import Path
 
+# What `diygpt download --format` fetches: OpenAI's TF release or Hugging Face's files.
+FORMATS = ("openai", "hf")
+
 # Our name -> (OpenAI's folder name, Hugging Face repository)
 GPT2_MODELS: dict[str, tuple[str, str]] = {
     "gpt2-small": ("124M", "openai-community/gpt2"),

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from diygpt.checkpointing import describe_os_error
 from diygpt.errors import CheckpointError, DownloadError
-from diygpt.pretrained.catalog import GPT2_MODELS, model_dir, other_size, size_clash
+from diygpt.pretrained.catalog import FORMATS, GPT2_MODELS, model_dir, other_size, size_clash
 from diygpt.pretrained.hf import HF_FILES
 from diygpt.pretrained.openai import OPENAI_FILES
 from diygpt.pretrained.readers import open_safetensors
@@ -36,7 +36,6 @@ from diygpt.pretrained.tf_checkpoint import TABLE_MAGIC
 
 OPENAI_BASE = "https://openaipublic.blob.core.windows.net"
 HF_BASE = "https://huggingface.co"
-FORMATS = ("openai", "hf")
 TIMEOUT_S = 10.0
 _CHUNK = 1 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
