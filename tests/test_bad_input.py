@@ -46,6 +46,27 @@ def test_a_pipe_as_data_is_one_line(tmp_path, capsys):
         assert f"data file {fifo} is a pipe; write the text to a file first" in line
 
 
+@pytest.mark.parametrize(("error", "said"), [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                  "allocate memory: you tried to allocate 210793136128 bytes. Error code 12"),
+     "tried to allocate 210.8 GB"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a "
+                            "total capacity of 139.81 GiB\nof which 1.00 GiB is free."),
+     "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 139.81 GiB;"),
+])
+def test_running_out_of_memory_is_one_line(tmp_path, data, capsys, monkeypatch, error, said):
+    # e.g. `--emb-dim 1048576`: the model's 210 GB cannot be allocated
+    from diygpt.model import GPTModel
+
+    def fail(self, cfg):
+        raise error
+
+    monkeypatch.setattr(GPTModel, "__init__", fail)
+    line = one_line_error(capsys, "train", "--data", data, *TINY, "--out", tmp_path / "run")
+    assert line.startswith(f"diygpt: error: out of memory: {said}")
+    assert "use a smaller --batch-size or model" in line
+
+
 def test_text_shorter_than_one_window(tmp_path, capsys):
     path = tmp_path / "short.txt"
     path.write_text("Every effort moves you.")

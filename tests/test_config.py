@@ -24,6 +24,7 @@ def test_gpt2_presets(name, emb, layers, heads):
     cfg = PRESETS[name]
     assert (cfg.emb_dim, cfg.n_layers, cfg.n_heads) == (emb, layers, heads)
     assert cfg.context_length == 1024 and cfg.qkv_bias is True and cfg.vocab_size == 50257
+    assert cfg.drop_rate == 0.0  # OpenAI's weights were released for inference
 
 
 @pytest.mark.parametrize(

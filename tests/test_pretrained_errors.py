@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diygpt.errors import CheckpointError
+from diygpt.errors import CheckpointError, ConfigError
 from diygpt.pretrained import load_pretrained
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -296,7 +296,8 @@ def test_weights_with_a_preset_read_a_bare_book_file_in_that_shape(tmp_path, cap
     argv = ["generate", "--weights", str(tmp_path / "tiny.pth"), "--prompt", "Every effort",
             "--max-new-tokens", "5", "--device", "cpu"]
     assert main(argv) == 2
-    assert "cannot tell n_heads for emb_dim" in capsys.readouterr().err
+    assert "cannot tell n_heads for emb_dim 64; put a config.json next to the weights, or give " \
+        "its shape with --preset NAME" in capsys.readouterr().err
     assert main([*argv, "--preset", "tiny"]) == 0
     by_preset = capsys.readouterr().out
     assert main(["generate", "--checkpoint", str(tmp_path / "tiny.pth"), "--preset", "tiny",
@@ -329,7 +330,7 @@ def test_an_unfinished_openai_download_does_not_hide_other_weights(tmp_path):
     assert "its data file (model.ckpt.data-00000-of-...) is missing" in _error(alone)
 
 
-def test_a_config_beside_the_file_wins_over_preset_and_attn_is_kept(tmp_path, capsys):
+def test_a_config_beside_the_file_gives_the_shape_and_a_clashing_preset_is_one_line(tmp_path):
     import json
 
     from diygpt.cli.main import build_parser
@@ -342,13 +343,33 @@ def test_a_config_beside_the_file_wins_over_preset_and_attn_is_kept(tmp_path, ca
     model = GPTModel(cfg).eval()
     torch.save(model.state_dict(), tmp_path / "model.pth")
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
-    args = build_parser().parse_args(["generate", "--weights", str(tmp_path / "model.pth"),
-                                      "--preset", "tiny", "--attn", "eager", "--prompt", "x"])
-    loaded = load_model_from_args(args, torch.device("cpu"))
+    argv = ["generate", "--weights", str(tmp_path / "model.pth"), "--attn", "eager"]
+    parse = build_parser().parse_args
+    loaded = load_model_from_args(parse(argv), torch.device("cpu"))
     assert loaded.cfg.n_heads == 2 and loaded.cfg.attn_impl == "eager"
+    # Before, the typed preset was dropped without a word.
+    with pytest.raises(ConfigError, match="n_heads is 2, --preset tiny's is 4 .*drop --preset"):
+        load_model_from_args(parse([*argv, "--preset", "tiny"]), torch.device("cpu"))
     (tmp_path / "config.json").unlink()  # bare: the preset's shape, and still --attn's kernel
-    loaded = load_model_from_args(args, torch.device("cpu"))
+    loaded = load_model_from_args(parse([*argv, "--preset", "tiny"]), torch.device("cpu"))
     assert loaded.cfg.n_heads == 4 and loaded.cfg.attn_impl == "eager"
+
+
+@pytest.mark.parametrize("source", ["--weights", "--pretrained"])
+def test_a_preset_of_another_size_than_the_weights_is_one_line(tmp_path, monkeypatch, capsys,
+                                                                source):
+    from cli_helpers import one_line_error
+
+    from diygpt.pretrained import catalog
+
+    for name in catalog.GPT2_SHAPES:  # the fixture stands in for gpt2-small
+        monkeypatch.setitem(catalog.GPT2_SHAPES, name, (32, 2))
+    monkeypatch.setenv("DIYGPT_HOME", str(tmp_path))
+    shutil.copytree(HF_DIR, tmp_path / "models" / "gpt2-small")
+    where = str(HF_DIR) if source == "--weights" else "gpt2-small"
+    line = one_line_error(capsys, "generate", source, where, "--preset", "book-124m",
+                          "--prompt", "x", "--max-new-tokens", "1")
+    assert "emb_dim is 32, --preset book-124m's is 768" in line
 
 
 def test_a_damaged_download_says_to_delete_it_and_download_again(tmp_path, monkeypatch, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -44,6 +45,20 @@ def _compile_failure(exc: BaseException) -> bool:
                for cls in type(exc).__mro__)
 
 
+def _out_of_memory(exc: BaseException) -> str | None:
+    """What failed to allocate, when ``exc`` is torch running out of CPU or GPU memory."""
+    torch = sys.modules.get("torch")
+    text = str(exc)
+    cuda = torch is not None and isinstance(exc, torch.OutOfMemoryError)
+    if not cuda and not (isinstance(exc, RuntimeError) and "can't allocate memory" in text):
+        return None
+    asked = re.search(r"tried to allocate (\d+) bytes", text)  # the CPU allocator's words
+    if asked:
+        return f"tried to allocate {int(asked.group(1)) / 1e9:.1f} GB"
+    first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return first.strip()[:200]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -64,7 +79,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `diygpt generate ... | head`
         return 0
     except Exception as exc:
-        if not _compile_failure(exc) or os.environ.get("DIYGPT_TRACEBACK"):
+        if os.environ.get("DIYGPT_TRACEBACK"):
+            raise
+        memory = _out_of_memory(exc)
+        if memory:
+            _error(f"out of memory: {memory}; use a smaller --batch-size or model "
+                   "(DIYGPT_TRACEBACK=1 shows the whole error)")
+            return 2
+        if not _compile_failure(exc):
             raise
         # torch.compile's errors are pages long; the first line says what went wrong.
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)

@@ -6,7 +6,7 @@ import argparse
 import math
 
 from diygpt.config import ATTENTION_IMPLS, PRESETS, GPTConfig, get_preset
-from diygpt.errors import ConfigError
+from diygpt.errors import CheckpointError, ConfigError
 
 
 def stride_warning(stride: int | None, length: int, missed: str) -> str | None:
@@ -157,10 +157,30 @@ def _load_chosen(args: argparse.Namespace, device):
         model = load_source(source, get_preset(args.preset)).eval()
         model = model.to(device, dtype=parse_precision(args.dtype) if args.dtype else None)
     else:
-        model = load_pretrained(source, device=device, dtype=args.dtype)
+        try:
+            model = load_pretrained(source, device=device, dtype=args.dtype)
+        except CheckpointError as exc:
+            if "cannot tell n_heads" not in str(exc):
+                raise
+            raise CheckpointError(f"{exc}, or give its shape with --preset NAME") from None
+    if args.preset:
+        _check_typed_preset(model.cfg, args.preset, source)
     if getattr(args, "attn", None):
         model.set_attn_impl(args.attn)
     return model
+
+
+def _check_typed_preset(cfg: GPTConfig, preset: str, source) -> None:
+    """Weights that carry their shape (OpenAI's, Hugging Face's, a config.json) are read with
+    it; a --preset of another size was a mistake, to say rather than ignore. Context length,
+    qkv bias and vocab may differ: the book itself loads GPT-2 into its config that way."""
+    wanted = get_preset(preset)
+    for field in ("emb_dim", "n_layers", "n_heads"):
+        if getattr(cfg, field) != getattr(wanted, field):
+            raise ConfigError(
+                f"{source}: the weights' {field} is {getattr(cfg, field)}, --preset {preset}'s "
+                f"is {getattr(wanted, field)} (these weights carry their own shape: drop --preset)"
+            )
 
 
 def build_config(args: argparse.Namespace) -> GPTConfig:
