@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 $(VENV)/.installed-test: $(VENV)/.installed
 	@echo "adding the test tools to $(VENV): pytest, transformers, hypothesis, ruff, triton"
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
-	$(PY) -m pip install -q -c constraints.txt --target $(VENV)/triton-tests triton
+	$(PY) -m pip install -q --upgrade -c constraints.txt --target $(VENV)/triton-tests triton
 	touch $@
 
 setup: $(VENV)/.installed
@@ -59,5 +59,6 @@ gpu-stage:
 	cp -f $(ASSETS)/the-verdict.txt .assets/
 	cp -f $(ASSETS)/gpt2/encoder.json $(ASSETS)/gpt2/vocab.bpe .assets/gpt2/
 
+# Only the demo's run: runs/ may hold the user's own training runs.
 clean:
-	rm -rf $(VENV) runs build dist src/*.egg-info
+	rm -rf $(VENV) runs/demo build dist src/*.egg-info

@@ -15,8 +15,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "tests"))  # book_reference: the book's chapter-4 code, the peer
-os.environ.setdefault("DIYGPT_TOKENIZER_DIR", str(ROOT.parent / "shared" / "assets" / "gpt2"))
-VERDICT = Path(os.environ.get("DIYGPT_ASSETS", ROOT.parent / "shared" / "assets")) / "the-verdict.txt"
+ASSETS = Path(os.environ.get("DIYGPT_ASSETS", ROOT.parent / "shared" / "assets"))
+os.environ.setdefault("DIYGPT_TOKENIZER_DIR", str(ASSETS / "gpt2"))
+VERDICT = ASSETS / "the-verdict.txt"
 
 
 def seed_train_args(attn: str, max_steps: int, out: str) -> list[str]:

@@ -7,7 +7,8 @@
 # On any CUDA machine with ../shared beside the checkout:  bash bench/gpu.sh
 #
 # Steps, the CUDA tests first, then the measurements. Each has its own time limit,
-# and a failed step does not stop the others; a summary of exit codes ends the output. STEPS
+# and a failed step does not stop the others; a summary of exit codes ends the output, and
+# the script exits 1 if any step failed. STEPS
 # picks some (e.g. STEPS="gen" to rerun one); they run in the order below whatever their
 # order in STEPS. Output goes to the terminal and, where $OUT is set, to $OUT/gpu.txt.
 #   tests     correctness on CUDA: tests/test_cuda.py and every test that takes the `device`
@@ -61,6 +62,7 @@ if [[ -n "${OUT:-}" ]]; then exec > >(tee -a "$OUT/gpu.txt") 2>&1; TEE=$!; fi
 # most what is left, and none starts with under 30 s left.
 BUDGET=${BUDGET:-520}
 SUMMARY=()
+FAILED=0  # the exit status: 1 when any step failed, so a device call does not read as success
 run_step() {  # run_step NAME SECONDS COMMAND...: runs it if STEPS names it
   local name=$1 limit=$2 start=$SECONDS rc left
   shift 2
@@ -73,6 +75,7 @@ run_step() {  # run_step NAME SECONDS COMMAND...: runs it if STEPS names it
   echo; echo "== $name (limit ${limit} s)"
   timeout -k 10 "$limit" "$@"; rc=$?
   SUMMARY+=("$name: exit $rc$( ((rc == 124)) && echo ' (time limit)'), $((SECONDS - start)) s")
+  ((rc == 0)) || FAILED=1
   echo "== $name: ${SUMMARY[-1]#*: }"
 }
 
@@ -109,3 +112,4 @@ run_step cli 180 $PY -m diygpt train --data "$DIYGPT_ASSETS/the-verdict.txt" \
 echo; echo "== summary ($SECONDS s)"
 printf '%s\n' "${SUMMARY[@]}"
 if [[ -n $TEE ]]; then exec >&- 2>&-; wait "$TEE"; fi  # the log is whole before we exit
+exit "$FAILED"
