@@ -58,6 +58,16 @@ def test_a_second_order_gradient_is_refused_not_silently_wrong():
         torch.autograd.grad(loss, layer.weight, create_graph=True)
 
 
+def test_a_second_backward_through_a_retained_graph_says_what_to_do():
+    # the first gradient overwrote the saved log-probabilities; torch's own message named
+    # "an inplace operation" and a tensor version, not the way out
+    layer = torch.nn.Linear(4, 11)
+    loss = cross_entropy(layer(torch.randn(6, 4)), torch.randint(0, 11, (6,)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagates once .* pass calc_loss_batch loss_fn="):
+        loss.backward()
+
+
 def test_calc_loss_loader_caps_batches_gives_nan_when_empty_and_refuses_zero():
     from diygpt import GPTModel, calc_loss_batch, calc_loss_loader
     from diygpt.errors import DataError

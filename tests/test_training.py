@@ -155,7 +155,9 @@ def test_the_books_function_names_are_importable():
                  "train_model_simple", "evaluate_model", "generate_and_print_sample",
                  "generate_text_simple", "generate", "text_to_token_ids", "token_ids_to_text",
                  "plot_losses", "load_pretrained", "download_and_load_gpt2",
-                 "load_weights_into_gpt", "load_gpt2_params_from_tf_ckpt"):
+                 "load_weights_into_gpt", "load_gpt2_params_from_tf_ckpt",
+                 # chapter 4's classes
+                 "MultiHeadAttention", "LayerNorm", "GELU", "FeedForward", "TransformerBlock"):
         assert callable(getattr(diygpt, name)), name
         assert name in dir(diygpt) and name in diygpt.__all__, name  # lazy ones too
 

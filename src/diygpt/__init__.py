@@ -21,6 +21,12 @@ _LAZY = {
     "calc_loss_loader": "diygpt.losses",
     "perplexity": "diygpt.losses",
     "GPTModel": "diygpt.model",
+    # chapter 4's building blocks, under the book's names
+    "MultiHeadAttention": "diygpt.model",
+    "LayerNorm": "diygpt.model",
+    "GELU": "diygpt.model",
+    "FeedForward": "diygpt.model",
+    "TransformerBlock": "diygpt.model",
     "KVCache": "diygpt.model",
     "load_pretrained": "diygpt.pretrained.loader",
     "get_tokenizer": "diygpt.tokenizer",

@@ -36,11 +36,11 @@ class _CrossEntropyInPlace(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         if torch.is_grad_enabled():  # create_graph=True: the gradient below has no graph
-            raise RuntimeError(
-                "diygpt's CPU cross entropy gives no second-order gradient; pass calc_loss_batch "
-                "loss_fn=lambda logits, targets: F.cross_entropy(logits.flatten(0, 1), "
-                "targets.flatten())"
-            )
+            raise RuntimeError(_ONE_BACKWARD.format(what="gives no second-order gradient"))
+        if getattr(ctx, "done", False):  # retain_graph=True, then a second backward
+            raise RuntimeError(_ONE_BACKWARD.format(
+                what="backpropagates once (its gradient overwrites the saved log-probabilities)"))
+        ctx.done = True
         logp, targets = ctx.saved_tensors
         n, v = logp.shape
         value = -(grad / n)  # nll_loss's gradient at each target, for a mean over n rows
@@ -51,6 +51,12 @@ class _CrossEntropyInPlace(torch.autograd.Function):
             one_hot[torch.arange(part.shape[0]), targets[start:start + rows]] = value
             part.copy_(torch.ops.aten._log_softmax_backward_data(one_hot, part, 1, part.dtype))
         return logp, None
+
+
+_ONE_BACKWARD = (
+    "diygpt's CPU cross entropy {what}; pass calc_loss_batch loss_fn=lambda logits, targets: "
+    "F.cross_entropy(logits.flatten(0, 1), targets.flatten())"
+)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

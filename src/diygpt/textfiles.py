@@ -82,9 +82,14 @@ def _looks_utf16(raw: bytes, offset: int) -> bool:
     if offset == 0 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return True
     head = raw[:4096]
-    # Mostly-ASCII UTF-16 without a byte-order mark: NULs at one parity only.
-    even, odd = head[0::2].count(0), head[1::2].count(0)
-    return len(head) >= 8 and max(even, odd) >= 0.9 * (len(head) // 2) and min(even, odd) == 0
+    if len(head) < 8:
+        return False
+    # Mostly-ASCII UTF-16 without a byte-order mark: NULs at one parity only, and printable
+    # ASCII at the other (16-bit numbers saved as .txt have NULs in one place too).
+    even, odd = head[0::2], head[1::2]
+    nuls, chars = (even, odd) if even.count(0) > odd.count(0) else (odd, even)
+    printable = sum(32 <= b < 127 or b in b"\t\n\r" for b in chars)
+    return chars.count(0) == 0 and nuls.count(0) >= 0.9 * len(nuls) and printable >= 0.9 * len(chars)
 
 
 def read_text(paths: PathLike | Sequence[PathLike]) -> str:
