@@ -453,3 +453,58 @@ def test_resuming_a_run_stopped_part_way_through_an_epoch_by_max_steps_adds_noth
     assert train_tiny(capsys, data, tmp_path / "six", *args[:4], "--max-steps", "6")[0] == 0
     assert (tmp_path / "r" / "model.safetensors").read_bytes() == (
         tmp_path / "six" / "model.safetensors").read_bytes()
+
+
+def test_a_save_every_save_on_the_last_step_is_redone_after_the_epochs_end(data, tmp_path,
+                                                                          capsys):
+    # The --save-every save on the run's last step came before the epoch's sample; the final
+    # save was skipped as the same step, so a resume printed the sample again.
+    args = ("--sample-prompt", "Every effort", "--train-ratio", "0.5", "--epochs", "1")
+    assert train_tiny(capsys, data, tmp_path / "probe", *args)[0] == 0
+    steps = json.loads((tmp_path / "probe" / "state.json").read_text())["global_step"] + 1
+    out = tmp_path / "r"
+    assert train_tiny(capsys, data, out, *args, "--save-every", str(steps))[0] == 0
+    state = json.loads((latest_checkpoint(out) / "state.json").read_text())
+    assert state["epoch_end_done"] and state["epoch_finished"] and state["epochs_done"] == 1
+    rc, printed, _ = run_cli(capsys, "train", "--resume", out)
+    assert rc == 0 and "Every effort" not in printed
+    assert (out / "metrics.jsonl").read_text() == (tmp_path / "probe" / "metrics.jsonl").read_text()
+
+
+def test_resuming_into_a_read_only_run_folder_is_one_line(run_copy, capsys, monkeypatch):
+    import builtins
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if "+" in mode or "w" in mode or "a" in mode:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("diygpt.trainer_state.open", read_only, raising=False)
+    line = one_line_error(capsys, "train", "--resume", run_copy, "--max-steps", "6")
+    assert f"cannot write {run_copy / 'metrics.jsonl'}: the folder is read-only" in line
+
+
+def test_a_full_disk_at_the_loss_plot_is_one_line_and_keeps_the_old_plot(run_copy, capsys,
+                                                                         monkeypatch):
+    from matplotlib.figure import Figure
+
+    old = (run_copy / "loss.png").read_bytes()
+
+    def full(self, path, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    line = one_line_error(capsys, "train", "--resume", run_copy, "--max-steps", "6")
+    assert line.endswith(f"cannot write {run_copy / 'loss.png'}: no space left on device")
+    assert (run_copy / "loss.png").read_bytes() == old
+
+
+def test_a_longer_cosine_run_on_resume_says_the_curve_changes(data, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert train_tiny(capsys, data, out, "--max-steps", "2", "--cosine")[0] == 0
+    rc, _, err = run_cli(capsys, "train", "--resume", out, "--max-steps", "4")
+    assert rc == 0 and "note: --cosine's curve now spans the new --max-steps" in err
+    rc, _, err = run_cli(capsys, "train", "--resume", out, "--max-steps", "4")
+    assert rc == 0 and "--cosine's curve" not in err  # the same length: the same curve

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 # A Figure of its own, not pyplot's: nothing here picks or changes matplotlib's backend, so
 # the CLI writes files on a machine without a display and a notebook keeps its inline plots.
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from diygpt.checkpointing import atomic_write
 
 
 def plot_losses(
@@ -38,7 +41,10 @@ def plot_losses(
     ax2.set_xlabel("Tokens seen")
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=120)
+        # Through a temp file: a full disk leaves the old figure whole (a resumed run's) and
+        # is one line, not a traceback; the temp name hides the format, so it is named.
+        fmt = Path(path).suffix[1:].lower() or "png"
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120))
     return fig
 
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from diygpt.checkpointing import ckpt_name
+from diygpt.checkpointing import ckpt_name, describe_os_error
 from diygpt.checkpoints import load_into, save_run, save_run_links, unwrap_model
 from diygpt.errors import CheckpointError
 from diygpt.resume import (
@@ -68,13 +68,18 @@ class TrainerState:
         other ranks get None.
         """
         step = self.history.global_step
-        if self._saved_step == step:
+        # Once per step, unless the epoch has run out of batches since: a --save-every save on
+        # an epoch's last step comes before its sample, and a final checkpoint left at that
+        # would resume by printing the sample again. (A --max-steps stop part-way through an
+        # epoch keeps the save from before its sample: a longer resume goes on in the epoch
+        # and records what an unbroken run records.)
+        if self._saved_step == step and self._saved_finished == self._epoch_finished:
             return self.last_checkpoint
         model, optimizer = self._full_model_and_optimizer()
         written = self.on_main(lambda: self._write_checkpoint(step, model, optimizer))
         # The other ranks know its name, for their messages.
         self.last_checkpoint = written or Path(self.cfg.out_dir) / ckpt_name(step)
-        self._saved_step = step
+        self._saved_step, self._saved_finished = step, self._epoch_finished
         return written
 
     def _write_checkpoint(self, step: int, model: nn.Module,
@@ -118,6 +123,8 @@ class TrainerState:
         # A --max-steps stop part-way through an epoch ran the epoch's end (its sample): a
         # resume that takes no step there does not run it again.
         self._end_ran_before_resume = bool(state.get("epoch_end_done"))
+        self._epoch_end_done = self._end_ran_before_resume
+        self._epoch_finished = bool(state.get("epoch_finished"))
         if state.get("epoch_finished"):
             # Taken after the epoch's last batch and its sample: go on with the next epoch,
             # from the RNG state the next epoch would have started with.
@@ -125,11 +132,15 @@ class TrainerState:
         self.epoch = point.epoch
         self._resume_point = point
         self.last_checkpoint, self._saved_step = ckpt.folder, h.global_step
+        self._saved_finished = self._epoch_finished
         # Drop metrics written after the checkpoint by the run that was killed.
         metrics = Path(self.cfg.out_dir or ".") / "metrics.jsonl"
         if self.cfg.out_dir is not None and self.is_main and metrics.is_file():
-            with open(metrics, "r+b") as f:
-                f.truncate(min(metrics_bytes, metrics.stat().st_size))
+            try:
+                with open(metrics, "r+b") as f:
+                    f.truncate(min(metrics_bytes, metrics.stat().st_size))
+            except OSError as exc:  # a read-only run folder: one line, as a fresh run's
+                raise CheckpointError(describe_os_error(exc, metrics)) from None
 
     def start_optimizer_from(self, state: dict) -> None:
         """AdamW's moments and step counts from ``--init-from``'s source (the book's layout,

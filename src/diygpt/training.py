@@ -81,6 +81,7 @@ class Trainer(TrainerState):
         self._resume_point: ResumePoint | None = None
         self.last_checkpoint: Path | None = None
         self._saved_step: int | None = None
+        self._saved_finished = False  # whether that save came after its epoch's last batch
         # This epoch's end (the sample) is done, and it also ran out of batches: a checkpoint
         # taken now resumes without ending the epoch again (in the next one if finished).
         self._epoch_end_done = False
