@@ -8,7 +8,7 @@
 #
 # Steps, the CUDA tests first, then the measurements. Each has its own time limit,
 # and a failed step does not stop the others; a summary of exit codes ends the output, and
-# the script exits 1 if any step failed. STEPS
+# the script exits 1 if any step failed or was not run for lack of time. STEPS
 # picks some (e.g. STEPS="gen" to rerun one); they run in the order below whatever their
 # order in STEPS. Output goes to the terminal and, where $OUT is set, to $OUT/gpu.txt.
 #   tests     correctness on CUDA: tests/test_cuda.py and every test that takes the `device`
@@ -69,7 +69,8 @@ run_step() {  # run_step NAME SECONDS COMMAND...: runs it if STEPS names it
   [[ " $STEPS " == *" $name "* ]] || return 0
   left=$((BUDGET - SECONDS))
   if ((left < 30)); then
-    SUMMARY+=("$name: not run (budget spent)"); echo "== $name: not run (budget spent)"; return 0
+    SUMMARY+=("$name: not run (budget spent)"); echo "== $name: not run (budget spent)"
+    FAILED=1; return 0
   fi
   ((limit > left)) && limit=$left
   echo; echo "== $name (limit ${limit} s)"

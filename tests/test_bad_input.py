@@ -25,7 +25,8 @@ def run(tmp_path_factory, data) -> Path:
     [(b"", "is empty"), (b"caf\xe9 au lait", "not valid UTF-8"), (b"\x7fELF\x00\x01", "binary"),
      # Windows Notepad's "Unicode" (with a byte-order mark), and UTF-16 without one
      ("Every effort moves you\n".encode("utf-16"), "is UTF-16 text, not UTF-8; convert it"),
-     ("Every effort moves you\n".encode("utf-16-be"), "is UTF-16 text, not UTF-8; convert it"),
+     ("Every effort moves you\n".encode("utf-16-be"), "convert it, e.g. `iconv -f utf-16be "),
+     ("Every effort moves you\n".encode("utf-16-le"), "convert it, e.g. `iconv -f utf-16le "),
      (bytes(b for i in range(1, 200) for b in (i, 0)), "binary")],  # 16-bit numbers, not text
 )
 def test_bad_data_files(tmp_path, capsys, content, expect):

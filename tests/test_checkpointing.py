@@ -501,10 +501,13 @@ def test_a_full_disk_at_the_loss_plot_is_one_line_and_keeps_the_old_plot(run_cop
     assert (run_copy / "loss.png").read_bytes() == old
 
 
-def test_a_longer_cosine_run_on_resume_says_the_curve_changes(data, tmp_path, capsys):
+def test_a_cosine_run_resumed_with_another_length_says_the_curve_changes(data, tmp_path, capsys):
     out = tmp_path / "r"
     assert train_tiny(capsys, data, out, "--max-steps", "2", "--cosine")[0] == 0
     rc, _, err = run_cli(capsys, "train", "--resume", out, "--max-steps", "4")
-    assert rc == 0 and "note: --cosine's curve now spans the new --max-steps" in err
-    rc, _, err = run_cli(capsys, "train", "--resume", out, "--max-steps", "4")
-    assert rc == 0 and "--cosine's curve" not in err  # the same length: the same curve
+    assert rc == 0 and ("note: --cosine's curve now spans 4 steps, not the 2 it spanned when "
+                        "ckpt-000001 was saved") in err
+    for more in ("--max-steps", "4"), ("--max-steps", "3"), ("--epochs", "9"):
+        # the same length (--epochs 9 is still capped by --max-steps 4), or nothing to train
+        rc, _, err = run_cli(capsys, "train", "--resume", out, *more)
+        assert rc == 0 and "--cosine's curve" not in err, more

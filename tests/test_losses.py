@@ -66,6 +66,11 @@ def test_a_second_backward_through_a_retained_graph_says_what_to_do():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backpropagates once .* pass calc_loss_batch loss_fn="):
         loss.backward()
+    # without retain_graph, torch's own message (which names retain_graph) is the right one
+    loss = cross_entropy(layer(torch.randn(6, 4)), torch.randint(0, 11, (6,)))
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
 
 
 def test_calc_loss_loader_caps_batches_gives_nan_when_empty_and_refuses_zero():

@@ -335,15 +335,21 @@ def test_text_in_flight_is_capped_however_many_threads(tmp_path):
     assert batch_blocks(200, mib) == 200  # a block a thread at least: none left idle
 
 
-@pytest.mark.parametrize(("cpu_max", "quota"), [
-    ("max 100000\n", None), ("150000 100000\n", 2), ("50000 100000\n", 1), ("junk", None),
+@pytest.mark.parametrize(("files", "quota"), [
+    ({"cpu.max": "max 100000\n"}, None), ({"cpu.max": "150000 100000\n"}, 2),
+    ({"cpu.max": "50000 100000\n"}, 1), ({"cpu.max": "junk"}, None),
+    # cgroup v1: -1 is unlimited
+    ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
 ])
-def test_a_container_cpu_quota_lowers_the_default_threads(tmp_path, monkeypatch, cpu_max, quota):
+def test_a_container_cpu_quota_lowers_the_default_threads(tmp_path, monkeypatch, files, quota):
     import os
 
     import diygpt.prepare as prepare
 
-    (tmp_path / "cpu.max").write_text(cpu_max)
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
     assert prepare._cgroup_cpu_quota(tmp_path) == quota
     assert prepare._cgroup_cpu_quota(tmp_path / "none") is None
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)

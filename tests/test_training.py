@@ -160,6 +160,9 @@ def test_the_books_function_names_are_importable():
                  "MultiHeadAttention", "LayerNorm", "GELU", "FeedForward", "TransformerBlock"):
         assert callable(getattr(diygpt, name)), name
         assert name in dir(diygpt) and name in diygpt.__all__, name  # lazy ones too
+    assert diygpt.model.GPTModel is diygpt.GPTModel  # submodules as attributes, as before
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        diygpt.nonexistent  # noqa: B018
 
 
 def test_plot_losses_returns_the_figure_and_leaves_matplotlibs_backend_alone(tmp_path):
@@ -209,9 +212,11 @@ def test_the_loss_figure_ends_where_the_run_stopped(tmp_path, capsys, verdict_pa
 
     import diygpt.plotting
 
+    from matplotlib.figure import Figure
+
     seen = []
     monkeypatch.setattr(diygpt.plotting, "plot_losses",
-                        lambda epochs, *rest: seen.append(epochs))
+                        lambda epochs, *rest, **kwargs: seen.append(epochs) or Figure())
     rc, out, err = train_tiny(capsys, verdict_path, tmp_path / "run", "--max-steps", "6",
                               "--epochs", "5")
     assert rc == 0, err

@@ -47,12 +47,15 @@ __all__ = list(_LAZY)
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    import importlib
+    import importlib.util
 
+    if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value  # later lookups skip this function
         return value
+    if not name.startswith("_") and importlib.util.find_spec(f"diygpt.{name}") is not None:
+        return importlib.import_module(f"diygpt.{name}")  # `import diygpt; diygpt.model`
     raise AttributeError(f"module 'diygpt' has no attribute {name!r}")
 
 

@@ -37,7 +37,13 @@ class _CrossEntropyInPlace(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         if torch.is_grad_enabled():  # create_graph=True: the gradient below has no graph
             raise RuntimeError(_ONE_BACKWARD.format(what="gives no second-order gradient"))
-        if getattr(ctx, "done", False):  # retain_graph=True, then a second backward
+        if getattr(ctx, "done", False):
+            try:
+                _ = ctx.saved_tensors
+            except RuntimeError as exc:
+                if "a second time" in str(exc):  # no retain_graph: torch's message says it all
+                    raise
+            # retain_graph=True kept them, but the first backward wrote over them.
             raise RuntimeError(_ONE_BACKWARD.format(
                 what="backpropagates once (its gradient overwrites the saved log-probabilities)"))
         ctx.done = True

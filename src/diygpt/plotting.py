@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 # A Figure of its own, not pyplot's: nothing here picks or changes matplotlib's backend, so
 # the CLI writes files on a machine without a display and a notebook keeps its inline plots.
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from diygpt.checkpointing import atomic_write
+PLOT_DPI = 120
 
 
 def plot_losses(
@@ -41,10 +40,7 @@ def plot_losses(
     ax2.set_xlabel("Tokens seen")
     fig.tight_layout()
     if path is not None:
-        # Through a temp file: a full disk leaves the old figure whole (a resumed run's) and
-        # is one line, not a traceback; the temp name hides the format, so it is named.
-        fmt = Path(path).suffix[1:].lower() or "png"
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120))
+        fig.savefig(path, dpi=PLOT_DPI)
     return fig
 
 

@@ -226,12 +226,17 @@ def _usable_cpus() -> int:
 
 
 def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """The CPU quota of a container (cgroup v2's cpu.max), rounded up; None when unlimited."""
-    try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        return max(1, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError, ZeroDivisionError):  # "max", no cgroup v2, not Linux
-        return None
+    """The CPU quota of a container, rounded up (cgroup v2's cpu.max, or v1's cfs files);
+    None when unlimited or unknown."""
+    for read in (lambda: (root / "cpu.max").read_text().split()[:2],
+                 lambda: [(root / "cpu" / f"cpu.cfs_{n}_us").read_text() for n in ("quota", "period")]):
+        try:
+            quota, period = (int(v) for v in read())
+        except (OSError, ValueError):  # "max" (v2's unlimited), no such file, not Linux
+            continue
+        if quota > 0 and period > 0:  # v1 writes -1 when unlimited
+            return max(1, math.ceil(quota / period))
+    return None
 
 
 def load_tokens(path: str | os.PathLike) -> np.ndarray:

@@ -63,10 +63,11 @@ def decode_text(raw: bytes, path: Path, offset: int = 0) -> str:
     """UTF-8 bytes (of ``path``, from byte ``offset``) as the book's ``open(path,
     encoding="utf-8").read()`` gives them: Windows' and old Macs' line ends read as "\n"."""
     if b"\x00" in raw:
-        if _looks_utf16(raw, offset):
+        encoding = _utf16_kind(raw, offset)
+        if encoding:
             # Windows Notepad's "Unicode": every ASCII character is followed or led by a NUL.
             raise DataError(f"{path} is UTF-16 text, not UTF-8; convert it, e.g. "
-                            f"`iconv -f utf-16 -t utf-8 {path.name}`")
+                            f"`iconv -f {encoding} -t utf-8 {path.name}`")
         raise DataError(f"{path} looks like a binary file (it contains NUL bytes), not text")
     try:
         text = raw.decode("utf-8")
@@ -78,18 +79,21 @@ def decode_text(raw: bytes, path: Path, offset: int = 0) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
 
-def _looks_utf16(raw: bytes, offset: int) -> bool:
+def _utf16_kind(raw: bytes, offset: int) -> str | None:
+    """iconv's name for the UTF-16 that ``raw`` looks like, or None."""
     if offset == 0 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        return True
+        return "utf-16"  # the byte-order mark tells iconv the order
     head = raw[:4096]
     if len(head) < 8:
-        return False
+        return None
     # Mostly-ASCII UTF-16 without a byte-order mark: NULs at one parity only, and printable
     # ASCII at the other (16-bit numbers saved as .txt have NULs in one place too).
     even, odd = head[0::2], head[1::2]
     nuls, chars = (even, odd) if even.count(0) > odd.count(0) else (odd, even)
     printable = sum(32 <= b < 127 or b in b"\t\n\r" for b in chars)
-    return chars.count(0) == 0 and nuls.count(0) >= 0.9 * len(nuls) and printable >= 0.9 * len(chars)
+    if chars.count(0) or nuls.count(0) < 0.9 * len(nuls) or printable < 0.9 * len(chars):
+        return None
+    return "utf-16be" if nuls is even else "utf-16le"  # the zero high byte comes first in BE
 
 
 def read_text(paths: PathLike | Sequence[PathLike]) -> str:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from diygpt.checkpointing import ckpt_name, describe_os_error
+from diygpt.checkpointing import atomic_write, ckpt_name, describe_os_error
 from diygpt.checkpoints import load_into, save_run, save_run_links, unwrap_model
 from diygpt.errors import CheckpointError
 from diygpt.resume import (
@@ -89,7 +89,8 @@ class TrainerState:
             capture_rng(self._loader_generator),
         )
         state = {"config": unwrap_model(self.model).cfg.to_dict(), **self.training_state(),
-                 "epoch_end_done": self._epoch_end_done, "epoch_finished": self._epoch_finished}
+                 "epoch_end_done": self._epoch_end_done, "epoch_finished": self._epoch_finished,
+                 "total_steps": self.total_steps()}  # a cosine schedule's length, for resume
         if self.precision.scaler is not None:  # fp16: its loss scale, so resume is exact
             state["grad_scaler"] = self.precision.scaler.state_dict()
         return write_training_checkpoint(
@@ -172,17 +173,19 @@ class TrainerState:
         c, h = self.cfg, self.history
         if h.train_losses:
             # Imported here: matplotlib adds ~30 MB that the training steps should not carry.
-            from diygpt.plotting import plot_losses
+            from diygpt.plotting import PLOT_DPI, plot_losses
 
             # The book's axis, linspace(0, num_epochs, n), ending where the run stopped: a
             # --max-steps or signal stop part-way through an epoch is not a whole epoch.
             batches = len(self.train_loader) if hasattr(self.train_loader, "__len__") else 0
             epochs = (h.global_step + 1) / batches if batches else max(h.epochs_done, 1)
             epochs_seen = torch.linspace(0, epochs, len(h.train_losses)).tolist()
-            plot_losses(
-                epochs_seen, h.track_tokens_seen, h.train_losses, h.val_losses,
-                Path(c.out_dir) / "loss.png",
-            )
+            fig = plot_losses(epochs_seen, h.track_tokens_seen, h.train_losses, h.val_losses,
+                              path=None)
+            # Through a temp file: a full disk keeps a resumed run's old plot whole and is
+            # one line, not a traceback.
+            atomic_write(Path(c.out_dir) / "loss.png",
+                         lambda tmp: fig.savefig(tmp, format="png", dpi=PLOT_DPI))
         state = {
             **self.run_state,
             "global_step": h.global_step,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from pathlib import Path
 
 from diygpt.errors import CheckpointError, ConfigError
@@ -102,12 +101,5 @@ def merge_resume_args(
     if not launched and "fsdp" not in typed:
         merged["fsdp"] = False
     merged.update({k: getattr(args, k) for k in typed & CHANGEABLE})
-    longer = [d for d in ("epochs", "max_steps") if d in typed and getattr(args, d) != saved.get(d)]
-    if saved.get("cosine") and longer:
-        # The curve is a function of the run's length: a longer run's is another curve.
-        print(f"diygpt: note: --cosine's curve now spans the new {_flag(parser, longer[0])}, so "
-              "from here on the learning rate follows that curve, not the one this run began "
-              "on (the run is not the one a longer run from the start would have been)",
-              file=sys.stderr)
     merged["resume"], merged["out"] = args.resume, str(args.resume)
     return argparse.Namespace(**merged)

@@ -376,6 +376,12 @@ def _train(args: argparse.Namespace, env, device) -> int:
             limit = f"--max-steps {args.max_steps}" if by_steps else f"--epochs {args.epochs}"
             warn(f"diygpt: note: the run has taken {done} steps, all that {limit} allows: "
                  f"nothing to train; raise {limit.split()[0]} to go on")
+        elif args.cosine and ckpt.state.get("total_steps", trainer.total_steps()) != (
+                total := trainer.total_steps()):
+            # The curve is a function of the run's length: another length, another curve.
+            warn(f"diygpt: note: --cosine's curve now spans {total} steps, not the "
+                 f"{ckpt.state['total_steps']} it spanned when {ckpt.folder.name} was saved: "
+                 "from here the learning rate follows the new curve")
     draws = device.type == "cpu" if args.fast_draws is None else args.fast_draws
     # GELU's kernel serves diygpt.lean's GELU, which only the uncompiled CPU model has.
     gelu = device.type == "cpu" and not args.compile if args.fast_gelu is None else args.fast_gelu
