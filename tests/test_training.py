@@ -209,10 +209,9 @@ def test_metrics_and_state_are_strict_json_and_a_nan_loss_resumes(tmp_path, caps
 def test_the_loss_figure_ends_where_the_run_stopped(tmp_path, capsys, verdict_path,
                                                     monkeypatch):
     from cli_helpers import train_tiny
+    from matplotlib.figure import Figure
 
     import diygpt.plotting
-
-    from matplotlib.figure import Figure
 
     seen = []
     monkeypatch.setattr(diygpt.plotting, "plot_losses",
