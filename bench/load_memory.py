@@ -33,17 +33,13 @@ from diygpt.pretrained.assemble import meta_model
 from diygpt.pretrained.tf_checkpoint import write_tf_bundle
 
 _CHILD = r"""
-import resource, sys, torch
+import sys, torch
 from pathlib import Path
 from diygpt.model import GPTModel
 from diygpt.pretrained import load_pretrained
 from diygpt.pretrained.book import book_config
 from diygpt.pretrained.readers import open_file
-def rss():  # peak RSS in MB of this process image (VmHWM; see the module docstring)
-    status = Path("/proc/self/status").read_text()
-    if "VmHWM:" in status:
-        return int(status.split("VmHWM:")[1].split()[0]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from diygpt.cli.prepare import peak_rss_mb as rss  # VmHWM (see the module docstring)
 path, dtype, naive = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 base = rss()
 if naive:

@@ -73,7 +73,7 @@ for x, y in train:
 # Runs argv[2:] as `python -m diygpt ...` or as code, then writes its own peak RSS (MB) and
 # the (seconds, tokens) of each optimizer step.
 WRAP = """
-import json, os, resource, runpy, sys, time
+import json, os, runpy, sys, time
 out, kind, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
 STEPS = []
 clock = time.process_time if os.environ.get("BENCH_CPU_TIME") else time.perf_counter
@@ -98,10 +98,9 @@ try:
         sys.argv = ["-c", *rest[1:]]
         exec(rest[0])
 finally:
-    # VmHWM is this process image's own; ru_maxrss would keep the launching script's peak
-    status = open("/proc/self/status").read() if os.path.exists("/proc/self/status") else ""
-    peak = (int(status.split("VmHWM:")[1].split()[0]) if "VmHWM:" in status
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+    from diygpt.cli.prepare import peak_rss_mb  # VmHWM: not this script's peak, carried over
+
+    peak = peak_rss_mb()
     json.dump({"peak_mb": peak, "steps": STEPS}, open(out, "w"))
 """
 
