@@ -187,6 +187,31 @@ def test_an_error_on_another_rank_names_it(monkeypatch, tmp_path, capsys):
     assert rc == 2 and err.startswith("diygpt: error (rank 1): data file") and err.count("\n") == 1
 
 
+def test_each_error_line_reaches_stderr_in_one_write(monkeypatch, tmp_path):
+    # Under torchrun the ranks share one stderr; print() wrote the text and its newline in two
+    # calls, and CI once saw rank 1's line glued onto the end of rank 0's.
+    import io
+    import sys
+
+    from diygpt.cli.main import main
+
+    class Writes(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def write(self, text):
+            self.calls.append(text)
+            return super().write(text)
+
+    err = Writes()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "--data", str(tmp_path / "missing.txt")]) == 2
+    assert len(err.calls) == 1 and err.calls[0].endswith("\n"), err.calls
+    assert err.calls[0].startswith("diygpt: error (rank 1): data file")
+
+
 def test_a_failed_compile_is_one_line_on_its_own_line(tmp_path, capsys, monkeypatch):
     # torch.compile without a working C++ compiler raised a page of InductorError.
     from pathlib import Path

@@ -198,7 +198,7 @@ class Trainer(TrainerState):
         )
         if self.cfg.nan_policy == "skip":
             if self.is_main:  # every rank skips the step; one says so
-                print(f"diygpt: warning: {what} at step {step}; step skipped", file=sys.stderr)
+                sys.stderr.write(f"diygpt: warning: {what} at step {step}; step skipped\n")
             return
         kept = (
             f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint

@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(str(exc))
         return 2
     except KeyboardInterrupt:
-        print(f"{_PROG}: interrupted", file=sys.stderr)
+        _say(f"{_PROG}: interrupted")
         return 130
     except BrokenPipeError:  # e.g. `diygpt generate ... | head`
         return 0
@@ -99,7 +99,15 @@ def _error(message: str) -> None:
     # Under torchrun each rank that meets an error says so; the others name their rank.
     rank = os.environ.get("RANK", "0")
     tag = "" if rank == "0" else f" (rank {rank})"
-    print(f"{_PROG}: error{tag}: {message}", file=sys.stderr)
+    _say(f"{_PROG}: error{tag}: {message}")
+
+
+def _say(line: str) -> None:
+    # One write per line: Python's stderr writes through, so print() would send the text and
+    # its newline in two calls, and under torchrun another rank's line could land in between.
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -183,7 +183,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _warn(line: str) -> None:
-    print(line, file=sys.stderr)
+    sys.stderr.write(line + "\n")  # one write, so another rank's line cannot split it
+    sys.stderr.flush()
 
 
 def _quiet(line: str) -> None:
