@@ -48,11 +48,12 @@ def torchrun_env() -> dict[str, str]:
 
 
 def torchrun(nproc: int, argv: list[str], cwd: Path, per_rank_dir: bool = False,
-             timeout: float = 300):
+             timeout: float = 300, path_first: Path | None = None):
     """``torchrun --standalone --nproc_per_node N -m diygpt ARGV``.
 
     With ``per_rank_dir`` each rank runs in its own ``rank<RANK>/`` folder under ``cwd``, so
-    a relative ``--out`` shows which ranks wrote files.
+    a relative ``--out`` shows which ranks wrote files. ``path_first`` goes before ``src`` on
+    the ranks' PYTHONPATH (a ``sitecustomize.py`` there changes them for a test).
     """
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={nproc}"]
@@ -63,7 +64,10 @@ def torchrun(nproc: int, argv: list[str], cwd: Path, per_rank_dir: bool = False,
         cmd = [*launcher, "-m", "diygpt", *argv]
     # A session of its own: a run that hangs is killed with its ranks, not only torchrun
     # (the ranks would otherwise wait out gloo's 30-minute timeout after the test).
-    proc = subprocess.Popen(cmd, cwd=cwd, env=torchrun_env(), stdout=subprocess.PIPE,
+    env = torchrun_env()
+    if path_first is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(path_first), env["PYTHONPATH"]])
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -78,6 +82,21 @@ def max_weight_diff(run_a: Path, run_b: Path) -> float:
     a, b = load_file(run_a / "model.safetensors"), load_file(run_b / "model.safetensors")
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def assert_same_weights(run_a: Path, run_b: Path) -> None:
+    """The weights of two runs that summed their gradients in different orders.
+
+    AdamW divides by sqrt(v), so an element whose gradient is near 0 turns float noise into
+    a visible step: one element of the tiny run differs by 5e-6 here, and by how much depends
+    on the CPU's kernels. The bound on the largest difference is a quarter of one step's
+    size (lr 4e-4); the mean, 1.7e-10 here, is where a mis-weighted rank shows (3e-5 when
+    the ranks' 3 and 2 rows were weighted alike).
+    """
+    a, b = load_file(run_a / "model.safetensors"), load_file(run_b / "model.safetensors")
+    assert a.keys() == b.keys()
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert diff.max().item() < 1e-4 and diff.mean().item() < 1e-8, (diff.max(), diff.mean())
 
 
 def assert_same_losses(run_a: Path, run_b: Path) -> None:

@@ -6,6 +6,7 @@ import pytest
 from distributed_helpers import (
     assert_same_losses,
     assert_same_optimizer_state,
+    assert_same_weights,
     max_weight_diff,
     single_run,
     tiny_args,
@@ -26,7 +27,7 @@ def test_ddp_cli_resume_continues_exactly(verdict_path, tmp_path, tmp_path_facto
     assert "resuming from" in second.stderr
     # ... and end where 6 steps in one go end (one process, same global batch).
     straight = single_run(verdict_path, tmp_path_factory)
-    assert max_weight_diff(tmp_path / "run", straight) < 1e-5
+    assert_same_weights(tmp_path / "run", straight)
     assert_same_optimizer_state(tmp_path / "run", straight)
     assert_same_losses(tmp_path / "run", straight)
 
@@ -46,7 +47,7 @@ def test_an_fsdp_run_resumes_in_one_process(verdict_path, tmp_path, tmp_path_fac
         assert main(["train", "--resume", str(tmp_path / "run"), "--max-steps", "6",
                      "--no-progress"]) == 0, capsys.readouterr().err
     straight = single_run(verdict_path, tmp_path_factory)
-    assert max_weight_diff(tmp_path / "run", straight) < 1e-5
+    assert_same_weights(tmp_path / "run", straight)
     assert_same_losses(tmp_path / "run", straight)
 
 
@@ -67,13 +68,32 @@ def test_a_torchrun_resume_with_dropout_and_uneven_shares_is_exact(verdict_path,
     assert_same_losses(tmp_path / "run", tmp_path / "straight")
 
 
+SLOW_RANK1 = """
+import os
+import time
+
+if os.environ.get("RANK") == "1":
+    import diygpt.cli.report as report
+
+    say = report.say
+    report.say = lambda line: (time.sleep(2), say(line))
+"""
+
+
 @pytest.mark.slow
 def test_an_error_only_rank0_meets_stops_every_rank_with_one_line(verdict_path, tmp_path):
+    # torchrun stops the other ranks as soon as rank 0 exits, so a rank 1 slower to speak
+    # than rank 0 to leave lost its line. Made 2 s slow here, it must still say it, after
+    # rank 0's.
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(SLOW_RANK1)
     (tmp_path / "taken").write_text("a file where the run folder would go")
-    result = torchrun(2, tiny_args(verdict_path, "taken"), tmp_path)
+    result = torchrun(2, tiny_args(verdict_path, "taken"), tmp_path, path_first=slow)
     assert result.returncode != 0
     lines = [ln for ln in result.stderr.splitlines() if "diygpt: error" in ln]
-    assert any(ln.startswith("diygpt: error: cannot write taken") for ln in lines), lines
-    assert ("diygpt: error (rank 1): the run stopped on another rank; that rank's error is "
-            "above") in lines, lines
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("diygpt: error: cannot write taken"), lines
+    assert lines[1] == ("diygpt: error (rank 1): the run stopped on another rank; that rank's "
+                        "error is above"), lines
     assert "[rank1]: Traceback" not in result.stderr and "[rank0]: Traceback" not in result.stderr

@@ -75,6 +75,15 @@ class RankStopped(DiygptError):
         super().__init__("the run stopped on another rank; that rank's error is above")
 
 
+_AGREED = "_diygpt_every_rank_knows"
+
+
+def every_rank_knows(exc: BaseException) -> bool:
+    """Whether ``exc`` stopped every rank together (:meth:`Parallel.on_main`), so the group
+    still works and each rank can say its line before any of them leaves it."""
+    return isinstance(exc, RankStopped) or bool(getattr(exc, _AGREED, False))
+
+
 def lost_peer(exc: BaseException) -> bool:
     """A collective that failed because another process left the group (it stopped on an
     error of its own and printed it), as gloo reports it. Other collective errors (an NCCL
@@ -125,6 +134,12 @@ def init_distributed(device_name: str | None = None) -> tuple[DistEnv, torch.dev
             torch.cuda.set_device(device)
         dist.init_process_group(backend_for(device))
     return env, device
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in one process)."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def shutdown(wait: bool = True) -> None:
@@ -313,6 +328,7 @@ class Parallel:
         failed = torch.tensor([error is not None], dtype=torch.int64, device=self.device)
         dist.broadcast(failed, src=0)
         if error is not None:
+            setattr(error, _AGREED, True)
             raise error
         if failed.item():
             raise RankStopped()

@@ -10,9 +10,11 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from diygpt import __version__
+from diygpt.cli.report import PROG as _PROG
+from diygpt.cli.report import Reported
+from diygpt.cli.report import error as _error
+from diygpt.cli.report import say as _say
 from diygpt.errors import DiygptError
-
-_PROG = "diygpt"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         (args.parser if after else parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args) or 0)
+    except Reported:
+        return 2
     except DiygptError as exc:
         _error(str(exc))
         return 2
@@ -93,20 +97,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(f"--compile failed: {first.strip()[:300]}; run without --compile (on the CPU it "
                "needs a working C++ compiler; DIYGPT_TRACEBACK=1 shows the whole error)")
         return 2
-
-
-def _error(message: str) -> None:
-    # Under torchrun each rank that meets an error says so; the others name their rank.
-    rank = os.environ.get("RANK", "0")
-    tag = "" if rank == "0" else f" (rank {rank})"
-    _say(f"{_PROG}: error{tag}: {message}")
-
-
-def _say(line: str) -> None:
-    # One write per line: Python's stderr writes through, so print() would send the text and
-    # its newline in two calls, and under torchrun another rank's line could land in between.
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
 
 
 if __name__ == "__main__":

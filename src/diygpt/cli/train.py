@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import sys
 import traceback
 from pathlib import Path
 
+from diygpt.cli import report
 from diygpt.cli.options import (
     add_device_flags,
     build_config,
@@ -19,6 +19,7 @@ from diygpt.cli.options import (
 )
 from diygpt.cli.speed_flags import add_speed_flags, prepare_model, setup_training
 from diygpt.config import ATTENTION_IMPLS, PRESETS, GPTConfig
+from diygpt.errors import DiygptError
 
 EXAMPLE = """example (the seed's run, section 2.1):
   diygpt train --data the-verdict.txt --preset book-124m --epochs 10 --batch-size 2 \\
@@ -183,8 +184,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _warn(line: str) -> None:
-    sys.stderr.write(line + "\n")  # one write, so another rank's line cannot split it
-    sys.stderr.flush()
+    report.say(line)
 
 
 def _quiet(line: str) -> None:
@@ -199,6 +199,19 @@ def run(args: argparse.Namespace) -> int:
         rc = _train(args, env, device)
     except BaseException as exc:
         _free_frames(exc)
+        if env.world_size > 1 and distributed.every_rank_knows(exc):
+            # torchrun stops the other ranks as soon as one exits, so each says its line
+            # before any leaves: rank 0, whose error it is, first.
+            said = isinstance(exc, DiygptError)
+            if said and env.is_main:
+                report.error(str(exc))
+            distributed.barrier()
+            if said and not env.is_main:
+                report.error(str(exc))
+            distributed.shutdown()
+            if said:
+                raise report.Reported() from None
+            raise
         distributed.shutdown(wait=False)
         if env.world_size > 1 and distributed.lost_peer(exc):
             # Another rank stopped on an error of its own and said so; not a traceback here.
