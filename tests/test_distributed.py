@@ -13,8 +13,8 @@ import torch
 from distributed_helpers import (
     assert_same_losses,
     assert_same_optimizer_state,
+    assert_same_weights,
     eval_lines,
-    max_weight_diff,
     single_run,
     tiny_args,
     torchrun,
@@ -191,7 +191,7 @@ def test_ddp_two_ranks_match_one_process_and_only_rank0_writes(
     }
     assert list((tmp_path / "rank1").iterdir()) == []
     # Global batch 5 over 2 ranks (3 + 2 rows, each in 2 micro-batches): same weights.
-    assert max_weight_diff(run0, reference) < 1e-5
+    assert_same_weights(run0, reference)
     assert_same_optimizer_state(run0, reference)
     # Losses are averaged over ranks and printed once, by rank 0.
     lines = eval_lines(result.stdout)

@@ -120,8 +120,9 @@ def test_the_seeds_initial_losses_under_its_own_names(verdict_text):
         train_loss = compute_loss_loader(train_data_loader, diy_gpt_model, "cpu")
         test_loss = compute_loss_loader(test_data_loader, diy_gpt_model, "cpu")
     # The seed prints 10.987583584255642 and 10.981106758117676; eager attention gives the
-    # first to every digit here, the second to 6 decimals (the book's code gives the same).
-    assert train_loss == pytest.approx(10.987583584255642, abs=1e-12)
+    # first to every digit on an x86 CPU with AVX2 (1e-7 off with torch's generic kernels),
+    # the second to 6 decimals (the book's code gives the same).
+    assert train_loss == pytest.approx(10.987583584255642, abs=1e-6)
     assert test_loss == pytest.approx(10.981106758117676, abs=1e-5)
 
 
