@@ -183,10 +183,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run, parser=p)
 
 
-def _warn(line: str) -> None:
-    report.say(line)
-
-
 def _quiet(line: str) -> None:
     """Ranks other than 0 stay silent; rank 0 speaks for the run."""
 
@@ -316,7 +312,7 @@ def _train(args: argparse.Namespace, env, device) -> int:
         optim_in_backward=True if args.low_memory and args.optim_in_backward is None
         else args.optim_in_backward,
     )
-    warn = _warn if env.is_main else _quiet
+    warn = report.say if env.is_main else _quiet
     tokenizer = get_tokenizer(args.tokenizer_dir)
     data = load_training_data(args.data, tokenizer, args.train_ratio)
     digest = data.digest
