@@ -57,8 +57,13 @@ def _out_of_memory(exc: BaseException) -> str | None:
     asked = re.search(r"tried to allocate (\d+) bytes", text)  # the CPU allocator's words
     if asked:
         return f"tried to allocate {int(asked.group(1)) / 1e9:.1f} GB"
-    first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
-    return first.strip()[:200]
+    return _first_line(exc, 200)
+
+
+def _first_line(exc: BaseException, limit: int) -> str:
+    """The first non-blank line of ``exc``'s message (torch's errors run to pages)."""
+    first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return first.strip()[:limit]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,8 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not _compile_failure(exc):
             raise
         # torch.compile's errors are pages long; the first line says what went wrong.
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        _error(f"--compile failed: {first.strip()[:300]}; run without --compile (on the CPU it "
+        _error(f"--compile failed: {_first_line(exc, 300)}; run without --compile (on the CPU it "
                "needs a working C++ compiler; DIYGPT_TRACEBACK=1 shows the whole error)")
         return 2
 
