@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -263,6 +264,20 @@ def test_cli_command(server, tmp_path, monkeypatch, capsys):
     assert args.func(args) == 0
     assert str(tmp_path) in capsys.readouterr().out
     assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_the_cli_downloads_without_torch(server, tmp_path):
+    # torch is ~190 MB of RSS and 1.5 s of start-up that fetching and checking files never use
+    import subprocess
+    import sys
+
+    code = ("import sys; from diygpt.cli.main import main; "
+            f"code = main(['download', 'gpt2-small', '--format', 'hf', '--dir', {str(tmp_path)!r}]); "
+            "print(code, sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "DIYGPT_DOWNLOAD_BASE": server.base})
+    assert done.stdout.strip().splitlines()[-1] == "0 []"
+    assert (tmp_path / "model.safetensors").read_bytes() == (HF_DIR / "model.safetensors").read_bytes()
 
 
 PORTAL = b"<!DOCTYPE html><html><body>Sign in to continue</body></html>"

@@ -166,6 +166,18 @@ def check_writable(folder: str | os.PathLike) -> None:
 
 
 # -- checkpoint folders ----------------------------------------------------------------------
+# torch.compile's and DDP's wrappers prefix every key a state dict of the wrapper holds.
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def unwrapped_name(key: str) -> str:
+    """``key`` without torch.compile's and DDP's prefixes, nested in either order
+    (``DDP(torch.compile(model))`` saves ``module._orig_mod.``)."""
+    while key.startswith(_WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
 def ckpt_name(step: int) -> str:
     return f"{CKPT_PREFIX}{step:06d}"
 

@@ -21,14 +21,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diygpt.checkpointing import atomic_write, link_or_copy, write_json
+from diygpt.checkpointing import atomic_write, link_or_copy, unwrapped_name, write_json
 from diygpt.config import GPTConfig
 from diygpt.errors import CheckpointError, ConfigError
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -38,14 +37,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return model
         model = inner
-
-
-def unwrapped_name(key: str) -> str:
-    """``key`` without torch.compile's and DDP's prefixes, nested in either order
-    (``DDP(torch.compile(model))`` saves ``module._orig_mod.``)."""
-    while key.startswith(_WRAPPER_PREFIXES):
-        key = key.split(".", 1)[1]
-    return key
 
 
 def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -8,6 +8,15 @@ from pathlib import Path
 
 # What `diygpt download --format` fetches: OpenAI's TF release or Hugging Face's files.
 FORMATS = ("openai", "hf")
+# The files of one model in each format, as their sources name them.
+OPENAI_FILES = (
+    "checkpoint",
+    "hparams.json",
+    "model.ckpt.index",
+    "model.ckpt.data-00000-of-00001",
+    "model.ckpt.meta",
+)
+HF_FILES = ("model.safetensors", "config.json")
 
 # Our name -> (OpenAI's folder name, Hugging Face repository)
 GPT2_MODELS: dict[str, tuple[str, str]] = {

@@ -28,9 +28,15 @@ from tqdm import tqdm
 
 from diygpt.checkpointing import describe_os_error
 from diygpt.errors import CheckpointError, DownloadError
-from diygpt.pretrained.catalog import FORMATS, GPT2_MODELS, model_dir, other_size, size_clash
-from diygpt.pretrained.hf import HF_FILES
-from diygpt.pretrained.openai import OPENAI_FILES
+from diygpt.pretrained.catalog import (
+    FORMATS,
+    GPT2_MODELS,
+    HF_FILES,
+    OPENAI_FILES,
+    model_dir,
+    other_size,
+    size_clash,
+)
 from diygpt.pretrained.readers import open_safetensors
 from diygpt.pretrained.tf_checkpoint import TABLE_MAGIC
 

@@ -21,7 +21,6 @@ from diygpt.pretrained.gpt2_layout import (
 )
 from diygpt.pretrained.source import TensorSource
 
-HF_FILES = ("model.safetensors", "config.json")
 _SUFFIX = {"w": "weight", "g": "weight", "b": "bias"}
 
 

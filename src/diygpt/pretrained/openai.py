@@ -19,13 +19,6 @@ from diygpt.pretrained.gpt2_layout import config_from_json, gpt2_tensors
 from diygpt.pretrained.source import TensorSource
 from diygpt.pretrained.tf_checkpoint import open_tf_checkpoint
 
-OPENAI_FILES = (
-    "checkpoint",
-    "hparams.json",
-    "model.ckpt.index",
-    "model.ckpt.data-00000-of-00001",
-    "model.ckpt.meta",
-)
 _TOP = {"wte": "model/wte", "wpe": "model/wpe", "ln_f/g": "model/ln_f/g", "ln_f/b": "model/ln_f/b"}
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diygpt.checkpoints import safe_torch_load, state_dict_from, unwrapped_name
+from diygpt.checkpointing import unwrapped_name
 from diygpt.errors import CheckpointError
 from diygpt.pretrained.source import ByteSpan, DictSource, MemmapSource, TensorSource
 
@@ -84,6 +84,8 @@ def open_torch_file(path: Path) -> DictSource:
     """Load a ``.pth``/``.bin`` state dict with ``weights_only`` (never runs pickled code),
     memory-mapped where the file allows; a book training checkpoint (``model_state_dict``
     beside the optimizer) is accepted too."""
+    from diygpt.checkpoints import safe_torch_load, state_dict_from  # torch: not for headers
+
     path = Path(path)
     tensors = state_dict_from(safe_torch_load(path, mmap=True), path)
     # A book user's torch.save(model.state_dict()) of a compiled or DDP-wrapped model
