@@ -218,7 +218,7 @@ def test_a_seed_past_64_bits_is_an_argument_error(run, data, tmp_path, capsys, s
     ("--epochs", "1.5", "an integer, got '1.5'"), ("--train-ratio", "1.5", "a number in (0, 1]"),
     ("--train-ratio", "0", "a number in (0, 1], got 0"), ("--drop-rate", "1", "a number in [0, 1), got 1"),
     ("--warmup-steps", "-1", "an integer >= 0"), ("--grad-clip", "0", "a number > 0, got 0"),
-    ("--min-lr", "-1", "a number >= 0, got -1")])
+    ("--min-lr", "-1", "a number in [0, 1e+30], got -1"), ("--min-lr", "1e38", "a number in [0, 1e+30]")])
 def test_bad_training_values_name_the_flag_and_value(data, tmp_path, capsys, flag, value, expect):
     args = [flag] if value is None else [flag, value]
     rc, _, err = run_cli(capsys, "train", "--data", data, *TINY, *args, "--out", tmp_path / "r")

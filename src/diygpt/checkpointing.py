@@ -28,6 +28,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -94,13 +95,37 @@ def _umask() -> int:
     return mask
 
 
+_NOT_FILES = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+              (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
+
+
+def _write_target(path: Path) -> Path:
+    """The file a write to ``path`` lands in: a symlink's target, as the shell's ``>`` does
+    (replacing the link would cut it). A device or pipe is refused: moving a file over it
+    would remove it (``--out /dev/null`` as root would replace the system's)."""
+    if path.is_symlink():
+        try:
+            path = path.resolve()
+        except (OSError, RuntimeError):  # a loop: RuntimeError before Python 3.13
+            raise CheckpointError(f"cannot write {path}: a symlink loop") from None
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return path  # absent (or unreadable: the write itself says why)
+    kind = next((name for test, name in _NOT_FILES if test(mode)), None)
+    if kind is not None:
+        raise CheckpointError(f"cannot write {path}: it is {kind}, not a regular file; "
+                              "name a file")
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` to fill a temp file next to ``path``, then move it into place.
 
     On any failure the temp file is removed, ``path`` keeps its old content, and an OSError
     becomes a one-line CheckpointError (no space left, read-only folder, ...).
     """
-    path = Path(path)
+    path = _write_target(Path(path))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         # A name left by a crash may be a hard link to a kept checkpoint's file: writing

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from diygpt.checkpointing import (
+    CKPT_PREFIX,
     atomic_write,
     latest_checkpoint,
     link_or_copy,
@@ -189,8 +190,18 @@ def read_training_checkpoint(folder: str | os.PathLike) -> LoadedCheckpoint:
 
 def find_resume_checkpoint(run_dir: str | os.PathLike) -> Path:
     run = Path(run_dir)
+    if run.is_file():
+        raise CheckpointError(f"{run} is a file: --resume takes the run folder (--out)")
     if not run.is_dir():
         raise CheckpointError(f"{run}: no such run folder to resume")
+    if run.name.startswith(CKPT_PREFIX) and latest_checkpoint(run.parent) is not None:
+        # A resume goes on in its run folder, from the newest checkpoint: from an older
+        # one it would write over what came after.
+        raise CheckpointError(
+            f"{run} is one checkpoint of the run {run.parent}: --resume takes the run folder "
+            f"(it goes on from the newest checkpoint); to start a new run from {run.name}'s "
+            f"weights, use --init-from {run}"
+        )
     found = latest_checkpoint(run)
     if found is None:
         raise CheckpointError(

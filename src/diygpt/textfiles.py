@@ -20,7 +20,10 @@ def expand_paths(paths: PathLike | Sequence[PathLike]) -> list[Path]:
         paths = [paths]
     files: list[Path] = []
     origins: list[Path] = []  # the argument each file came from: itself or its folder
-    for p in map(Path, paths):
+    for raw in paths:
+        if not os.fspath(raw).strip():  # Path("") is the current folder: all its .txt
+            raise DataError(f"a data path is blank ({os.fspath(raw)!r}); name a file or folder")
+        p = Path(raw)
         if p.is_dir():
             # .txt in any case; not inside hidden folders or hidden files (.git,
             # .ipynb_checkpoints): those are tools' copies, not the user's corpus
@@ -38,6 +41,9 @@ def expand_paths(paths: PathLike | Sequence[PathLike]) -> list[Path]:
             # the size up front, and a resume reads the data again.
             kind = "a pipe" if stat.S_ISFIFO(p.stat().st_mode) else "not a regular file"
             raise DataError(f"data file {p} is {kind}; write the text to a file first")
+        elif p.is_symlink():
+            raise DataError(f"data file {p} is a broken symbolic link (a loop, or its target "
+                            "is missing)")
         else:
             raise DataError(f"data file {p} does not exist")
     if not files:

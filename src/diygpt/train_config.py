@@ -44,6 +44,8 @@ class TrainConfig:
             raise ConfigError(f"grad-accum must be positive, got {self.grad_accum}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"grad-clip must be positive, got {self.grad_clip}")
+        if not 0 <= self.min_lr < float("inf"):
+            raise ConfigError(f"min-lr must be a finite number >= 0, got {self.min_lr}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup-steps must be >= 0, got {self.warmup_steps}")
         if self.save_every is not None and (self.save_every <= 0 or self.out_dir is None):

@@ -111,7 +111,12 @@ class Trainer(TrainerState):
                 self._bar.write(line, file=sys.stdout)
             else:
                 print(line, flush=True)
-        except BrokenPipeError:  # `diygpt train | head`: the reader left, the run goes on
+        except OSError as exc:
+            # `diygpt train | head`: the reader left; `> train.log` on a full disk: hours of
+            # training are worth more than the log. The run goes on; metrics.jsonl keeps it.
+            if not isinstance(exc, BrokenPipeError):
+                sys.stderr.write(f"diygpt: warning: cannot write the log to the standard "
+                                 f"output ({exc.strerror or exc}); the run goes on without it\n")
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             os.close(devnull)
@@ -200,15 +205,22 @@ class Trainer(TrainerState):
             if self.is_main:  # every rank skips the step; one says so
                 sys.stderr.write(f"diygpt: warning: {what} at step {step}; step skipped\n")
             return
-        kept = (
-            f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
-            else "no checkpoint was saved (use --save-every N)"
-        )
+        if self.last_checkpoint:
+            # --resume keeps the run's --lr and --grad-clip: a new run from the checkpoint
+            # may change them.
+            todo = (f"the last good checkpoint is {self.last_checkpoint}; go on from it in a "
+                    f"new run with a lower learning rate or gradient clipping (diygpt train "
+                    f"--init-from {self.last_checkpoint} --lr LOWER --grad-clip 1.0 --out NEW) "
+                    f"or skip such steps (diygpt train --resume {self.cfg.out_dir} "
+                    "--nan-policy skip)")
+        else:
+            todo = ("no checkpoint was saved (use --save-every N); try a lower learning rate, "
+                    "gradient clipping, or skipping such steps (diygpt train --lr, --grad-clip, "
+                    "--nan-policy skip)")
         raise TrainingError(
             f"{what} at step {step} (epoch {self.epoch + 1}); stopped before updating the "
-            f"{'weights that backward had not reached' if partial else 'weights'}; {kept}; "
-            "try a lower learning rate, gradient clipping, or skipping such steps (diygpt "
-            "train --lr, --grad-clip, --nan-policy skip; TrainConfig's grad_clip, nan_policy)"
+            f"{'weights that backward had not reached' if partial else 'weights'}; {todo}; "
+            "TrainConfig's lr, grad_clip and nan_policy in Python"
         )
 
     # -- the loop ----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from diygpt.cli.options import path_arg
 from diygpt.pretrained.catalog import FORMATS, GPT2_MODELS
 
 
@@ -22,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="openai: OpenAI's original TF checkpoint (the book's source); "
         "hf: Hugging Face's model.safetensors (default: openai)",
     )
-    p.add_argument("--dir", default=None, help="folder to put the files in")
+    p.add_argument("--dir", default=None, type=path_arg, help="folder to put the files in")
     p.set_defaults(func=run)
 
 

@@ -9,6 +9,7 @@ from diygpt.cli.options import (
     add_device_flags,
     add_model_source_flags,
     load_model_from_args,
+    path_arg,
     positive_int,
     stride_warning,
 )
@@ -25,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_model_source_flags(p)
     p.add_argument("--data", nargs="+", action="extend", required=True, metavar="PATH",
+                   type=path_arg,
                    help="text file(s) or folder(s) of .txt files, or .bin token files from "
                    "`diygpt prepare`")
     p.add_argument("--context-length", type=positive_int, default=None,

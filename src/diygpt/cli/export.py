@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from diygpt.cli.options import add_model_source_flags, load_model_from_args
+from diygpt.cli.options import add_model_source_flags, load_model_from_args, path_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "read at its newest checkpoint.",
     )
     add_model_source_flags(p, attn=False)
-    p.add_argument("--out", required=True, metavar="FILE", help="the .pth file to write")
+    p.add_argument("--out", required=True, metavar="FILE", type=path_arg, help="the .pth file to write")
     p.add_argument("--optimizer", action="store_true",
                    help="also the run's AdamW state (needs --checkpoint RUN, a run folder)")
     p.set_defaults(func=run)

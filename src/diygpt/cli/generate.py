@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from diygpt.cli.options import (
@@ -109,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
     check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     if not args.prompt:
         raise GenerationError("the prompt is empty: pass --prompt TEXT")
+    # Bytes that are not UTF-8 (a Latin-1 file's `--prompt "$(cat f)"`) reach argv as lone
+    # surrogates, which a strict UTF-8 stdout cannot echo; the tokenizer reads them as U+FFFD.
+    args.prompt = os.fsencode(args.prompt).decode("utf-8", "replace")
     if args.compile and not args.use_cache:
         raise GenerationError("--compile works on the KV cache: drop --no-cache")
     unused = [f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import sys
@@ -52,12 +53,39 @@ def _out_of_memory(exc: BaseException) -> str | None:
     torch = sys.modules.get("torch")
     text = str(exc)
     cuda = torch is not None and isinstance(exc, torch.OutOfMemoryError)
+    if isinstance(exc, MemoryError):  # Python's or numpy's (a text read whole), no size said
+        return _first_line(exc, 200) if str(exc).strip() else "a Python allocation failed"
     if not cuda and not (isinstance(exc, RuntimeError) and "can't allocate memory" in text):
         return None
     asked = re.search(r"tried to allocate (\d+) bytes", text)  # the CPU allocator's words
     if asked:
-        return f"tried to allocate {int(asked.group(1)) / 1e9:.1f} GB"
+        size = int(asked.group(1))
+        return f"tried to allocate {size / 1e9:.1f} GB" if size >= 1e9 else \
+            f"tried to allocate {size / 1e6:.1f} MB"
     return _first_line(exc, 200)
+
+
+def _tracebacks_wanted() -> bool:
+    return os.environ.get("DIYGPT_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _no_closed_streams() -> None:
+    """``diygpt ... >&-``: Python leaves sys.stdout None (an AttributeError at the first
+    print), and the next file opened would take descriptor 1. The output goes to /dev/null
+    instead, as after ``| head`` leaves."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            setattr(sys, name, open(fd, "w", encoding="utf-8", closefd=False))
+
+
+# Writes that fail for the medium's sake, not the program's: a full disk, a lost device.
+_WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
 
 
 def _first_line(exc: BaseException, limit: int) -> str:
@@ -75,8 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # After the command, they are the command's to name; before it, the top parser's.
         after = unknown[0] not in given or given.index(unknown[0]) > given.index(args.command)
         (args.parser if after else parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    _no_closed_streams()
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, where a full disk is one line, not an error at exit
+        return code
     except Reported:
         return 2
     except DiygptError as exc:
@@ -87,12 +118,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. `diygpt generate ... | head`
         return 0
+    except OSError as exc:
+        # diygpt names the file of every write it makes; an error with no file name is
+        # the standard output's (`> out.txt` on a full disk).
+        if exc.filename is not None or exc.errno not in _WRITE_FAILURES or _tracebacks_wanted():
+            raise
+        _error(f"cannot write the output: {os.strerror(exc.errno)}")
+        return 2
     except Exception as exc:
-        if os.environ.get("DIYGPT_TRACEBACK"):
+        if _tracebacks_wanted():
             raise
         memory = _out_of_memory(exc)
         if memory:
-            _error(f"out of memory: {memory}; use a smaller --batch-size or model "
+            text = ("; a text too large to read at once: tokenize it with `diygpt prepare` "
+                    "and pass the .bin" if isinstance(exc, MemoryError)
+                    and args.command in ("train", "eval") else "")
+            _error(f"out of memory: {memory}; use a smaller --batch-size or model{text} "
                    "(DIYGPT_TRACEBACK=1 shows the whole error)")
             return 2
         if not _compile_failure(exc):

@@ -27,6 +27,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def path_arg(text: str) -> str:
+    """A path argparse takes: not blank. An unset shell variable (``--data "$CORPUS"``)
+    gives ``""``, which Path reads as the current folder, or as no source at all."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
+    return text
+
+
 def seed_int(text: str) -> int:
     """A seed torch takes: an integer in [-2**63, 2**64)."""
     value = _int(text)
@@ -82,7 +90,7 @@ def add_device_flags(p: argparse.ArgumentParser) -> None:
         help="cpu, cuda, cuda:N, mps, or auto (cuda, then mps, then cpu; default auto)",
     )
     p.add_argument(
-        "--tokenizer-dir", default=None, metavar="DIR",
+        "--tokenizer-dir", default=None, metavar="DIR", type=path_arg,
         help="folder with GPT-2's encoder.json and vocab.bpe, for offline use "
         "(default: $DIYGPT_TOKENIZER_DIR, then tiktoken's cache, then download)",
     )
@@ -92,12 +100,12 @@ def add_model_source_flags(p: argparse.ArgumentParser, attn: bool = True) -> Non
     """--checkpoint/--weights/--pretrained, --preset and --dtype; --attn where ``attn``."""
     src = p.add_argument_group("model source (one of)")
     src.add_argument(
-        "--checkpoint", metavar="RUN",
+        "--checkpoint", metavar="RUN", type=path_arg,
         help="a run folder written by `diygpt train`, or a book model.pth / "
         "model_and_optimizer.pth / .safetensors weights file (then give --preset)",
     )
     src.add_argument(
-        "--weights", metavar="PATH",
+        "--weights", metavar="PATH", type=path_arg,
         help="OpenAI GPT-2 weights: an OpenAI TF checkpoint folder, a Hugging Face "
         "folder or file, or a book-layout state dict (format detected; a book-layout file "
         "without a config.json takes --preset's shape, else GPT-2's head count for its width)",

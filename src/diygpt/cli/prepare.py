@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from diygpt.cli.options import positive_int
+from diygpt.cli.options import path_arg, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,8 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "output is replaced only when every file has been read.",
     )
     p.add_argument("--data", nargs="+", action="extend", required=True, metavar="PATH",
+                   type=path_arg,
                    help="text file(s), or folder(s) of .txt files (UTF-8)")
-    p.add_argument("--out", required=True, metavar="FILE",
+    p.add_argument("--out", required=True, metavar="FILE", type=path_arg,
                    help="output token file; `diygpt train --data` reads it when its name ends "
                    "in .bin (e.g. train.bin)")
     p.add_argument("--threads", type=positive_int, default=None,
@@ -33,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "use, at least 1)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar on stderr")
-    p.add_argument("--tokenizer-dir", default=None, metavar="DIR",
+    p.add_argument("--tokenizer-dir", default=None, metavar="DIR", type=path_arg,
                    help="folder with GPT-2's encoder.json and vocab.bpe (default: "
                    "$DIYGPT_TOKENIZER_DIR, then tiktoken's cache, then download)")
     p.set_defaults(func=run)

@@ -12,6 +12,7 @@ from diygpt.cli import report
 from diygpt.cli.options import (
     add_device_flags,
     build_config,
+    path_arg,
     positive_int,
     ranged,
     seed_int,
@@ -40,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     d = p.add_argument_group("data")
     d.add_argument("--data", nargs="+", action="extend", default=None, metavar="PATH",
+                   type=path_arg,
                    help="text file(s) or folder(s) of .txt files (UTF-8), or .bin token file(s) "
                    "from `diygpt prepare`; required unless --resume")
     d.add_argument("--train-ratio", type=ranged(float, 0, 1, low_open=True), default=0.9,
@@ -63,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dropout rate (default: the preset's)")
     m.add_argument("--attn", choices=ATTENTION_IMPLS, default=None,
                    help="attention: sdpa (fused, default) or eager (the book's math, bit-exact)")
-    m.add_argument("--init-from", metavar="SOURCE", default=None,
+    m.add_argument("--init-from", metavar="SOURCE", default=None, type=path_arg,
                    help="start from these weights, not random ones: gpt2-small|medium|large|xl "
                    "(after `diygpt download`), OpenAI's or Hugging Face's files, a run folder, "
                    "or a book model.pth (shaped by its tensors, or by a typed --preset). The "
@@ -90,7 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--warmup-steps", type=ranged(int, 0), default=0, help="linear LR warmup steps (default 0)")
     o.add_argument("--cosine", action="store_true",
                    help="decay the LR along a cosine to --min-lr over the run")
-    o.add_argument("--min-lr", type=ranged(float, 0), default=0.0, help="final LR with --cosine (default 0)")
+    o.add_argument("--min-lr", type=ranged(float, 0, 1e30), default=0.0, help="final LR with --cosine (default 0)")
     o.add_argument("--grad-clip", type=ranged(float, 0, low_open=True), default=None,
                    help="clip the global gradient norm to this value")
     o.add_argument("--grad-accum", type=positive_int, default=1,
@@ -106,7 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="batches per evaluation, of train and of validation (default 5)")
     e.add_argument("--sample-prompt", default="Every effort moves you",
                    help='start of the greedy sample printed after each epoch ("" for none)')
-    e.add_argument("--out", default="runs/train", help="run folder (default runs/train)")
+    e.add_argument("--out", default="runs/train", type=path_arg, help="run folder (default runs/train)")
     e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="a progress bar on stderr, shown only when stderr is a terminal "
                    "(--no-progress: never)")
@@ -116,7 +118,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "run also saves one at its end and on Ctrl-C/SIGTERM)")
     c.add_argument("--keep-last", type=positive_int, default=2, metavar="K",
                    help="keep the newest K checkpoints (default 2)")
-    c.add_argument("--resume", metavar="RUN", default=None,
+    c.add_argument("--resume", metavar="RUN", default=None, type=path_arg,
                    help="continue RUN from its last complete checkpoint, exactly, with its "
                    "saved settings; the device, run length, checkpoint and progress flags, "
                    "--data (a moved copy of the same text), --tokenizer-dir, --fsdp, "
@@ -299,6 +301,11 @@ def _train(args: argparse.Namespace, env, device) -> int:
                           "on its own shard of the gradients); use --dtype bf16")
     if args.compile_mode != "default" and not args.compile:
         raise ConfigError(f"--compile-mode {args.compile_mode} needs --compile")
+    if args.min_lr and not args.cosine:
+        raise ConfigError(f"--min-lr {args.min_lr:g} needs --cosine (the curve it ends)")
+    if args.cosine and args.min_lr > args.lr:
+        raise ConfigError(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the cosine "
+                          "would raise the learning rate; give a --min-lr below --lr")
     if args.low_memory and args.compile:
         raise ConfigError("--low-memory does not go with --compile (recomputation wraps the "
                           "blocks' forward, which is not tested compiled)")
@@ -368,6 +375,8 @@ def _train(args: argparse.Namespace, env, device) -> int:
     )
     train_args = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
     train_args["data"] = [str(Path(d).resolve()) for d in args.data]  # resumable from anywhere
+    if args.tokenizer_dir is not None:
+        train_args["tokenizer_dir"] = str(Path(args.tokenizer_dir).resolve())
     run_state = {"train_args": train_args, "data_sha256": digest}
     trainer = Trainer(
         fast.model, fast.optimizer, train_loader, val_loader, device, train_cfg, tokenizer,
