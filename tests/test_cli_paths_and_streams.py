@@ -209,3 +209,61 @@ def test_a_relative_tokenizer_dir_is_saved_resolved(data, tmp_path, capsys, monk
 def test_min_lr_that_cannot_do_what_it_says(data, tmp_path, capsys, flags, said):
     assert said in one_line_error(capsys, "train", "--data", data, *TINY, *flags,
                                   "--out", tmp_path / "r")
+
+
+def test_one_file_of_a_run_names_the_run_folder(run, capsys):
+    for name in ("model.safetensors", "state.json"):
+        line = one_line_error(capsys, "generate", "--checkpoint", run / name)
+        assert line.endswith(f"is one file of the run {run}: give the run folder "
+                             f"(--checkpoint {run})")
+
+
+def test_a_pipe_as_weights_is_one_line(data, tmp_path, capsys):
+    # reading a pipe waits for a writer: `--weights <(cat model.pth)` hung
+    fifo = tmp_path / "model.pth"
+    os.mkfifo(fifo)
+    for argv in (["generate", "--weights", fifo], ["generate", "--checkpoint", fifo, "--preset", "tiny"],
+                 ["train", "--data", data, "--init-from", fifo, "--out", tmp_path / "r"]):
+        assert f"{fifo} is a named pipe, not a weights file" in one_line_error(capsys, *argv)
+
+
+def test_weights_that_are_not_a_run_are_not_written_over(run, data, tmp_path, capsys):
+    folder = tmp_path / "download"
+    folder.mkdir()
+    weights = (run / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights)
+    line = one_line_error(capsys, "train", "--data", data, *TINY, "--out", folder)
+    assert line.endswith("holds model.safetensors but is not a diygpt run; a run there would "
+                         "write over it: choose another --out")
+    assert (folder / "model.safetensors").read_bytes() == weights
+
+
+def test_skipped_steps_are_counted_in_the_last_line(data, tmp_path, capsys):
+    # lr 1e30 blows the weights up at once: every later step is non-finite
+    rc, _, err = train_tiny(capsys, data, tmp_path / "r", "--max-steps", "4", "--lr", "1e30",
+                            "--nan-policy", "skip")
+    assert rc == 0 and "diygpt: 4 steps (3 skipped as non-finite), " in err
+
+
+def test_negative_zero_is_zero(data, tmp_path, capsys):
+    rc, _, _ = train_tiny(capsys, data, tmp_path / "r", "--max-steps", "1", "--drop-rate", "-0")
+    state = json.loads((tmp_path / "r" / "state.json").read_text())
+    assert rc == 0 and str(state["train_args"]["drop_rate"]) == "0.0"
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(data, tmp_path, capsys):
+    # two runs on one --out mixed their checkpoints and metrics.jsonl; one died on a temp file
+    from diygpt.checkpointing import lock_run_folder
+
+    out = tmp_path / "r"
+    out.mkdir()
+    held = lock_run_folder(out)
+    if held is None:
+        pytest.skip("no file locks on this filesystem")
+    line = one_line_error(capsys, "train", "--data", data, *TINY, "--out", out)
+    assert line.endswith(f"{out} is in use by another run (pid {os.getpid()}); wait for it to "
+                         "end, or choose another --out")
+    assert not list(out.glob("ckpt-*"))
+    held.close()  # the lock goes with its holder
+    rc, _, _ = train_tiny(capsys, data, out, "--max-steps", "1")
+    assert rc == 0 and lock_run_folder(out) is not None

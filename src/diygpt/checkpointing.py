@@ -6,6 +6,7 @@ Layout of a run folder (``diygpt train --out RUN``)::
     RUN/ckpt-000019/   ...                  (the last ``keep_last`` checkpoints)
     RUN/latest         "ckpt-000019": the newest complete checkpoint
     RUN/model.safetensors, RUN/state.json   the newest weights, so `generate --checkpoint RUN` works
+    RUN/.lock          held by the run training there (a second one is refused)
 
 ``ckpt-<step>`` holds the state after the step printed as ``Step <step>`` in the log.
 
@@ -31,7 +32,7 @@ import signal
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from safetensors import SafetensorError
 
@@ -40,6 +41,7 @@ from diygpt.errors import CheckpointError
 CKPT_PREFIX = "ckpt-"
 LATEST_FILE = "latest"
 KILL_HOOK_ENV = "DIYGPT_TEST_KILL_AT_WRITE"
+LOCK_FILE = ".lock"
 _writes_done = 0  # atomic writes in this process, for the test hook
 
 
@@ -99,6 +101,16 @@ _NOT_FILES = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block devi
               (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
 
 
+def special_kind(path: Path) -> str | None:
+    """"a named pipe", "a character device"...: what ``path`` is when it exists but is not a
+    regular file or folder (reading a pipe blocks until a writer comes), else None."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    return next((name for test, name in _NOT_FILES if test(mode)), None)
+
+
 def _write_target(path: Path) -> Path:
     """The file a write to ``path`` lands in: a symlink's target, as the shell's ``>`` does
     (replacing the link would cut it). A device or pipe is refused: moving a file over it
@@ -108,11 +120,7 @@ def _write_target(path: Path) -> Path:
             path = path.resolve()
         except (OSError, RuntimeError):  # a loop: RuntimeError before Python 3.13
             raise CheckpointError(f"cannot write {path}: a symlink loop") from None
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return path  # absent (or unreadable: the write itself says why)
-    kind = next((name for test, name in _NOT_FILES if test(mode)), None)
+    kind = special_kind(path)
     if kind is not None:
         raise CheckpointError(f"cannot write {path}: it is {kind}, not a regular file; "
                               "name a file")
@@ -188,6 +196,39 @@ def check_writable(folder: str | os.PathLike) -> None:
     except OSError as exc:
         raise CheckpointError(describe_os_error(exc, folder)) from None
     probe.unlink(missing_ok=True)
+
+
+def lock_run_folder(folder: str | os.PathLike) -> IO[str] | None:
+    """Hold ``folder/.lock`` while the returned file stays open: a second run into the same
+    folder (a command typed again in another terminal) is refused instead of mixing its
+    checkpoints and metrics with the first's. The lock goes with the process, however it
+    ends. None where locks are not available (Windows, some network filesystems)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = Path(folder) / LOCK_FILE
+    try:
+        f = open(path, "a+", encoding="utf-8")  # the caller keeps it open: the lock lasts
+    except OSError as exc:
+        raise CheckpointError(describe_os_error(exc, path)) from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise CheckpointError(
+            f"{folder} is in use by another run{f' (pid {holder})' if holder else ''}; wait "
+            "for it to end, or choose another --out") from None
+    except OSError:  # no locks on this filesystem: go on unguarded, as before
+        f.close()
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 # -- checkpoint folders ----------------------------------------------------------------------

@@ -21,7 +21,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diygpt.checkpointing import atomic_write, link_or_copy, unwrapped_name, write_json
+from diygpt.checkpointing import (
+    atomic_write,
+    link_or_copy,
+    special_kind,
+    unwrapped_name,
+    write_json,
+)
 from diygpt.config import GPTConfig
 from diygpt.errors import CheckpointError, ConfigError
 
@@ -301,12 +307,19 @@ def load_model(
                 )
         cfg, weights = run_cfg, path / MODEL_FILE
     elif path.is_file():
+        if (path.parent / STATE_FILE).is_file() and (cfg is None or path.name == STATE_FILE):
+            # RUN/model.safetensors or RUN/state.json: the run folder carries the config
+            raise CheckpointError(f"{path} is one file of the run {path.parent}: give the run "
+                                  f"folder (--checkpoint {path.parent})")
         if cfg is None:
             raise CheckpointError(
                 f"{path}: a bare weights file needs a model config (--preset NAME, or "
                 "--weights FILE with the shape read from the tensors or a config.json beside it)"
             )
         weights = path
+    elif kind := special_kind(path):  # `--checkpoint <(cat model.pth)`
+        raise CheckpointError(f"{path} is {kind}, not a weights file or run folder; save the "
+                              "weights to a file first")
     else:
         raise CheckpointError(f"{path}: no such checkpoint file or run folder")
     if attn_impl is not None:

@@ -70,6 +70,9 @@ def build(source: Path) -> Path:
     target = cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
         return target
+    if target.parent.exists() and not target.parent.is_dir():
+        raise RuntimeError(f"the build cache {target.parent} is a file, not a folder "
+                           "(DIYGPT_CACHE_DIR names the folder)")
     target.parent.mkdir(parents=True, exist_ok=True)
     # A folder of its own: ranks, or threads, may build at once; the last rename wins whole.
     # The linker creates the file there, so it gets the umask's mode (a file made first by

@@ -113,7 +113,7 @@ def _blocks(files: list[Path], block_bytes: int) -> Iterator[tuple[str, int]]:
             blank = blank and text.isspace()
             yield text, size
         if blank:  # the rule `train --data` applies to a text file
-            raise DataError(f"data file {path} is empty")
+            raise DataError(f"data file {path} is empty or holds only whitespace")
 
 
 def _merged(blocks: Iterator[tuple[str, int]], block_bytes: int) -> Iterator[tuple[str, int]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from diygpt.checkpointing import (
     atomic_write,
     latest_checkpoint,
     link_or_copy,
+    list_checkpoints,
     save_checkpoint,
     write_json,
 )
@@ -210,6 +212,25 @@ def find_resume_checkpoint(run_dir: str | os.PathLike) -> Path:
             "saves none)"
         )
     return found
+
+
+def check_fresh_run_folder(out: str | os.PathLike) -> None:
+    """Refuse an ``--out`` for a new run where one would write over something kept there."""
+    if list_checkpoints(out):
+        raise CheckpointError(
+            f"{out} already holds checkpoints; continue it with --resume "
+            f"{shlex.quote(str(out))}, or choose another --out"
+        )
+    if (Path(out) / STATE_FILE).is_file():
+        # Final files without a checkpoint: an --epochs 0 run, or one from a diygpt that
+        # ended runs without a checkpoint. Nothing to resume; not to overwrite.
+        raise CheckpointError(f"{out} already holds a run with no checkpoint to resume; "
+                              "choose another --out")
+    if held := [n for n in (MODEL_FILE, OPTIMIZER_FILE) if (Path(out) / n).exists()]:
+        # Not a run's (it would have state.json): a download folder, say, or weights copied
+        # in by hand; the run's files would replace them.
+        raise CheckpointError(f"{out} holds {held[0]} but is not a diygpt run; a run there "
+                              "would write over it: choose another --out")
 
 
 def history_state(history, base_lrs: list[float], metrics: Path) -> dict[str, Any]:

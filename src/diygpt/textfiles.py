@@ -113,7 +113,7 @@ def read_text(paths: PathLike | Sequence[PathLike]) -> str:
     for path in expand_paths(paths):
         text = decode_text(path.read_bytes(), path)
         if not text.strip():
-            raise DataError(f"data file {path} is empty")
+            raise DataError(f"data file {path} is empty or holds only whitespace")
         texts.append(text)
     return ENDOFTEXT.join(texts)
 

@@ -16,13 +16,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from diygpt.checkpointing import check_writable, describe_os_error, json_ready
+from diygpt.checkpointing import check_writable, describe_os_error, json_ready, lock_run_folder
 from diygpt.checkpoints import unwrap_model
 from diygpt.errors import CheckpointError, TrainingError
 from diygpt.evaluation import evaluate_model, format_eval_line, sample_text
@@ -96,6 +96,8 @@ class Trainer(TrainerState):
         # Only with a meter does the eval line get tok/s (and MFU) appended.
         self.meter = meter
         self.in_backward: OptimInBackward | None = None  # fit() sets it where it applies
+        self.skipped_steps = 0  # by --nan-policy skip, in this process
+        self._lock: IO[str] | None = None  # out_dir's, held by rank 0 while fit() runs
         self._guard = StepGuard(optimizer, self.precision,
                                 sharded=parallel is not None and parallel.sharded)
 
@@ -202,6 +204,7 @@ class Trainer(TrainerState):
             else f"non-finite gradient norm ({grad_norm.item()})"
         )
         if self.cfg.nan_policy == "skip":
+            self.skipped_steps += 1
             if self.is_main:  # every rank skips the step; one says so
                 sys.stderr.write(f"diygpt: warning: {what} at step {step}; step skipped\n")
             return
@@ -284,11 +287,15 @@ class Trainer(TrainerState):
         finally:
             self._bar.close()
             self._bar = None
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
         self._finish()
         return h
 
     def _start_run_folder(self) -> None:
         check_writable(self.cfg.out_dir)
+        self._lock = lock_run_folder(self.cfg.out_dir)
         for name in ("metrics.jsonl", "loss.png"):  # found at the end, after all the training
             if (Path(self.cfg.out_dir) / name).is_dir():
                 raise CheckpointError(f"{Path(self.cfg.out_dir) / name} is a folder, where the run "

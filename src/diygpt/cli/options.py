@@ -61,7 +61,7 @@ def ranged(cast: type, low: float, high: float | None = None, *, low_open: bool 
             high is None or (value < high if high_open else value <= high))
         if not inside:
             raise argparse.ArgumentTypeError(f"expected {kind} {bounds}, got {text}")
-        return value
+        return value + 0  # -0.0 as 0.0: it was logged and saved as "-0"
 
     parse.__name__ = f"{cast.__name__} {bounds}"  # argparse names the type in some errors
     return parse

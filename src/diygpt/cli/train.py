@@ -249,12 +249,16 @@ def _train(args: argparse.Namespace, env, device) -> int:
     from diygpt.cli.resume_args import NOT_SETTINGS, merge_resume_args
     from diygpt.data import check_token_ids, load_training_data, loaders_from_tokens
     from diygpt.distributed import wrap_model
-    from diygpt.errors import CheckpointError, ConfigError, DataError
+    from diygpt.errors import ConfigError, DataError
     from diygpt.fast_draws import fast_draws, unavailable_reason
     from diygpt.lean import lean_activations
     from diygpt.memory import recompute_blocks, tune_malloc
     from diygpt.model import GPTModel
-    from diygpt.resume import find_resume_checkpoint, read_training_checkpoint
+    from diygpt.resume import (
+        check_fresh_run_folder,
+        find_resume_checkpoint,
+        read_training_checkpoint,
+    )
     from diygpt.signals import Interrupted
     from diygpt.tokenizer import get_tokenizer
     from diygpt.training import TrainConfig, Trainer
@@ -270,19 +274,7 @@ def _train(args: argparse.Namespace, env, device) -> int:
     elif not args.data:
         raise ConfigError("--data is required (or --resume RUN to continue a run)")
     else:
-        from diygpt.checkpointing import list_checkpoints
-        from diygpt.checkpoints import STATE_FILE
-
-        if list_checkpoints(args.out):
-            raise CheckpointError(
-                f"{args.out} already holds checkpoints; continue it with --resume "
-                f"{shlex.quote(str(args.out))}, or choose another --out"
-            )
-        if (Path(args.out) / STATE_FILE).is_file():
-            # Final files without a checkpoint: an --epochs 0 run, or one from a diygpt
-            # that ended runs without a checkpoint. Nothing to resume; not to overwrite.
-            raise CheckpointError(f"{args.out} already holds a run with no checkpoint to "
-                                  "resume; choose another --out")
+        check_fresh_run_folder(args.out)
     if args.init_optimizer is not None and not args.init_from:
         flag = "--init-optimizer" if args.init_optimizer else "--no-init-optimizer"
         raise ConfigError(f"{flag} goes with --init-from")
@@ -419,8 +411,10 @@ def _train(args: argparse.Namespace, env, device) -> int:
     steps = history.global_step + 1
     written = [n for n in ("model.safetensors", "loss.png", "metrics.jsonl")  # none at --epochs 0
                if (Path(args.out) / n).is_file()]
+    # Weights that have diverged make every later step non-finite: the count says so.
+    skipped = f" ({trainer.skipped_steps} skipped as non-finite)" if trainer.skipped_steps else ""
     warn(
-        f"diygpt: {steps} step{'' if steps == 1 else 's'}, {history.tokens_seen} tokens seen; "
-        f"saved to {args.out}/ ({', '.join(written)})"
+        f"diygpt: {steps} step{'' if steps == 1 else 's'}{skipped}, {history.tokens_seen} tokens "
+        f"seen; saved to {args.out}/ ({', '.join(written)})"
     )
     return 0
