@@ -143,6 +143,15 @@ def test_cc_may_carry_flags_and_a_failed_build_leaves_no_file(monkeypatch, tmp_p
     assert [p.name for p in tmp_path.iterdir()] == [built.name]
 
 
+def test_a_file_as_the_build_cache_is_said_plainly(monkeypatch, tmp_path) -> None:
+    # it was "[Errno 17] File exists: 'cache'" in the warning that the fast draws are off
+    cache = tmp_path / "cache"
+    cache.write_text("")
+    monkeypatch.setenv("DIYGPT_CACHE_DIR", str(cache))
+    with pytest.raises(RuntimeError, match=f"the build cache {cache} is a file, not a folder"):
+        fd.native.build(fd.SOURCE)
+
+
 def test_cli_draws_fast_by_default_on_the_cpu_with_the_same_result(data, tmp_path, capsys,
                                                                    monkeypatch) -> None:
     from cli_helpers import train_tiny
