@@ -211,6 +211,17 @@ def test_min_lr_that_cannot_do_what_it_says(data, tmp_path, capsys, flags, said)
                                   "--out", tmp_path / "r")
 
 
+def test_a_run_saved_with_an_idle_min_lr_still_resumes(data, tmp_path, capsys):
+    # runs saved before the --min-lr checks keep their settings on --resume
+    out = tmp_path / "r"
+    assert train_tiny(capsys, data, out, "--max-steps", "1")[0] == 0
+    for state_file in [out / "state.json", *out.glob("ckpt-*/state.json")]:
+        state = json.loads(state_file.read_text())
+        state["train_args"]["min_lr"] = 0.5
+        state_file.write_text(json.dumps(state))
+    assert run_cli(capsys, "train", "--resume", out, "--max-steps", "2")[0] == 0
+
+
 def test_one_file_of_a_run_names_the_run_folder(run, capsys):
     for name in ("model.safetensors", "state.json"):
         line = one_line_error(capsys, "generate", "--checkpoint", run / name)

@@ -295,11 +295,13 @@ class Trainer(TrainerState):
 
     def _start_run_folder(self) -> None:
         check_writable(self.cfg.out_dir)
-        self._lock = lock_run_folder(self.cfg.out_dir)
         for name in ("metrics.jsonl", "loss.png"):  # found at the end, after all the training
             if (Path(self.cfg.out_dir) / name).is_dir():
                 raise CheckpointError(f"{Path(self.cfg.out_dir) / name} is a folder, where the run "
                                       "writes a file: move it, or choose another --out")
+        # Last of the checks (a lock taken before a failed one would outlive it), first of
+        # the writes.
+        self._lock = lock_run_folder(self.cfg.out_dir)
         if self._resume_point is None:
             # A fresh run: not after the lines of one that died before its first save.
             (Path(self.cfg.out_dir) / "metrics.jsonl").unlink(missing_ok=True)

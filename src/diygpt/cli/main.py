@@ -118,16 +118,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. `diygpt generate ... | head`
         return 0
-    except OSError as exc:
-        # diygpt names the file of every write it makes; an error with no file name is
-        # the standard output's (`> out.txt` on a full disk).
-        if exc.filename is not None or exc.errno not in _WRITE_FAILURES or _tracebacks_wanted():
-            raise
-        _error(f"cannot write the output: {os.strerror(exc.errno)}")
-        return 2
     except Exception as exc:
         if _tracebacks_wanted():
             raise
+        # diygpt names the file of every write it makes; an error with no file name is
+        # the standard output's (`> out.txt` on a full disk).
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno in _WRITE_FAILURES:
+            _error(f"cannot write the output: {os.strerror(exc.errno)}")
+            return 2
         memory = _out_of_memory(exc)
         if memory:
             text = ("; a text too large to read at once: tokenize it with `diygpt prepare` "

@@ -19,6 +19,7 @@ from diygpt.cli.options import (
     stride_warning,
 )
 from diygpt.cli.speed_flags import add_speed_flags, prepare_model, setup_training
+from diygpt.cli.train_flags import check_flag_combinations
 from diygpt.config import ATTENTION_IMPLS, PRESETS, GPTConfig
 from diygpt.errors import DiygptError
 
@@ -275,9 +276,7 @@ def _train(args: argparse.Namespace, env, device) -> int:
         raise ConfigError("--data is required (or --resume RUN to continue a run)")
     else:
         check_fresh_run_folder(args.out)
-    if args.init_optimizer is not None and not args.init_from:
-        flag = "--init-optimizer" if args.init_optimizer else "--no-init-optimizer"
-        raise ConfigError(f"{flag} goes with --init-from")
+    check_flag_combinations(args, resuming=ckpt is not None)
     start, moments = None, None
     if args.init_from and ckpt is None:
         from diygpt.cli.init_from import start_from_args
@@ -288,19 +287,6 @@ def _train(args: argparse.Namespace, env, device) -> int:
         cfg = GPTConfig.from_dict(ckpt.state["config"])
     else:
         cfg = build_config(args)
-    if args.fsdp and args.dtype == "fp16":
-        raise ConfigError("--fsdp does not go with --dtype fp16 (each rank would judge overflow "
-                          "on its own shard of the gradients); use --dtype bf16")
-    if args.compile_mode != "default" and not args.compile:
-        raise ConfigError(f"--compile-mode {args.compile_mode} needs --compile")
-    if args.min_lr and not args.cosine:
-        raise ConfigError(f"--min-lr {args.min_lr:g} needs --cosine (the curve it ends)")
-    if args.cosine and args.min_lr > args.lr:
-        raise ConfigError(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the cosine "
-                          "would raise the learning rate; give a --min-lr below --lr")
-    if args.low_memory and args.compile:
-        raise ConfigError("--low-memory does not go with --compile (recomputation wraps the "
-                          "blocks' forward, which is not tested compiled)")
     train_cfg = TrainConfig(
         num_epochs=args.epochs, eval_freq=args.eval_freq, eval_iter=args.eval_iter,
         start_context=args.sample_prompt or None, max_steps=args.max_steps,
