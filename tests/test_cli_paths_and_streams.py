@@ -64,6 +64,25 @@ def test_out_through_a_symlink_writes_its_target_and_keeps_the_link(data, tmp_pa
     assert "a symlink loop" in one_line_error(capsys, "prepare", "--data", data, "--out", loop)
 
 
+def test_a_run_copied_as_symlinks_is_resumed_without_writing_the_original(data, tmp_path,
+                                                                          capsys):
+    # `cp -rs RUN COPY`: a run's own files are replaced, not written through (metrics.jsonl,
+    # appended to in place, is not covered)
+    original = tmp_path / "original"
+    assert train_tiny(capsys, data, original, "--max-steps", "2", "--save-every", "1")[0] == 0
+
+    def files() -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in original.rglob("*")
+                if p.is_file() and p.name != "metrics.jsonl"}
+
+    before = files()
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-rs", str(original), str(copy)], check=True)
+    assert run_cli(capsys, "train", "--resume", copy, "--max-steps", "3")[0] == 0
+    assert files() == before
+    assert json.loads((copy / "state.json").read_text())["global_step"] == 2
+
+
 # -- blank paths -------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv", [
     ["train", "--data", ""], ["train", "--data", "DATA", "--out", ""],
@@ -121,6 +140,12 @@ def test_a_closed_standard_output_is_output_discarded(run):
     assert done.returncode == 0 and not done.stderr.strip(), done.stderr.decode()
 
 
+def test_a_prompt_read_rightly_echoes_unchanged(run, capsys):
+    rc, out, _ = run_cli(capsys, "generate", "--checkpoint", run, "--prompt", "café €",
+                         "--max-new-tokens", "1")
+    assert rc == 0 and out.startswith("café €")
+
+
 def test_a_prompt_that_is_not_utf8_echoes_as_replacement_characters(run):
     # `--prompt "$(cat latin1.txt)"` under a strict UTF-8 stdout (en_US.UTF-8) failed to echo
     done = _diygpt("generate", "--checkpoint", run, "--prompt", b"caf\xe9", "--max-new-tokens",
@@ -142,7 +167,7 @@ def test_a_text_too_large_for_memory_points_to_prepare(data, tmp_path, capsys, m
     assert "tokenize it with `diygpt prepare` and pass the .bin" in line
 
 
-@pytest.mark.parametrize("value", ["0", "false", ""])
+@pytest.mark.parametrize("value", ["0", "false", "off", ""])
 def test_diygpt_traceback_off_values_keep_one_line(data, tmp_path, capsys, monkeypatch, value):
     from diygpt.model import GPTModel
 
@@ -177,10 +202,31 @@ def test_the_non_finite_loss_advice_can_be_followed(data, tmp_path, capsys, monk
     new_run, skip = (shlex.split(c.replace("LOWER", "1e-4")) for c in commands)
     assert "--init-from" in new_run and "--resume" in skip
     new_run[new_run.index("NEW")] = str(tmp_path / "new")
-    rc, _, err = run_cli(capsys, *new_run, "--data", data, "--max-steps", "2", "--no-progress")
+    assert new_run[new_run.index("--data") + 1] == str(data.resolve())
+    rc, _, err = run_cli(capsys, *new_run, "--max-steps", "2", "--no-progress")
     assert rc == 0, err
     rc, _, err = run_cli(capsys, *skip, "--max-steps", "3")
     assert rc == 0 and "non-finite loss (nan) at step 2; step skipped" in err
+
+
+def test_a_resume_while_the_run_trains_is_refused_before_it_writes(run, tmp_path, capsys):
+    # it cut the running run's metrics.jsonl back to its checkpoint, then met the lock
+    import shutil
+
+    from diygpt.checkpointing import lock_run_folder
+
+    out = tmp_path / "busy"
+    shutil.copytree(run, out)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99}\n')  # written by the running run after its checkpoint
+    before = (out / "metrics.jsonl").read_bytes()
+    held = lock_run_folder(out)
+    if held is None:
+        pytest.skip("no file locks on this filesystem")
+    assert "is in use by another run" in one_line_error(capsys, "train", "--resume", out,
+                                                        "--max-steps", "5")
+    assert (out / "metrics.jsonl").read_bytes() == before
+    held.close()
 
 
 def test_resume_names_what_it_takes(run, capsys):
@@ -190,6 +236,11 @@ def test_resume_names_what_it_takes(run, capsys):
     assert f"use --init-from {ckpt}" in line
     line = one_line_error(capsys, "train", "--resume", run / "model.safetensors")
     assert "is a file: --resume takes the run folder (--out)" in line
+    fifo = run.parent / "pipe"
+    os.mkfifo(fifo)
+    line = one_line_error(capsys, "train", "--resume", fifo)
+    assert "is a named pipe: --resume takes the run folder (--out)" in line
+    fifo.unlink()
 
 
 def test_a_relative_tokenizer_dir_is_saved_resolved(data, tmp_path, capsys, monkeypatch):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diygpt.checkpointing import atomic_write
+from diygpt.checkpointing import atomic_write, output_path
 from diygpt.checkpoints import model_state_for_saving, unwrap_model
 from diygpt.errors import CheckpointError
 
@@ -122,4 +122,4 @@ def save_book_checkpoint(
     else:
         obj = {"model_state_dict": weights,
                "optimizer_state_dict": book_optimizer_state(optimizer_state, model)}
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(output_path(path), lambda tmp: torch.save(obj, tmp))

@@ -102,8 +102,8 @@ _NOT_FILES = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block devi
 
 
 def special_kind(path: Path) -> str | None:
-    """"a named pipe", "a character device"...: what ``path`` is when it exists but is not a
-    regular file or folder (reading a pipe blocks until a writer comes), else None."""
+    """"a named pipe", "a character device"...: what ``path`` (or a link's target) is when
+    it exists but is not a regular file or folder, else None."""
     try:
         mode = path.stat().st_mode
     except OSError:
@@ -111,20 +111,28 @@ def special_kind(path: Path) -> str | None:
     return next((name for test, name in _NOT_FILES if test(mode)), None)
 
 
-def _write_target(path: Path) -> Path:
-    """The file a write to ``path`` lands in: a symlink's target, as the shell's ``>`` does
-    (replacing the link would cut it). A device or pipe is refused: moving a file over it
-    would remove it (``--out /dev/null`` as root would replace the system's)."""
-    if path.is_symlink():
-        try:
-            path = path.resolve()
-        except (OSError, RuntimeError):  # a loop: RuntimeError before Python 3.13
-            raise CheckpointError(f"cannot write {path}: a symlink loop") from None
-    kind = special_kind(path)
-    if kind is not None:
-        raise CheckpointError(f"cannot write {path}: it is {kind}, not a regular file; "
-                              "name a file")
-    return path
+def refuse_special_weights(path: Path) -> None:
+    """A one-line error where weights are to be read from a pipe or device (``--weights
+    <(cat model.pth)``): the readers seek, and a pipe waits for a writer forever."""
+    if kind := special_kind(path):
+        raise CheckpointError(f"{path} is {kind}, not a weights file or folder; save the "
+                              "weights to a file first")
+
+
+def output_path(path: str | os.PathLike) -> Path:
+    """Where a file the user names as ``--out`` is written: a symlink's target, as the
+    shell's ``>`` does (replacing the link would cut it); a dangling link's target is made.
+    A run's own files are not followed: a run copied with ``cp -rs`` would write into the
+    original."""
+    path = Path(path)
+    if not path.is_symlink():
+        return path
+    try:
+        return path.resolve(strict=True)
+    except FileNotFoundError:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a loop: RuntimeError before Python 3.13, then ELOOP
+        raise CheckpointError(f"cannot write {path}: a symlink loop") from None
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
@@ -133,7 +141,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     On any failure the temp file is removed, ``path`` keeps its old content, and an OSError
     becomes a one-line CheckpointError (no space left, read-only folder, ...).
     """
-    path = _write_target(Path(path))
+    path = Path(path)
+    # A file moved over a device would remove it (`--out /dev/null` as root: the system's).
+    if kind := special_kind(path):
+        raise CheckpointError(f"cannot write {path}: it is {kind}, not a regular file; "
+                              "name a file")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         # A name left by a crash may be a hard link to a kept checkpoint's file: writing
@@ -224,10 +236,14 @@ def lock_run_folder(folder: str | os.PathLike) -> IO[str] | None:
     except OSError:  # no locks on this filesystem: go on unguarded, as before
         f.close()
         return None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
+    try:  # the holder's pid, for the message above
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+    except OSError as exc:
+        f.close()
+        raise CheckpointError(describe_os_error(exc, path)) from None
     return f
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from diygpt.checkpointing import (
     atomic_write,
     link_or_copy,
-    special_kind,
+    refuse_special_weights,
     unwrapped_name,
     write_json,
 )
@@ -317,10 +317,8 @@ def load_model(
                 "--weights FILE with the shape read from the tensors or a config.json beside it)"
             )
         weights = path
-    elif kind := special_kind(path):  # `--checkpoint <(cat model.pth)`
-        raise CheckpointError(f"{path} is {kind}, not a weights file or run folder; save the "
-                              "weights to a file first")
     else:
+        refuse_special_weights(path)  # `--checkpoint <(cat model.pth)`
         raise CheckpointError(f"{path}: no such checkpoint file or run folder")
     if attn_impl is not None:
         cfg = cfg.with_updates(attn_impl=attn_impl)

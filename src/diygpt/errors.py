@@ -33,3 +33,7 @@ class DownloadError(DiygptError):
 
 class TrainingError(DiygptError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class OutputError(DiygptError):
+    """The standard output cannot be written (``> out.txt`` on a full disk)."""

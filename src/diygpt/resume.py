@@ -31,6 +31,7 @@ from diygpt.checkpointing import (
     link_or_copy,
     list_checkpoints,
     save_checkpoint,
+    special_kind,
     write_json,
 )
 from diygpt.checkpoints import (
@@ -192,8 +193,9 @@ def read_training_checkpoint(folder: str | os.PathLike) -> LoadedCheckpoint:
 
 def find_resume_checkpoint(run_dir: str | os.PathLike) -> Path:
     run = Path(run_dir)
-    if run.is_file():
-        raise CheckpointError(f"{run} is a file: --resume takes the run folder (--out)")
+    if run.exists() and not run.is_dir():
+        raise CheckpointError(f"{run} is {special_kind(run) or 'a file'}: --resume takes the "
+                              "run folder (--out)")
     if not run.is_dir():
         raise CheckpointError(f"{run}: no such run folder to resume")
     if run.name.startswith(CKPT_PREFIX) and latest_checkpoint(run.parent) is not None:

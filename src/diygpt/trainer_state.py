@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from diygpt.checkpointing import atomic_write, ckpt_name, describe_os_error
+from diygpt.checkpointing import atomic_write, ckpt_name, describe_os_error, lock_run_folder
 from diygpt.checkpoints import load_into, save_run, save_run_links, unwrap_model
 from diygpt.errors import CheckpointError
 from diygpt.resume import (
@@ -136,12 +136,21 @@ class TrainerState:
         self._saved_finished = self._epoch_finished
         # Drop metrics written after the checkpoint by the run that was killed.
         metrics = Path(self.cfg.out_dir or ".") / "metrics.jsonl"
+        if self.cfg.out_dir is not None and self.is_main:
+            self._hold_run_folder()  # before the cut: not while another run writes there
         if self.cfg.out_dir is not None and self.is_main and metrics.is_file():
             try:
                 with open(metrics, "r+b") as f:
                     f.truncate(min(metrics_bytes, metrics.stat().st_size))
             except OSError as exc:  # a read-only run folder: one line, as a fresh run's
                 raise CheckpointError(describe_os_error(exc, metrics)) from None
+
+    def _hold_run_folder(self) -> None:
+        """Lock the run folder (rank 0) before the run's first write there, once; fit()
+        lets it go after its last. A lock taken before a check that fails would outlive
+        the check's error, so callers take it after their checks."""
+        if self._lock is None:
+            self._lock = lock_run_folder(self.cfg.out_dir)
 
     def start_optimizer_from(self, state: dict) -> None:
         """AdamW's moments and step counts from ``--init-from``'s source (the book's layout,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from diygpt.checkpointing import check_writable, describe_os_error, json_ready, lock_run_folder
+from diygpt.checkpointing import check_writable, describe_os_error, json_ready
 from diygpt.checkpoints import unwrap_model
 from diygpt.errors import CheckpointError, TrainingError
 from diygpt.evaluation import evaluate_model, format_eval_line, sample_text
@@ -211,10 +212,12 @@ class Trainer(TrainerState):
         if self.last_checkpoint:
             # --resume keeps the run's --lr and --grad-clip: a new run from the checkpoint
             # may change them.
+            data = self.run_state.get("train_args", {}).get("data") or ["DATA"]
             todo = (f"the last good checkpoint is {self.last_checkpoint}; go on from it in a "
                     f"new run with a lower learning rate or gradient clipping (diygpt train "
-                    f"--init-from {self.last_checkpoint} --lr LOWER --grad-clip 1.0 --out NEW) "
-                    f"or skip such steps (diygpt train --resume {self.cfg.out_dir} "
+                    f"--init-from {shlex.quote(str(self.last_checkpoint))} --data "
+                    f"{shlex.join(data)} --lr LOWER --grad-clip 1.0 --out NEW) or skip such "
+                    f"steps (diygpt train --resume {shlex.quote(str(self.cfg.out_dir))} "
                     "--nan-policy skip)")
         else:
             todo = ("no checkpoint was saved (use --save-every N); try a lower learning rate, "
@@ -228,6 +231,14 @@ class Trainer(TrainerState):
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> History:
+        try:
+            return self._fit()
+        finally:  # after the run's last writes (_finish), however it ends
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
+
+    def _fit(self) -> History:
         c, h = self.cfg, self.history
         if c.out_dir is not None:
             self.on_main(self._start_run_folder)
@@ -287,9 +298,6 @@ class Trainer(TrainerState):
         finally:
             self._bar.close()
             self._bar = None
-            if self._lock is not None:
-                self._lock.close()
-                self._lock = None
         self._finish()
         return h
 
@@ -299,9 +307,7 @@ class Trainer(TrainerState):
             if (Path(self.cfg.out_dir) / name).is_dir():
                 raise CheckpointError(f"{Path(self.cfg.out_dir) / name} is a folder, where the run "
                                       "writes a file: move it, or choose another --out")
-        # Last of the checks (a lock taken before a failed one would outlive it), first of
-        # the writes.
-        self._lock = lock_run_folder(self.cfg.out_dir)
+        self._hold_run_folder()
         if self._resume_point is None:
             # A fresh run: not after the lines of one that died before its first save.
             (Path(self.cfg.out_dir) / "metrics.jsonl").unlink(missing_ok=True)

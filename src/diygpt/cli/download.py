@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from diygpt.cli import report
 from diygpt.cli.options import path_arg
 from diygpt.pretrained.catalog import FORMATS, GPT2_MODELS
 
@@ -31,5 +32,5 @@ def run(args: argparse.Namespace) -> int:
     from diygpt.pretrained.download import download
 
     folder = download(args.name, args.format, args.dir)
-    print(f"{args.name} ({args.format}) is in {folder}")
+    report.out(f"{args.name} ({args.format}) is in {folder}\n")
     return 0

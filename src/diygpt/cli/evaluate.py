@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from diygpt.cli import report
 from diygpt.cli.options import (
     add_device_flags,
     add_model_source_flags,
@@ -77,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     n = len(loader) if args.max_batches is None else min(args.max_batches, len(loader))
     # A text of N tokens has N - 1 predictions: all scored, unless --stride skips some or
     # --max-batches stops early.
-    print(f"loss {loss:.4f}  perplexity {perplexity(loss):.2f}  ({n} batch{'' if n == 1 else 'es'}, {scored} "
-          f"predictions scored, over a text of {len(ids)} tokens)")
+    report.out(f"loss {loss:.4f}  perplexity {perplexity(loss):.2f}  ({n} batch"
+               f"{'' if n == 1 else 'es'}, {scored} predictions scored, over a text of "
+               f"{len(ids)} tokens)\n")
     return 0
 

@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from diygpt.cli import report
 from diygpt.cli.options import add_model_source_flags, load_model_from_args, path_arg
 
 
@@ -64,16 +65,17 @@ def run(args: argparse.Namespace) -> int:
             raise CheckpointError(f"{optimizer_path}: {exc}") from None
     check_writable(out.parent)
     save_book_checkpoint(out, model, optimizer_state)  # converting again changes nothing
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); in the book's code:")
     book_cfg = {k: v for k, v in model.cfg.to_dict().items() if k != "attn_impl"}
-    print(f"  model = GPTModel({book_cfg})")
+    lines = [f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); in the book's code:",
+             f"  model = GPTModel({book_cfg})"]
     if optimizer_state is None:
-        print(f"  model.load_state_dict(torch.load({str(out)!r}, weights_only=True))")
-        return 0
-    group = optimizer_state["param_groups"][0]
-    print(f"  checkpoint = torch.load({str(out)!r}, weights_only=True)")
-    print('  model.load_state_dict(checkpoint["model_state_dict"])')
-    print(f"  optimizer = torch.optim.AdamW(model.parameters(), lr={group['lr']:g}, "
-          f"weight_decay={group['weight_decay']:g})")
-    print('  optimizer.load_state_dict(checkpoint["optimizer_state_dict"])')
+        lines.append(f"  model.load_state_dict(torch.load({str(out)!r}, weights_only=True))")
+    else:
+        group = optimizer_state["param_groups"][0]
+        lines += [f"  checkpoint = torch.load({str(out)!r}, weights_only=True)",
+                  '  model.load_state_dict(checkpoint["model_state_dict"])',
+                  f"  optimizer = torch.optim.AdamW(model.parameters(), lr={group['lr']:g}, "
+                  f"weight_decay={group['weight_decay']:g})",
+                  '  optimizer.load_state_dict(checkpoint["optimizer_state_dict"])']
+    report.out("\n".join(lines) + "\n")
     return 0

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from diygpt.cli import report
 from diygpt.cli.options import (
     add_device_flags,
     add_model_source_flags,
@@ -13,6 +13,7 @@ from diygpt.cli.options import (
     load_model_from_args,
     seed_int,
 )
+from diygpt.errors import OutputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,13 +68,11 @@ class _StreamPrinter:
         text = self.tokenizer.decode(self.pending)
         if text.endswith("\ufffd"):
             return
-        self.out.write(text)
-        self.out.flush()
+        report.out(text, self.out)
         self.pending.clear()
 
     def close(self) -> None:
-        self.out.write(self.tokenizer.decode(self.pending) + "\n")
-        self.out.flush()
+        report.out(self.tokenizer.decode(self.pending) + "\n", self.out)
         self.pending.clear()
 
 
@@ -110,9 +109,10 @@ def run(args: argparse.Namespace) -> int:
     check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     if not args.prompt:
         raise GenerationError("the prompt is empty: pass --prompt TEXT")
-    # Bytes that are not UTF-8 (a Latin-1 file's `--prompt "$(cat f)"`) reach argv as lone
-    # surrogates, which a strict UTF-8 stdout cannot echo; the tokenizer reads them as U+FFFD.
-    args.prompt = os.fsencode(args.prompt).decode("utf-8", "replace")
+    # Bytes the locale could not decode (a Latin-1 file's `--prompt "$(cat f)"` under UTF-8)
+    # reach argv as lone surrogates, which a strict stdout cannot echo; the tokenizer reads
+    # them as U+FFFD, and so does the echo now. Characters read rightly stay as they are.
+    args.prompt = args.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     if args.compile and not args.use_cache:
         raise GenerationError("--compile works on the KV cache: drop --no-cache")
     unused = [f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p),
@@ -152,8 +152,7 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
     _tolerant_stdout()
     printer = _StreamPrinter(tokenizer)
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
+    report.out(args.prompt)
     try:
         for next_id in stream_generate(
             model, idx, args.max_new_tokens, model.context_length, temperature=args.temperature,
@@ -162,9 +161,8 @@ def run(args: argparse.Namespace) -> int:
         ):
             printer.feed(int(next_id[0, 0]))
     except (Exception, KeyboardInterrupt) as exc:
-        if not isinstance(exc, BrokenPipeError):  # end the text's line: the error gets its own
-            sys.stdout.write("\n")
-            sys.stdout.flush()
+        if not isinstance(exc, (BrokenPipeError, OutputError)):  # the error gets a line of its own
+            report.out("\n")
         raise
     printer.close()
     return 0

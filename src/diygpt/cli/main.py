@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import re
 import sys
@@ -66,7 +65,8 @@ def _out_of_memory(exc: BaseException) -> str | None:
 
 
 def _tracebacks_wanted() -> bool:
-    return os.environ.get("DIYGPT_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no")
+    setting = os.environ.get("DIYGPT_TRACEBACK", "").strip().lower()
+    return setting not in ("", "0", "false", "no", "off")
 
 
 def _no_closed_streams() -> None:
@@ -82,10 +82,6 @@ def _no_closed_streams() -> None:
                 os.dup2(null, fd)
                 os.close(null)
             setattr(sys, name, open(fd, "w", encoding="utf-8", closefd=False))
-
-
-# Writes that fail for the medium's sake, not the program's: a full disk, a lost device.
-_WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
 
 
 def _first_line(exc: BaseException, limit: int) -> str:
@@ -105,9 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (args.parser if after else parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     _no_closed_streams()
     try:
-        code = int(args.func(args) or 0)
-        sys.stdout.flush()  # here, where a full disk is one line, not an error at exit
-        return code
+        return int(args.func(args) or 0)
     except Reported:
         return 2
     except DiygptError as exc:
@@ -121,11 +115,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if _tracebacks_wanted():
             raise
-        # diygpt names the file of every write it makes; an error with no file name is
-        # the standard output's (`> out.txt` on a full disk).
-        if isinstance(exc, OSError) and exc.filename is None and exc.errno in _WRITE_FAILURES:
-            _error(f"cannot write the output: {os.strerror(exc.errno)}")
-            return 2
         memory = _out_of_memory(exc)
         if memory:
             text = ("; a text too large to read at once: tokenize it with `diygpt prepare` "

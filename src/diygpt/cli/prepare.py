@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+from diygpt.cli import report
 from diygpt.cli.options import path_arg, positive_int
 
 
@@ -87,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
         size = f"{stats.bytes_read / 1e3:.1f} kB"
     else:
         size = f"{stats.bytes_read} B"
-    print(
+    report.out(
         f"{stats.tokens} tokens from {size} in {stats.files} file(s) -> {args.out} "
-        f"({mb / max(seconds, 1e-9):.1f} MB/s, peak RSS {peak_rss_mb():.0f} MB)"
+        f"({mb / max(seconds, 1e-9):.1f} MB/s, peak RSS {peak_rss_mb():.0f} MB)\n"
     )
     return 0

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TextIO
+
+from diygpt.errors import OutputError
 
 PROG = "diygpt"
 
@@ -25,3 +28,17 @@ def error(message: str) -> None:
     rank = os.environ.get("RANK", "0")
     tag = "" if rank == "0" else f" (rank {rank})"
     say(f"{PROG}: error{tag}: {message}")
+
+
+def out(text: str, stream: TextIO | None = None) -> None:
+    """``text`` to the standard output (or ``stream``), flushed: a failed write (a full disk
+    behind ``> out.txt``) is one line naming the output; a reader that left (``| head``)
+    stays BrokenPipeError, which ends the command quietly."""
+    stream = stream if stream is not None else sys.stdout
+    try:
+        stream.write(text)
+        stream.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise OutputError(f"cannot write the output: {exc.strerror or exc}") from None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from diygpt.checkpointing import special_kind
+from diygpt.checkpointing import refuse_special_weights
 from diygpt.config import GPTConfig
 from diygpt.errors import CheckpointError
 from diygpt.model import GPTModel
@@ -44,9 +44,7 @@ def _where_to_put(name: str, folder: Path) -> str:
 def resolve(path_or_name: str | Path, download_dir: Path | str | None = None) -> Path:
     """A path as given, or a GPT-2 name's download folder; one-line error if neither."""
     path = Path(path_or_name).expanduser()
-    if kind := special_kind(path):  # a pipe: reading it would wait for a writer forever
-        raise CheckpointError(f"{path} is {kind}, not a weights file or folder; save the "
-                              "weights to a file first")
+    refuse_special_weights(path)
     if path.exists():
         return path
     name = str(path_or_name)
