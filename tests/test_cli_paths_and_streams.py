@@ -10,6 +10,7 @@ import shlex
 import stat
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -66,21 +67,41 @@ def test_out_through_a_symlink_writes_its_target_and_keeps_the_link(data, tmp_pa
 
 def test_a_run_copied_as_symlinks_is_resumed_without_writing_the_original(data, tmp_path,
                                                                           capsys):
-    # `cp -rs RUN COPY`: a run's own files are replaced, not written through (metrics.jsonl,
-    # appended to in place, is not covered)
+    # `cp -rs RUN COPY`: the copy's files are replaced or copied before they change, never
+    # written through (metrics.jsonl was cut and appended to in the original)
     original = tmp_path / "original"
     assert train_tiny(capsys, data, original, "--max-steps", "2", "--save-every", "1")[0] == 0
-
-    def files() -> dict[Path, bytes]:
-        return {p: p.read_bytes() for p in original.rglob("*")
-                if p.is_file() and p.name != "metrics.jsonl"}
-
-    before = files()
     copy = tmp_path / "copy"
-    subprocess.run(["cp", "-rs", str(original), str(copy)], check=True)
+    for p in sorted(original.rglob("*")):
+        twin = copy / p.relative_to(original)
+        if p.is_dir():
+            twin.mkdir(parents=True)
+        else:
+            twin.parent.mkdir(parents=True, exist_ok=True)
+            twin.symlink_to(p)
+    before = {p: p.read_bytes() for p in original.rglob("*") if p.is_file()}
     assert run_cli(capsys, "train", "--resume", copy, "--max-steps", "3")[0] == 0
-    assert files() == before
+    assert {p: p.read_bytes() for p in original.rglob("*") if p.is_file()} == before
+    assert not (copy / "metrics.jsonl").is_symlink() and not (copy / ".lock").is_symlink()
     assert json.loads((copy / "state.json").read_text())["global_step"] == 2
+
+
+@contextmanager
+def _locked_by_another_process(folder: Path):
+    """``folder``'s run lock held by a child process: its pid (skips where locks are not
+    available). A second lock in one process is refused by flock, not by every filesystem's."""
+    code = ("import sys, time; from diygpt.checkpointing import lock_run_folder; "
+            "held = lock_run_folder(sys.argv[1]); print('held' if held else 'none', flush=True); "
+            "time.sleep(120)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        if child.stdout.readline().strip() != "held":
+            pytest.skip("no file locks on this filesystem")
+        yield child.pid
+    finally:
+        child.kill()
+        child.wait()
 
 
 # -- blank paths -------------------------------------------------------------------------------
@@ -213,20 +234,16 @@ def test_a_resume_while_the_run_trains_is_refused_before_it_writes(run, tmp_path
     # it cut the running run's metrics.jsonl back to its checkpoint, then met the lock
     import shutil
 
-    from diygpt.checkpointing import lock_run_folder
-
     out = tmp_path / "busy"
     shutil.copytree(run, out)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 99}\n')  # written by the running run after its checkpoint
     before = (out / "metrics.jsonl").read_bytes()
-    held = lock_run_folder(out)
-    if held is None:
-        pytest.skip("no file locks on this filesystem")
-    assert "is in use by another run" in one_line_error(capsys, "train", "--resume", out,
-                                                        "--max-steps", "5")
+    with _locked_by_another_process(out) as pid:
+        line = one_line_error(capsys, "train", "--resume", out, "--max-steps", "5")
+    assert line.endswith(f"{out} is in use by another run (pid {pid}); wait for it to end, or "
+                         "choose another --out")
     assert (out / "metrics.jsonl").read_bytes() == before
-    held.close()
 
 
 def test_resume_names_what_it_takes(run, capsys):
@@ -315,17 +332,30 @@ def test_negative_zero_is_zero(data, tmp_path, capsys):
 
 def test_a_second_run_into_a_folder_in_use_is_refused(data, tmp_path, capsys):
     # two runs on one --out mixed their checkpoints and metrics.jsonl; one died on a temp file
-    from diygpt.checkpointing import lock_run_folder
-
     out = tmp_path / "r"
     out.mkdir()
-    held = lock_run_folder(out)
+    with _locked_by_another_process(out) as pid:
+        line = one_line_error(capsys, "train", "--data", data, *TINY, "--out", out)
+    assert line.endswith(f"{out} is in use by another run (pid {pid}); wait for it to end, or "
+                         "choose another --out")
+    assert not list(out.glob("ckpt-*"))
+    rc, _, _ = train_tiny(capsys, data, out, "--max-steps", "1")  # the lock went with its holder
+    assert rc == 0
+
+
+def test_a_trainer_of_this_process_holding_the_folder_is_named(data, tmp_path):
+    from diygpt.checkpointing import lock_run_folder
+
+    held = lock_run_folder(tmp_path)
     if held is None:
         pytest.skip("no file locks on this filesystem")
-    line = one_line_error(capsys, "train", "--data", data, *TINY, "--out", out)
-    assert line.endswith(f"{out} is in use by another run (pid {os.getpid()}); wait for it to "
-                         "end, or choose another --out")
-    assert not list(out.glob("ckpt-*"))
-    held.close()  # the lock goes with its holder
-    rc, _, _ = train_tiny(capsys, data, out, "--max-steps", "1")
-    assert rc == 0 and lock_run_folder(out) is not None
+    try:
+        second = lock_run_folder(tmp_path)
+    except CheckpointError as exc:
+        assert "is held by another Trainer in this process" in str(exc)
+    else:  # POSIX-lock emulation (some network filesystems) does not refuse its own process
+        if second is not None:
+            second.close()
+        pytest.skip("this filesystem's locks do not part two opens in one process")
+    finally:
+        held.close()

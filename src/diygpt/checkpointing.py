@@ -131,8 +131,20 @@ def output_path(path: str | os.PathLike) -> Path:
         return path.resolve(strict=True)
     except FileNotFoundError:
         return path.resolve()
-    except (OSError, RuntimeError):  # a loop: RuntimeError before Python 3.13, then ELOOP
+    except RuntimeError:  # a loop, before Python 3.13
         raise CheckpointError(f"cannot write {path}: a symlink loop") from None
+    except OSError as exc:  # ELOOP from Python 3.13; ENOTDIR for a link under a file
+        if exc.errno == errno.ELOOP:
+            raise CheckpointError(f"cannot write {path}: a symlink loop") from None
+        raise CheckpointError(describe_os_error(exc, path)) from None
+
+
+def own_file(path: Path) -> None:
+    """A symlinked file becomes this folder's own copy before it is changed in place
+    (appended to, cut): in a run copied with ``cp -rs`` the change would reach the
+    original. atomic_write replaces the link itself."""
+    if path.is_symlink():
+        atomic_write(path, lambda tmp: shutil.copyfile(path, tmp))
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
@@ -221,6 +233,8 @@ def lock_run_folder(folder: str | os.PathLike) -> IO[str] | None:
         return None
     path = Path(folder) / LOCK_FILE
     try:
+        if path.is_symlink():  # a `cp -rs` copy's: it would lock the original too
+            path.unlink()
         f = open(path, "a+", encoding="utf-8")  # the caller keeps it open: the lock lasts
     except OSError as exc:
         raise CheckpointError(describe_os_error(exc, path)) from None
@@ -230,6 +244,11 @@ def lock_run_folder(folder: str | os.PathLike) -> IO[str] | None:
         f.seek(0)
         holder = f.read().strip()
         f.close()
+        if holder == str(os.getpid()):  # the Python API: a Trainer not yet let go of
+            raise CheckpointError(
+                f"{folder} is held by another Trainer in this process (one that loaded a "
+                "checkpoint there or is training there); let its fit() end, or delete it"
+            ) from None
         raise CheckpointError(
             f"{folder} is in use by another run{f' (pid {holder})' if holder else ''}; wait "
             "for it to end, or choose another --out") from None

@@ -17,7 +17,13 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from diygpt.checkpointing import atomic_write, ckpt_name, describe_os_error, lock_run_folder
+from diygpt.checkpointing import (
+    atomic_write,
+    ckpt_name,
+    describe_os_error,
+    lock_run_folder,
+    own_file,
+)
 from diygpt.checkpoints import load_into, save_run, save_run_links, unwrap_model
 from diygpt.errors import CheckpointError
 from diygpt.resume import (
@@ -134,16 +140,21 @@ class TrainerState:
         self._resume_point = point
         self.last_checkpoint, self._saved_step = ckpt.folder, h.global_step
         self._saved_finished = self._epoch_finished
-        # Drop metrics written after the checkpoint by the run that was killed.
-        metrics = Path(self.cfg.out_dir or ".") / "metrics.jsonl"
-        if self.cfg.out_dir is not None and self.is_main:
-            self._hold_run_folder()  # before the cut: not while another run writes there
-        if self.cfg.out_dir is not None and self.is_main and metrics.is_file():
-            try:
-                with open(metrics, "r+b") as f:
-                    f.truncate(min(metrics_bytes, metrics.stat().st_size))
-            except OSError as exc:  # a read-only run folder: one line, as a fresh run's
-                raise CheckpointError(describe_os_error(exc, metrics)) from None
+        if self.cfg.out_dir is not None:
+            self.on_main(lambda: self._cut_metrics(metrics_bytes))
+
+    def _cut_metrics(self, size: int) -> None:
+        """Drop the metrics written after the checkpoint by the run that was killed."""
+        metrics = Path(self.cfg.out_dir) / "metrics.jsonl"
+        if not metrics.is_file():
+            return
+        self._hold_run_folder()  # not while another run writes there
+        try:
+            own_file(metrics)
+            with open(metrics, "r+b") as f:
+                f.truncate(min(size, metrics.stat().st_size))
+        except OSError as exc:  # a read-only run folder: one line, as a fresh run's
+            raise CheckpointError(describe_os_error(exc, metrics)) from None
 
     def _hold_run_folder(self) -> None:
         """Lock the run folder (rank 0) before the run's first write there, once; fit()

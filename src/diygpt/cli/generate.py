@@ -112,7 +112,11 @@ def run(args: argparse.Namespace) -> int:
     # Bytes the locale could not decode (a Latin-1 file's `--prompt "$(cat f)"` under UTF-8)
     # reach argv as lone surrogates, which a strict stdout cannot echo; the tokenizer reads
     # them as U+FFFD, and so does the echo now. Characters read rightly stay as they are.
-    args.prompt = args.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    try:
+        raw = args.prompt.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate of another kind (Windows' argv)
+        raw = args.prompt.encode("utf-8", "replace")
+    args.prompt = raw.decode("utf-8", "replace")
     if args.compile and not args.use_cache:
         raise GenerationError("--compile works on the KV cache: drop --no-cache")
     unused = [f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p),
