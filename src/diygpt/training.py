@@ -98,7 +98,7 @@ class Trainer(TrainerState):
         self.meter = meter
         self.in_backward: OptimInBackward | None = None  # fit() sets it where it applies
         self.skipped_steps = 0  # by --nan-policy skip, in this process
-        self._lock: IO[str] | None = None  # out_dir's, held by rank 0 while fit() runs
+        self._lock: IO[str] | None = None  # out_dir's, rank 0's from its first write there
         self._guard = StepGuard(optimizer, self.precision,
                                 sharded=parallel is not None and parallel.sharded)
 
@@ -226,7 +226,7 @@ class Trainer(TrainerState):
         raise TrainingError(
             f"{what} at step {step} (epoch {self.epoch + 1}); stopped before updating the "
             f"{'weights that backward had not reached' if partial else 'weights'}; {todo}; "
-            "TrainConfig's lr, grad_clip and nan_policy in Python"
+            "in Python: the optimizer's lr, TrainConfig's grad_clip and nan_policy"
         )
 
     # -- the loop ----------------------------------------------------------------------------
